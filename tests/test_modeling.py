@@ -1,0 +1,294 @@
+"""LongformerZh (sliding_chunks backend) against transformers' Longformer as the oracle.
+
+Small fp32 models (hidden 32, 2 layers, window 8) in eval mode; every equality is max |diff| <= 1e-5.
+transformers' Longformer numbers positions from pad_token_id + 1, so the oracle gets explicit 0-based
+position_ids here (the shifted-table export is tested in test_convert.py).
+"""
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    LongformerConfig,
+    LongformerForMaskedLM,
+)
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+from lfzh_ds.attention import SlidingChunksSelfAttention, build_self_attention
+from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.modeling import (
+    LongformerZhForMaksedLM,
+    LongformerZhForMaskedLM,
+    LongformerZhForSequenceClassification,
+    LongformerZhModel,
+)
+
+TOL = 1e-5
+VOCAB = 300  # the heads' cost grows with the vocab; the geometry under test does not depend on it
+
+
+@pytest.fixture(autouse=True)
+def _frugal():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(**overrides):
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attention_window=8,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    fields.update(overrides)
+    return LongformerZhConfig(**fields)
+
+
+def batch(seq_len=29, pad_from=21):
+    """Two sequences; the second is padded from ``pad_from``; several global tokens in each."""
+    input_ids = torch.randint(5, VOCAB, (2, seq_len))
+    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
+    attention_mask[1, pad_from:] = 0
+    input_ids[1, pad_from:] = 0
+    global_attention_mask = torch.zeros(2, seq_len, dtype=torch.long)
+    global_attention_mask[0, [0, 6, seq_len - 4]] = 1
+    global_attention_mask[1, [0, 3]] = 1
+    return input_ids, attention_mask, global_attention_mask
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def hf_twin_of(model: LongformerZhForMaskedLM) -> LongformerForMaskedLM:
+    """transformers' LongformerForMaskedLM with the same weights (same position rows, 0-based ids)."""
+    c = model.config
+    hf_config = LongformerConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, attention_window=c.attention_window,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, type_vocab_size=c.type_vocab_size,
+        layer_norm_eps=c.layer_norm_eps,
+    )
+    hf = LongformerForMaskedLM(hf_config).eval()
+    renamed = {hf_name(key): value for key, value in model.state_dict().items() if not key.endswith("_ids")}
+    missing, unexpected = hf.load_state_dict(renamed, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+HEAD_NAMES = {  # BERT's MLM head -> RoBERTa/Longformer's
+    "cls.predictions.transform.dense": "lm_head.dense",
+    "cls.predictions.transform.LayerNorm": "lm_head.layer_norm",
+    "cls.predictions.decoder": "lm_head.decoder",
+    "cls.predictions.bias": "lm_head.bias",
+}
+
+
+def hf_name(our_name: str) -> str:
+    for ours, theirs in HEAD_NAMES.items():
+        if our_name.startswith(ours):
+            return theirs + our_name[len(ours):]
+    return our_name.replace("bert.", "longformer.", 1)
+
+
+# ---------------------------------------------------------------------------------------------- attention module
+def test_sliding_chunks_attention_equals_transformers_longformer_self_attention_with_padding_and_globals():
+    config = small_config()
+    ours = build_self_attention(config, layer_id=1)
+    assert isinstance(ours, SlidingChunksSelfAttention)
+    oracle_config = LongformerConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, attention_window=[8, 8], attention_probs_dropout_prob=0.0
+    )
+    oracle = LongformerSelfAttention(oracle_config, layer_id=1)
+    oracle.load_state_dict(ours.state_dict())
+    ours.eval(), oracle.eval()
+
+    _, attention_mask, global_attention_mask = batch(seq_len=32)
+    hidden = torch.randn(2, 32, 32, requires_grad=True)
+    hidden_oracle = hidden.detach().clone().requires_grad_(True)
+    is_index_masked = attention_mask == 0
+    is_index_global_attn = (global_attention_mask == 1) & ~is_index_masked
+
+    # transformers' additive mask convention: min for padding, 0 local, max for global
+    additive = torch.zeros(2, 32)
+    additive[is_index_masked] = torch.finfo(torch.float32).min
+    additive[is_index_global_attn] = torch.finfo(torch.float32).max
+
+    context, _ = ours(hidden, is_index_masked, is_index_global_attn)
+    (context_oracle,) = oracle(
+        hidden_oracle, attention_mask=additive, is_index_masked=additive < 0, is_index_global_attn=additive > 0,
+        is_global_attn=True,
+    )
+    assert context.shape == (2, 32, 32)
+    assert max_diff(context, context_oracle) <= TOL
+
+    weights = torch.randn_like(context)
+    (context * weights).sum().backward()
+    (context_oracle * weights).sum().backward()
+    assert max_diff(hidden.grad, hidden_oracle.grad) <= TOL
+    for name, p in ours.named_parameters():
+        assert max_diff(p.grad, dict(oracle.named_parameters())[name].grad) <= TOL, name
+    # the global projections really took part (their gradient is not zero)
+    assert ours.query_global.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- full model
+@pytest.mark.parametrize("global_via", ["global_attention_mask", "attention_mask_equals_2"])
+def test_masked_lm_equals_transformers_longformer_for_masked_lm_logits_loss_and_gradients(global_via):
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    hf = hf_twin_of(model)
+    input_ids, attention_mask, global_attention_mask = batch()
+    labels = torch.full_like(input_ids, -100)
+    labels[0, [2, 6, 25]] = input_ids[0, [2, 6, 25]]
+    labels[1, [1, 9]] = input_ids[1, [1, 9]]
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+
+    if global_via == "global_attention_mask":
+        ours_out = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    else:
+        ours_out = model(input_ids, attention_mask=attention_mask * (global_attention_mask + 1))
+    hf_out = hf(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, position_ids=positions)
+    assert ours_out.logits.shape == (2, 29, VOCAB)
+    assert max_diff(ours_out.logits, hf_out.logits) <= TOL
+
+    ours_loss = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, labels=labels).loss
+    hf_loss = hf(
+        input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, position_ids=positions, labels=labels
+    ).loss
+    assert abs(ours_loss.item() - hf_loss.item()) <= TOL
+    ours_loss.backward()
+    hf_loss.backward()
+    hf_params = dict(hf.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        ours_grad, hf_grad = p.grad, hf_params[hf_name(name)].grad
+        if name == "bert.embeddings.position_embeddings.weight":
+            # transformers freezes row pad_token_id (= 0 here) as its padding row; BERT trains it
+            assert hf_grad[0].abs().max() == 0 and ours_grad[0].abs().max() > 0
+            ours_grad, hf_grad = ours_grad[1:], hf_grad[1:]
+        assert max_diff(ours_grad, hf_grad) <= TOL, name
+        checked += 1
+    assert checked == len(hf_params)
+
+
+def test_inputs_of_any_length_are_padded_inside_and_cut_back():
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    input_ids, attention_mask, global_attention_mask = batch(seq_len=13, pad_from=10)
+    out = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, output_hidden_states=True)
+    assert out.logits.shape == (2, 13, VOCAB)
+    assert all(h.shape == (2, 13, 32) for h in out.hidden_states) and len(out.hidden_states) == 3
+
+    # the same as padding by hand to the window multiple (16) with attention_mask 0
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, 3), value=v)  # noqa: E731
+    by_hand = model(pad(input_ids, 0), attention_mask=pad(attention_mask, 0), global_attention_mask=pad(global_attention_mask, 0))
+    assert max_diff(out.logits, by_hand.logits[:, :13]) <= TOL
+
+
+def test_input_longer_than_the_position_table_is_refused_with_a_clear_error():
+    model = LongformerZhModel(small_config(max_position_embeddings=16)).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_mlm_head_runs_only_at_labelled_positions_with_the_full_logits_loss():
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    input_ids, attention_mask, _ = batch()
+    labels = torch.full_like(input_ids, -100)
+    labelled = torch.rand(input_ids.shape) < 0.15
+    labelled[0, 0] = True
+    labels[labelled] = torch.randint(0, VOCAB, (int(labelled.sum()),))
+
+    full = model(input_ids, attention_mask=attention_mask)
+    sparse = model(input_ids, attention_mask=attention_mask, labels=labels)
+    assert sparse.logits.shape == (int(labelled.sum()), VOCAB)
+    assert max_diff(sparse.logits, full.logits[labelled]) <= TOL
+    full_loss = torch.nn.functional.cross_entropy(full.logits.view(-1, VOCAB), labels.view(-1))
+    assert abs(sparse.loss.item() - full_loss.item()) <= TOL
+
+    sparse.loss.backward()
+    # (no global tokens here, so the *_global projections get no gradient in either case)
+    sparse_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    full_loss.backward()
+    full_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sparse_grads.keys() == full_grads.keys()
+    for n in full_grads:
+        assert max_diff(sparse_grads[n], full_grads[n]) <= TOL, n
+
+
+def test_a_batch_without_labelled_tokens_gives_zero_loss_not_nan():
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    input_ids, attention_mask, _ = batch()
+    out = model(input_ids, attention_mask=attention_mask, labels=torch.full_like(input_ids, -100))
+    assert out.logits.shape == (0, VOCAB)
+    assert out.loss.item() == 0.0
+
+
+def test_sequence_classification_gives_cls_global_attention_by_default():
+    model = LongformerZhForSequenceClassification(small_config(num_labels=3)).eval()
+    input_ids, attention_mask, _ = batch()
+    cls_global = torch.zeros_like(input_ids)
+    cls_global[:, 0] = 1
+    default = model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 2]))
+    explicit = model(input_ids, attention_mask=attention_mask, global_attention_mask=cls_global)
+    no_global = model(input_ids, attention_mask=attention_mask, global_attention_mask=torch.zeros_like(input_ids))
+    assert default.logits.shape == (2, 3)
+    assert max_diff(default.logits, explicit.logits) <= TOL
+    assert max_diff(default.logits, no_global.logits) > 1e-4
+    expected = torch.nn.functional.cross_entropy(default.logits, torch.tensor([0, 2]))
+    assert abs(default.loss.item() - expected.item()) <= TOL
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = LongformerZhForMaskedLM(small_config()).train()  # dropout is 0: training mode is deterministic
+    input_ids, attention_mask, global_attention_mask = batch()
+    labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
+    ckpt_loss, ckpt = loss_and_grads()
+    assert abs(plain_loss - ckpt_loss) <= TOL
+    for n in plain:
+        assert max_diff(plain[n], ckpt[n]) <= TOL, n
+
+
+def test_save_pretrained_writes_safetensors_and_auto_classes_load_it(tmp_path):
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "longformer_zh"
+
+    input_ids, attention_mask, global_attention_mask = batch()
+    expected = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert type(loaded) is LongformerZhForMaskedLM and not loaded.training
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight  # tied
+    got = loaded(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    assert max_diff(expected.logits, got.logits) <= TOL
+
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is LongformerZhModel
+    hidden = base(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).last_hidden_state
+    model_hidden = model.bert(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).last_hidden_state
+    assert max_diff(hidden, model_hidden) <= TOL
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
+    assert type(classifier) is LongformerZhForSequenceClassification and classifier.classifier.out_features == 4
+    assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the seed's spelling still works
