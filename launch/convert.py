@@ -1,0 +1,43 @@
+"""Make a short Chinese BERT / roberta_zh checkpoint long (LongformerZh).
+
+    python launch/convert.py --from SHORT_DIR --to LONG_DIR [--max-pos 4096] [--attention-window 512]
+"""
+from __future__ import annotations
+
+import argparse
+
+from lfzh_ds.constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS
+from lfzh_ds.convert import convert_bert_to_longformer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="short_dir", required=True, help="HF-format BERT directory (config.json + weights)")
+    p.add_argument("--to", dest="long_dir", required=True, help="output directory for the long model and tokenizer")
+    p.add_argument("--max-pos", type=int, default=DEFAULT_MAX_POSITIONS, help="positions of the long model")
+    p.add_argument("--attention-window", type=int, default=DEFAULT_ATTENTION_WINDOW, help="full local window (even)")
+    p.add_argument("--attention-backend", default="sliding_chunks", choices=["sliding_chunks", "block_sparse"])
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = convert_bert_to_longformer(
+        args.short_dir, args.long_dir, max_pos=args.max_pos, attention_window=args.attention_window,
+        attention_backend=args.attention_backend,
+    )
+    config = result.model.config
+    print(f"converted {args.short_dir} -> {args.long_dir}")
+    print(f"  positions {result.short_max_positions} -> {config.max_position_embeddings} (rows tiled)")
+    print(f"  attention window {config.attention_window}, backend {config.attention_backend}; "
+          "query/key/value_global copied from query/key/value")
+    print(f"  MLM head: {'kept' if result.head_kept else 'freshly initialised (no head in the short checkpoint)'}")
+    if result.dropped_keys:
+        print(f"  dropped (unused by the MLM model): {', '.join(result.dropped_keys)}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+    print("  tokenizer files written beside the weights")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Conversion and interoperability: short BERT -> long model, loading the released and the transformers
+Longformer layouts, export to stock transformers.LongformerForMaskedLM (loaded without this package)."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, LongformerConfig, LongformerForMaskedLM
+
+from launch import convert as convert_cli
+from launch import export as export_cli
+from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.constants import VOCAB_SIZE
+from lfzh_ds.convert import convert_bert_to_longformer
+from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhModel
+from lfzh_ds.tokenization import load_tokenizer
+
+TOL = 1e-5
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _frugal():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def padded_batch(seq_len, pad_from, vocab=VOCAB_SIZE, pad_id=0):
+    input_ids = torch.randint(104, vocab, (2, seq_len))
+    input_ids[:, 0] = 101
+    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
+    attention_mask[1, pad_from:] = 0
+    input_ids[1, pad_from:] = pad_id
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------- short -> long
+def test_converted_model_with_a_window_covering_the_input_gives_the_short_models_logits(tmp_path, capsys):
+    short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, **SMALL)).eval()
+    short.save_pretrained(tmp_path / "short")
+
+    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "160", "--attention-window", "48"])
+    printed = capsys.readouterr().out
+    assert "positions 40 -> 160" in printed and "MLM head: kept" in printed
+
+    long = AutoModelForMaskedLM.from_pretrained(tmp_path / "long")
+    assert type(long) is LongformerZhForMaskedLM
+    assert long.config.max_position_embeddings == 160 and long.config.attention_window == 48
+    # position rows tiled; global projections start as copies of the local ones
+    table = long.bert.embeddings.position_embeddings.weight
+    assert torch.equal(table[:40], short.bert.embeddings.position_embeddings.weight)
+    assert torch.equal(table[40:80], table[:40]) and torch.equal(table[120:160], table[:40])
+    attn = long.bert.encoder.layer[1].attention.self
+    assert torch.equal(attn.key_global.weight, attn.key.weight) and torch.equal(attn.value_global.bias, attn.value.bias)
+    assert attn.query_global.weight.data_ptr() != attn.query.weight.data_ptr()  # copies, not shared
+    # tokenizer files beside the weights
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "long")
+    assert len(tokenizer) == VOCAB_SIZE and tokenizer("长文档")["input_ids"] == load_tokenizer()("长文档")["input_ids"]
+
+    # one-sided window 24 >= 20 - 1: every token sees the whole input, as in the short model
+    input_ids, attention_mask = padded_batch(seq_len=20, pad_from=13)
+    expected = short(input_ids, attention_mask=attention_mask).logits
+    got = long(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert max_diff(expected[real], got[real]) <= TOL
+
+
+def test_converting_bertmodel_weights_initialises_the_head_and_keeps_the_encoder(tmp_path):
+    short = BertModel(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, **SMALL), add_pooling_layer=True).eval()
+    short.save_pretrained(tmp_path / "short")
+    result = convert_bert_to_longformer(tmp_path / "short", tmp_path / "long", max_pos=64, attention_window=32)
+    assert not result.head_kept and any("freshly initialised" in w for w in result.warnings)
+    assert "bert.pooler.dense.weight" in result.dropped_keys
+
+    encoder = LongformerZhModel.from_pretrained(tmp_path / "long")
+    input_ids, attention_mask = padded_batch(seq_len=15, pad_from=9)
+    expected = short(input_ids, attention_mask=attention_mask).last_hidden_state
+    got = encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()
+    assert max_diff(expected[real], got[real]) <= TOL
+
+
+def test_converting_a_model_with_another_vocab_is_refused(tmp_path):
+    BertForMaskedLM(BertConfig(vocab_size=500, max_position_embeddings=16, **SMALL)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocab_size=500"):
+        convert_bert_to_longformer(tmp_path, None)
+
+
+# ---------------------------------------------------------------------------------------------- released layout
+@pytest.mark.parametrize("weights_file", ["pytorch_model.bin", "model.safetensors"])
+def test_released_longformer_zh_layout_loads_with_no_missing_or_unexpected_keys(tmp_path, weights_file):
+    """The ValkyriaLenneth/longformer_zh layout: BertLongForMaskedLM, model_type bert, 0-based positions."""
+    source = LongformerZhForMaskedLM(
+        LongformerZhConfig(max_position_embeddings=4096, attention_window=[512, 512], **SMALL)
+    ).eval()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["bert.embeddings.position_ids"] = torch.arange(4096).expand(1, -1).clone()  # transformers 3.x saved it
+    assert "bert.encoder.layer.0.attention.self.query_global.weight" in state and "cls.predictions.bias" in state
+    assert not any(k.startswith(("longformer.", "lm_head.")) for k in state)
+    if weights_file == "pytorch_model.bin":
+        torch.save(state, tmp_path / weights_file)
+    else:
+        save_file(state, str(tmp_path / weights_file))
+    released_config = {
+        "architectures": ["BertLongForMaskedLM"], "model_type": "bert", "attention_window": [512, 512],
+        "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "max_position_embeddings": 4096, "pad_token_id": 0,
+        "type_vocab_size": 2, "vocab_size": 21128, **SMALL,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(released_config))
+
+    model, info = LongformerZhForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.attention_window == [512, 512] and model.config.attention_backend == "sliding_chunks"
+
+    input_ids, attention_mask = padded_batch(seq_len=24, pad_from=17)
+    attention_mask[0, 0] = 2  # released convention: [CLS] global
+    expected = source(input_ids, attention_mask=attention_mask).logits
+    assert max_diff(model(input_ids, attention_mask=attention_mask).logits, expected) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- transformers' layout
+def small_hf_longformer(pad_token_id):
+    config = LongformerConfig(
+        vocab_size=300, max_position_embeddings=66, attention_window=8, pad_token_id=pad_token_id,
+        type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL,
+    )
+    return LongformerForMaskedLM(config).eval()
+
+
+@pytest.mark.parametrize("pad_token_id", [1, 0])  # allenai's roberta vocab pads with 1, ours with 0
+def test_transformers_longformer_checkpoint_loads_with_shifted_positions(tmp_path, pad_token_id):
+    hf = small_hf_longformer(pad_token_id)
+    hf.save_pretrained(tmp_path)
+    ours = LongformerZhForMaskedLM.from_pretrained(tmp_path)
+    assert ours.config.max_position_embeddings == 64 and not ours.training
+
+    input_ids, attention_mask = padded_batch(seq_len=19, pad_from=12, vocab=300, pad_id=pad_token_id)
+    global_attention_mask = torch.zeros_like(input_ids)
+    global_attention_mask[:, [0, 5]] = 1
+    expected = hf(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).logits
+    got = ours(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).logits
+    real = attention_mask.bool()
+    assert max_diff(expected[real], got[real]) <= TOL
+
+    encoder = LongformerZhModel.from_pretrained(tmp_path)
+    hidden = encoder(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).last_hidden_state
+    hf_hidden = hf.longformer(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).last_hidden_state
+    assert max_diff(hidden[real], hf_hidden[real]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- export
+def test_export_gives_a_stock_longformer_with_the_same_logits_loaded_without_this_package(tmp_path, capsys):
+    model = LongformerZhForMaskedLM(LongformerZhConfig(max_position_embeddings=128, attention_window=16, **SMALL)).eval()
+    model.save_pretrained(tmp_path / "ours")
+    export_cli.main(["--from", str(tmp_path / "ours"), "--to", str(tmp_path / "stock")])
+    assert "exported" in capsys.readouterr().out
+    exported_config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert exported_config["model_type"] == "longformer" and "auto_map" not in exported_config
+    assert exported_config["max_position_embeddings"] == 130
+
+    # in-process: a padded batch with global tokens
+    hf = LongformerForMaskedLM.from_pretrained(tmp_path / "stock").eval()
+    input_ids, attention_mask = padded_batch(seq_len=37, pad_from=30)
+    global_attention_mask = torch.zeros_like(input_ids)
+    global_attention_mask[:, [0, 9, 20]] = 1
+    expected = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).logits
+    got = hf(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask).logits
+    real = attention_mask.bool()
+    assert max_diff(expected[real], got[real]) <= TOL
+
+    # a fresh interpreter that never imports lfzh_ds, with the exported tokenizer
+    text = "中文长文档模型把位置表移了一位。"
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoTokenizer, LongformerForMaskedLM
+        tok = AutoTokenizer.from_pretrained({str(tmp_path / "stock")!r})
+        model = LongformerForMaskedLM.from_pretrained({str(tmp_path / "stock")!r}).eval()
+        ids = tok({text!r}, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits
+        torch.save({{"ids": ids, "logits": logits}}, {str(tmp_path / "stock_logits.pt")!r})
+        assert not any(name.split(".")[0] == "lfzh_ds" for name in sys.modules), "lfzh_ds was imported"
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    stock = torch.load(tmp_path / "stock_logits.pt")
+    ids = load_tokenizer()(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(stock["ids"], ids)
+    assert max_diff(model(ids).logits, stock["logits"]) <= TOL
