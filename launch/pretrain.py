@@ -1,0 +1,84 @@
+"""Pretrain (or continue pretraining) a Longformer_ZH masked LM with DeepSpeed.
+
+Run by the ``deepspeed`` launcher, one process per GPU (or per ``--num_gpus`` on a CPU machine)::
+
+    deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json --data SHARDS_DIR \\
+        --output-dir RUN_DIR --model-config CONFIG_JSON --max-steps 15000
+    deepspeed launch/pretrain.py ... --output-dir RUN_DIR --resume            # continue RUN_DIR's latest checkpoint
+    deepspeed launch/pretrain.py ... --init-from MODEL_DIR --start-step 3000  # continue a released model's schedule
+
+Exit status: 0 done, 2 bad arguments or config (nothing was computed), 3 the loss stayed non-finite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed launch/pretrain.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON config (see ds_configs/)")
+    p.add_argument("--data", required=True, help="folder of shards + manifest.json written by launch/preprocess.py")
+    p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, metrics.jsonl, tensorboard/, curves.png")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-config", help="LongformerZhConfig JSON: train from scratch")
+    model.add_argument("--init-from", help="from_pretrained folder (converted or released Longformer_ZH weights)")
+    p.add_argument("--attention-backend", choices=("block_sparse", "sliding_chunks"), default=None,
+                   help="override the model config's backend (a --model-config without one gets block_sparse)")
+    p.add_argument("--max-steps", type=int, required=True, help="stop after this optimizer step")
+    p.add_argument("--start-step", type=int, default=0,
+                   help="with --init-from: the step the model was trained to, so the LR schedule continues from it")
+    p.add_argument("--resume", action="store_true", help="continue from --output-dir's latest checkpoint")
+    p.add_argument("--save-interval", type=int, default=1000, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints (0 keeps all)")
+    p.add_argument("--eval-interval", type=int, default=1000,
+                   help="validation BPC every M steps, at the start and at the end (0: never)")
+    p.add_argument("--eval-sequences", type=int, default=None,
+                   help="validate on the first N validation sequences (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: the micro-batch size")
+    p.add_argument("--log-interval", type=int, default=10, help="console line every N steps")
+    p.add_argument("--seed", type=int, default=42, help="model init, data order, dropout")
+    p.add_argument("--masking", choices=("static", "dynamic"), default="static",
+                   help="static: the data service's stored masks; dynamic: re-mask every epoch from the seed")
+    p.add_argument("--max-nonfinite-steps", type=int, default=50,
+                   help="stop when the loss is NaN/inf for this many consecutive steps")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lfzh_ds.training.engine import ConfigError, rank_from_env
+    from lfzh_ds.training.pretraining import TrainingDiverged, run
+
+    if args.start_step and not args.init_from:
+        print("error: --start-step continues the schedule of a model given with --init-from", file=sys.stderr)
+        return 2
+    if args.start_step >= args.max_steps > 0 and args.start_step:
+        print(f"error: --start-step {args.start_step} is not below --max-steps {args.max_steps}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(args)
+    except ConfigError as err:
+        if rank_from_env() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingDiverged as err:
+        if rank_from_env() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
+    if rank_from_env() == 0:
+        print(f"done: step {summary.final_step}; run folder {summary.run_dir}; last checkpoint "
+              f"{summary.last_checkpoint}; validation BPC {summary.first_val_bpc} -> {summary.last_val_bpc}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Reading a DeepSpeed JSON config for the machine at hand, starting torch.distributed, building the engine.
+
+Everything here runs before any compute, so a bad config fails in a second with a message that names the
+file and the key, instead of after the model is built or, worse, silently (DeepSpeed ignores unknown top-level
+keys). The checks, in order:
+
+1. the file exists and is JSON;
+2. no removed feature (``sparse_attention`` and the rest of DeepSpeed's removed blocks) and no unknown top-level
+   key (a typo such as ``train_batch_szie`` would otherwise be ignored);
+3. the batch sizes divide: ``train_batch_size = micro_batch x gradient_accumulation x processes``;
+4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line;
+5. DeepSpeed's own validation of every block (after torch.distributed is up, so the world size is right).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The top-level keys DeepSpeed 0.19 reads (from its config documentation and deepspeed/runtime/config.py).
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "data_types",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
+    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio",
+    "activation_checkpointing", "checkpoint", "steps_per_print", "wall_clock_breakdown", "memory_breakdown",
+    "dump_state", "disable_allgather", "disable_python_gc", "dataloader_drop_last",
+    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "flops_profiler", "timers",
+    "data_efficiency", "curriculum_learning", "compression_training", "autotuning", "pipeline", "compile",
+    "hybrid_engine", "weight_quantization", "tensor_parallel", "sequence_parallel_size",
+    "use_data_before_expert_parallel_", "zero_allow_comm_data_type_fp32",
+})
+
+# Values our loader resolves itself (HF-style "auto"); DeepSpeed never sees them.
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A DeepSpeed config that cannot run here; the message names the file, the key and the fix."""
+
+
+@dataclass
+class ResolvedConfig:
+    """A DeepSpeed config dict made ready for this machine, plus what was changed and why."""
+
+    source: str
+    config: dict
+    world_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.config["train_micro_batch_size_per_gpu"]
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.config["gradient_accumulation_steps"]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config["train_batch_size"]
+
+    @property
+    def precision(self) -> str:
+        if self.config.get("fp16", {}).get("enabled"):
+            return "fp16"
+        if self.config.get("bf16", {}).get("enabled"):
+            return "bf16"
+        return "fp32"
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    def describe_batch(self, seq_len: int) -> str:
+        b = self.global_batch_size
+        return (f"global batch {b} sequences x {seq_len} tokens = {b * seq_len:,} tokens per step "
+                f"(micro-batch {self.micro_batch_size} x accumulation {self.gradient_accumulation_steps} "
+                f"x {self.world_size} processes)")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass one of the files in ds_configs/ "
+                          "(for example ds_configs/zero2.json or ds_configs/cpu.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err.msg} at line {err.lineno} "
+                          f"column {err.colno}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def check_top_level_keys(config: dict, source: str) -> None:
+    removed = _removed_deepspeed_keys()
+    for key in config:
+        if key in removed:
+            hint = ""
+            if key == "sparse_attention":
+                hint = (" Block-sparse attention is part of the model here: set \"attention_backend\": "
+                        "\"block_sparse\" (and sparse_block_size, num_sliding_window_blocks, global_block_indices) "
+                        "in the model config JSON instead.")
+            raise ConfigError(f"{source}: the \"{key}\" block is not supported by DeepSpeed "
+                              f"{_deepspeed_version()}: {removed[key]}{hint} Remove the block.")
+        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_LEVEL_KEYS), n=1)
+            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            raise ConfigError(f"{source}: unknown top-level key \"{key}\"{suggestion}. DeepSpeed would silently "
+                              "ignore it; fix the spelling or remove it.")
+
+
+def _removed_deepspeed_keys() -> dict[str, str]:
+    try:  # DeepSpeed's own list and wording when it has one (0.19.7+)
+        from deepspeed.runtime.config import _REMOVED_TOP_LEVEL_CONFIG_KEYS
+        return dict(_REMOVED_TOP_LEVEL_CONFIG_KEYS)
+    except ImportError:
+        return {"sparse_attention": "DeepSpeed's sparse attention ops were removed in 0.19.7."}
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+    return deepspeed.__version__
+
+
+def resolve_batch_sizes(config: dict, world_size: int, source: str) -> None:
+    """Fill in the three batch numbers DeepSpeed relates, or say which ones do not divide."""
+    names = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    for name in names:
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{source}: \"{name}\" must be a positive integer, got {value!r}")
+    total, micro, accum = (config.get(n) for n in names)
+    w = world_size
+    if total is not None and micro is not None and accum is not None:
+        if total != micro * accum * w:
+            raise ConfigError(
+                f"{source}: train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
+                f"gradient_accumulation_steps={accum} x {w} processes = {micro * accum * w}. Drop "
+                "gradient_accumulation_steps to let it be derived, or change one of the numbers.")
+    elif total is not None and micro is not None:
+        if total % (micro * w):
+            raise ConfigError(
+                f"{source}: train_batch_size={total} does not divide by train_micro_batch_size_per_gpu={micro} x "
+                f"{w} processes = {micro * w}; use a train_batch_size that is a multiple of {micro * w} "
+                "or another micro-batch size.")
+        accum = total // (micro * w)
+    elif total is not None and accum is not None:
+        if total % (accum * w):
+            raise ConfigError(
+                f"{source}: train_batch_size={total} does not divide by gradient_accumulation_steps={accum} x "
+                f"{w} processes = {accum * w}; use a train_batch_size that is a multiple of {accum * w}.")
+        micro = total // (accum * w)
+    elif total is not None:
+        if total % w:
+            raise ConfigError(f"{source}: train_batch_size={total} does not divide by {w} processes; "
+                              f"use a multiple of {w}.")
+        micro, accum = total // w, 1
+    elif micro is not None:
+        accum = accum or 1
+        total = micro * accum * w
+    else:
+        raise ConfigError(f"{source}: give \"train_batch_size\" or \"train_micro_batch_size_per_gpu\"")
+    config.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+
+
+def adapt_precision(config: dict, source: str, notes: list[str]) -> None:
+    """fp16 on the CPU accelerator (or one without fp16) falls back to fp32, said in one line.
+
+    DeepSpeed's CPU accelerator reports fp16 as supported where oneDNN has fp16 kernels, but its fp16 path
+    (loss scaling, fp16 master copies) is a GPU recipe: on CPU it is emulated, slower than fp32, and refused
+    outright on CPUs without oneDNN fp16 ("Type fp16 is not supported on your device").
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    name = accelerator.device_name()
+    fp16 = config.get("fp16", {})
+    if fp16.get("enabled") and (name == "cpu" or not accelerator.is_fp16_supported()):
+        config.pop("fp16")
+        config.pop("amp", None)
+        notes.append(f"fp16 is not available on the {name.upper()} accelerator: training in fp32 instead "
+                     f"({source} asks for fp16; ds_configs/cpu.json selects fp32 or bf16 explicitly)")
+    if name == "cpu":
+        params = config.get("optimizer", {}).get("params")
+        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if params is not None and "torch_adam" not in params and offload == "none":
+            # FusedAdam is a CUDA kernel; on CPU DeepSpeed would JIT-build a C++ Adam for ~45 s per fresh machine.
+            params["torch_adam"] = True
+            notes.append("CPU accelerator: the optimizer uses torch's implementation (\"torch_adam\": true)")
+
+
+def resolve_auto_values(config: dict, max_steps: int | None, source: str) -> None:
+    params = config.get("scheduler", {}).get("params", {})
+    if params.get("total_num_steps") == AUTO:
+        if max_steps is None:
+            raise ConfigError(f"{source}: scheduler.params.total_num_steps is \"auto\" but no --max-steps was given")
+        params["total_num_steps"] = max_steps
+    for key, value in _walk(config):
+        if value == AUTO:
+            raise ConfigError(f"{source}: \"{key}\": \"auto\" is only understood for scheduler.params.total_num_steps; "
+                              "give a number")
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
+def place_outputs(config: dict, run_dir: Path | None) -> None:
+    """TensorBoard events go to RUN_DIR/tensorboard unless the config names a folder."""
+    board = config.get("tensorboard")
+    if board and board.get("enabled") and run_dir is not None:
+        if not board.get("output_path"):
+            board["output_path"] = str(Path(run_dir) / "tensorboard")
+        board.setdefault("job_name", "pretrain")
+
+
+def load_deepspeed_config(path, world_size: int, *, max_steps: int | None = None, run_dir=None,
+                          overrides: dict | None = None) -> ResolvedConfig:
+    """Steps 1-4 of the module docstring: everything that needs no torch.distributed."""
+    source = str(path)
+    config = read_config_file(path)
+    check_top_level_keys(config, source)
+    config = copy.deepcopy(config)
+    for key, value in (overrides or {}).items():
+        config[key] = value
+    resolve_auto_values(config, max_steps, source)
+    resolve_batch_sizes(config, world_size, source)
+    notes: list[str] = []
+    adapt_precision(config, source, notes)
+    place_outputs(config, run_dir)
+    return ResolvedConfig(source=source, config=config, world_size=world_size, notes=notes)
+
+
+def validate_with_deepspeed(resolved: ResolvedConfig) -> None:
+    """Step 5: DeepSpeed's own pydantic validation of every block (call after torch.distributed is up)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(resolved.config))
+    except Exception as err:  # pydantic ValidationError, DeepSpeedConfigError, AssertionError
+        message = " ".join(str(err).split())
+        raise ConfigError(f"{resolved.source}: DeepSpeed rejects the config: {message}") from None
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start torch.distributed the way the ``deepspeed`` launcher expects; also works without the launcher.
+
+    On the CPU accelerator, DeepSpeed JIT-compiles a shared-memory all-reduce (~30 s on a fresh machine) that only
+    its inference path uses; training's collectives go through gloo, so the build is switched off here.
+    """
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # a plain `python launch/pretrain.py`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def no_weight_decay(name: str) -> bool:
+    return name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups as BERT trains them: no weight decay on biases and LayerNorm weights."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if no_weight_decay(name) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_engine(model, resolved: ResolvedConfig):
+    """``deepspeed.initialize`` with BERT's parameter groups; returns the engine."""
+    import deepspeed
+
+    weight_decay = resolved.config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
+                                           config=resolved.config)
+    return engine
+
+
+def uses_activation_checkpointing(resolved: ResolvedConfig) -> bool:
+    """An ``activation_checkpointing`` block turns on gradient checkpointing of the encoder layers."""
+    return "activation_checkpointing" in resolved.config
