@@ -1,0 +1,92 @@
+"""The manifest, the rejects report, and atomic writes of the output folder.
+
+``manifest.json`` (byte-identical for the same inputs, config and seed)::
+
+    schema_version      lfzh_ds.constants.SCHEMA_VERSION
+    config              every option that changes the output (seq_len, masking, cleaning, split, ...)
+    inputs              [{path, format, bytes, sha256}] in input order
+    vocab_md5, vocab_size
+    jieba               {jieba_version, dictionary, dictionary_md5, hmm}
+    jionlp_version
+    splits              {train|validation: {shards: [{file, rows, tokens, documents, predictions,
+                                                      sha256, documents_sha256}], rows, tokens, documents}}
+    totals              {records, documents, characters, tokens, rows, rejected}
+    rejects             {reason: count}
+
+``documents_sha256`` hashes the content hashes of the shard's documents in order; a rerun uses
+it to know that an existing shard file was built from the same documents.
+
+``rejects.json``: ``{"total": N, "reasons": {reason: {"count": n, "examples": [{file, line,
+byte_offset, detail, snippet}]}}}``, at most ``MAX_EXAMPLES`` examples per reason, the first ones
+in input order.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_EXAMPLES = 5
+REJECTS_NAME = "rejects.json"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, dumps(obj))
+
+
+class RejectsReport:
+    """Counts per reason plus the first ``MAX_EXAMPLES`` examples in input order."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self._examples: dict[str, list[tuple[tuple, dict]]] = {}
+
+    def add(self, reason: str, order: tuple, example: dict, count: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + count
+        kept = self._examples.setdefault(reason, [])
+        kept.append((tuple(order), example))
+        kept.sort(key=lambda item: item[0])
+        del kept[MAX_EXAMPLES:]
+
+    def merge(self, other: "RejectsReport") -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + count
+            kept = self._examples.setdefault(reason, [])
+            kept.extend(other._examples.get(reason, []))
+            kept.sort(key=lambda item: item[0])
+            del kept[MAX_EXAMPLES:]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict:
+        return {"total": self.total,
+                "reasons": {r: {"count": self.counts[r], "examples": [e for _, e in self._examples.get(r, [])]}
+                            for r in sorted(self.counts)}}
+
+    def to_state(self) -> dict:
+        return {"counts": self.counts, "examples": {r: [[list(o), e] for o, e in ex]
+                                                    for r, ex in self._examples.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RejectsReport":
+        report = cls()
+        report.counts = dict(state["counts"])
+        report._examples = {r: [(tuple(o), e) for o, e in ex] for r, ex in state["examples"].items()}
+        return report

@@ -1,0 +1,610 @@
+"""The preprocessing job on Ray: corpus files in, Arrow shards + manifest + rejects report out.
+
+In-process use::
+
+    from data_service.pipeline import PipelineConfig, run
+    result = run(PipelineConfig(inputs=["corpus/*.jsonl"], output="data/inews", seq_len=512))
+    result.manifest["totals"]
+
+``run(config: PipelineConfig) -> RunResult``. With ``config.ray_address=None`` it starts a local
+Ray (dashboard off, ``num_workers`` CPUs) and shuts it down at the end; with ``"auto"`` or
+``"HOST:PORT"`` it joins that cluster; if the calling process is already connected to Ray
+(``ray.is_initialized()``) it uses that connection and leaves it open.
+
+What runs where:
+1. driver: list the inputs, hash them, detect formats, cut them into chunks (byte ranges ending on
+   a record boundary) and ship each chunk's bytes to a worker;
+2. workers (``process.process_chunk``): parse, clean, drop short/long documents, hash, segment
+   and tokenize; the driver stores each result under ``OUTPUT/_work/chunks/``;
+3. driver: global exact dedup and the train/validation split (by content hash, so a document and
+   its duplicates land in one split), then the shard plan (documents never cross shards);
+4. workers (``pack.build_shard``): pack, mask ``dupe_factor`` times, encode the Arrow file;
+   the driver writes it atomically (temporary name, fsync, rename);
+5. driver: ``rejects.json``, then ``manifest.json`` (its presence means the job is complete),
+   then removes ``_work`` (unless ``keep_work``).
+
+Determinism: chunk results are consumed in input order and every random choice is seeded from
+(seed, split, shard, row, copy), so the bytes do not depend on the number of workers or nodes.
+Resume: rerunning the same command reuses finished chunk results and every shard whose file
+still has the sha256 recorded when it was written; everything else is redone. A finished output
+is verified and left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lfzh_ds.constants import DEFAULT_SEQ_LEN, SCHEMA_VERSION, VOCAB_SIZE
+from lfzh_ds.shards import MANIFEST_NAME, MAX_SEQ_LEN, SPLITS, file_sha256, shard_name
+from lfzh_ds.tokenization import vocab_md5
+
+from . import readers
+from .clean import CleanOptions, jionlp_version
+from .manifest import REJECTS_NAME, RejectsReport, write_bytes_atomic, write_json_atomic
+from .pack import build_shard
+from .process import DocumentOptions, process_chunk
+from .segment import jieba_dictionary_id
+
+WORK_DIR = "_work"
+_CHUNK_META = b"lfzh_ds.chunk"
+
+
+class JobConflict(RuntimeError):
+    """The output folder holds a job with another configuration or other inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    inputs: tuple = ()
+    output: str = ""
+    format: str = "auto"
+    field: str | None = None
+    text_docs: str = "lines"
+    seq_len: int = DEFAULT_SEQ_LEN
+    mask_prob: float = 0.10
+    max_predictions: int = 400
+    dupe_factor: int = 2
+    wwm_max_word_len: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.01
+    min_chars: int = 10
+    max_chars: int = 1_000_000
+    dedup: bool = True
+    clean: CleanOptions = CleanOptions()
+    rows_per_shard: int = 1024
+    # runtime options: they change how the job runs, never its output
+    chunk_bytes: int = 4 << 20
+    ray_address: str | None = None
+    num_workers: int | None = None
+    keep_work: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("no --input given")
+        if not self.output:
+            raise ValueError("no --output given")
+        if self.format not in readers.FORMATS:
+            raise ValueError(f"--format must be one of {readers.FORMATS}, got {self.format!r}")
+        if self.text_docs not in readers.TEXT_DOCS:
+            raise ValueError(f"--text-docs must be one of {readers.TEXT_DOCS}, got {self.text_docs!r}")
+        if not 8 <= self.seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"--seq-len must be between 8 and {MAX_SEQ_LEN} (ids are stored as uint16), got {self.seq_len}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
+        if self.max_predictions < 1 or self.dupe_factor < 1 or self.rows_per_shard < 1:
+            raise ValueError("--max-predictions, --dupe-factor and --rows-per-shard must be at least 1")
+        if self.wwm_max_word_len is not None and self.wwm_max_word_len < 1:
+            raise ValueError(f"--wwm-max-word-len must be at least 1, got {self.wwm_max_word_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
+
+    def output_config(self) -> dict:
+        """Every option that changes the output; this goes into the manifest."""
+        return {
+            "format": self.format, "field": self.field, "text_docs": self.text_docs,
+            "seq_len": self.seq_len, "mask_prob": self.mask_prob, "max_predictions": self.max_predictions,
+            "dupe_factor": self.dupe_factor, "wwm_max_word_len": self.wwm_max_word_len, "seed": self.seed,
+            "val_fraction": self.val_fraction, "min_chars": self.min_chars, "max_chars": self.max_chars,
+            "dedup": self.dedup, "clean": dataclasses.asdict(self.clean), "rows_per_shard": self.rows_per_shard,
+        }
+
+
+@dataclasses.dataclass
+class RunResult:
+    output: Path
+    manifest: dict
+    rejects: dict
+    up_to_date: bool = False  # True: the output was already complete and verified
+    chunks_processed: int = 0
+    chunks_reused: int = 0
+    shards_built: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+    characters_processed: int = 0  # characters of the documents segmented in this run
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    """One status line on stderr: documents, characters and tokens per second."""
+
+    def __init__(self, enabled: bool, stream=sys.stderr):
+        self.enabled, self.stream = enabled, stream
+        self.tty = enabled and stream.isatty()
+        self.start = self.last = time.monotonic()
+        self.docs = self.chars = self.tokens = 0
+        self.stage = ""
+
+    def add(self, docs: int, chars: int, tokens: int) -> None:
+        self.docs += docs
+        self.chars += chars
+        self.tokens += tokens
+        self.show()
+
+    def show(self, stage: str | None = None, force: bool = False) -> None:
+        if stage is not None:
+            self.stage = stage
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
+            return
+        self.last = now
+        dt = max(now - self.start, 1e-9)
+        line = (f"[preprocess] {self.stage:<28} docs {self.docs:>9,} ({self.docs / dt:,.0f}/s)  "
+                f"chars {self.chars:>12,} ({self.chars / dt:,.0f}/s)  tokens {self.tokens:>12,} ({self.tokens / dt:,.0f}/s)")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.show(force=True)
+            if self.tty:
+                self.stream.write("\n")
+                self.stream.flush()
+
+
+# ---------------------------------------------------------------- Ray plumbing
+
+class _RaySession:
+    """Ray is started (or joined) only when there is work for it; shut down only if we started it."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config, self.ready, self.owned = config, False, False
+
+    def ensure(self) -> None:
+        import ray
+
+        if self.ready:
+            return
+        self.ready = True
+        if ray.is_initialized():
+            return
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        if self.config.ray_address:
+            ray.init(address=self.config.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", num_cpus=self.config.num_workers or os.cpu_count(), include_dashboard=False,
+                     runtime_env=runtime_env, logging_level=logging.WARNING)
+        self.owned = True
+
+    def close(self) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
+            self.owned = False
+
+
+def _remote(fn, **options):
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=5, **options)(fn)
+
+
+def _max_in_flight(config: PipelineConfig) -> int:
+    import ray
+
+    if config.num_workers:
+        return config.num_workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+class _Window:
+    """Submit tasks with at most ``limit`` in flight; hand back results as they finish."""
+
+    def __init__(self, limit: int):
+        self.limit, self.pending = limit, {}
+
+    def submit(self, ref, key):
+        self.pending[ref] = key
+
+    def full(self) -> bool:
+        return len(self.pending) >= self.limit
+
+    def wait_one(self):
+        import ray
+
+        (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+        key = self.pending.pop(ref)
+        return key, ray.get(ref)
+
+
+# ---------------------------------------------------------------- chunk results on disk
+
+def _chunk_path(work: Path, key) -> Path:
+    return work / "chunks" / f"f{key[0]:05d}-c{key[1]:06d}.arrow"
+
+
+def _write_chunk_result(path: Path, job_id: str, key, input_path: str, result: dict) -> None:
+    lengths = result["token_lengths"]
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64))
+    meta = {"job": job_id, "key": list(key), "path": input_path, "records": result["records"],
+            "rejects": result["rejects"]}
+    table = pa.table({
+        "line": result["line"], "offset": result["offset"], "chars": result["chars"],
+        "hash": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(lengths),
+                                                     [None, pa.py_buffer(result["hashes"].tobytes())]),
+        "tokens": pa.LargeListArray.from_arrays(offsets, pa.array(result["tokens"], pa.uint16())),
+        "word_starts": pa.LargeListArray.from_arrays(offsets, pa.array(result["word_starts"], pa.uint8())),
+    }).replace_schema_metadata({_CHUNK_META: json.dumps(meta)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+class _ChunkFile:
+    """A stored chunk result, memory-mapped."""
+
+    def __init__(self, path: Path):
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        self.table = reader.read_all()
+        self.meta = json.loads(self.table.schema.metadata[_CHUNK_META])
+        tokens = self.table.column("tokens").combine_chunks()
+        self.token_offsets = tokens.offsets.to_numpy()
+        self.tokens = tokens.values.to_numpy()
+        self.word_starts = self.table.column("word_starts").combine_chunks().values.to_numpy()
+
+    @property
+    def num_docs(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name) -> np.ndarray:
+        return self.table.column(name).to_numpy()
+
+    def hashes(self) -> list[bytes]:
+        return self.table.column("hash").to_pylist()
+
+
+def _load_chunk(path: Path, job_id: str) -> _ChunkFile | None:
+    """The stored result if it is readable and belongs to this job, else None (it is redone)."""
+    if not path.is_file():
+        return None
+    try:
+        chunk = _ChunkFile(path)
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError, TypeError):
+        return None
+    return chunk if chunk.meta.get("job") == job_id else None
+
+
+# ---------------------------------------------------------------- the job
+
+def _hash_inputs(files) -> list[dict]:
+    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+
+
+def _is_validation(digest: bytes, val_fraction: float) -> bool:
+    return int.from_bytes(digest[:8], "big") < val_fraction * 2.0 ** 64
+
+
+def _conflict(output: Path, what: str, old: dict, new: dict) -> JobConflict:
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return JobConflict(f"{output} already holds {what} made with other settings or inputs "
+                       f"({'; '.join(diffs[:6]) or 'inputs differ'}); use another --output, or pass --overwrite "
+                       f"to delete it and start again")
+
+
+def _clear_output(output: Path) -> None:
+    for pattern in (MANIFEST_NAME, REJECTS_NAME, *(f"{s}-*.arrow" for s in SPLITS), ".*.tmp-*"):
+        for p in output.glob(pattern):
+            p.unlink()
+    shutil.rmtree(output / WORK_DIR, ignore_errors=True)
+
+
+def _finished_and_valid(output: Path, manifest_config: dict, inputs: list[dict]) -> dict | None:
+    """The existing manifest if the output is complete for this exact job and every shard checks out."""
+    path = output / MANIFEST_NAME
+    if not path.is_file() or not (output / REJECTS_NAME).is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("config") != manifest_config or \
+            [{k: i[k] for k in ("path", "bytes", "sha256")} for i in manifest.get("inputs", [])] != inputs:
+        raise _conflict(output, "a finished dataset", manifest.get("config", {}), manifest_config)
+    for split in SPLITS:
+        for entry in manifest["splits"][split]["shards"]:
+            shard = output / entry["file"]
+            if not shard.is_file() or file_sha256(shard) != entry["sha256"]:
+                return None
+    return manifest
+
+
+def run(config: PipelineConfig) -> RunResult:
+    """Run (or finish, or verify) the preprocessing job described by ``config``."""
+    config.validate()
+    t0 = time.monotonic()
+    output = Path(config.output)
+    if config.overwrite and output.exists():
+        _clear_output(output)
+    output.mkdir(parents=True, exist_ok=True)
+    work = output / WORK_DIR
+    for stale in output.glob(".*.tmp-*"):
+        stale.unlink()
+
+    files = readers.expand_inputs(config.inputs)
+    inputs = _hash_inputs(files)
+    manifest_config = config.output_config()
+    done = _finished_and_valid(output, manifest_config, inputs)
+    if done is not None:
+        shutil.rmtree(work, ignore_errors=True)
+        rejects = json.loads((output / REJECTS_NAME).read_text(encoding="utf-8"))
+        return RunResult(output, done, rejects, up_to_date=True, seconds=time.monotonic() - t0)
+    old_manifest = None
+    if (output / MANIFEST_NAME).is_file():
+        old_manifest = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+    job = {"config": manifest_config, "inputs": inputs, "chunk_bytes": config.chunk_bytes}
+    job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    job_file = work / "job.json"
+    if job_file.is_file():
+        old_job = json.loads(job_file.read_text(encoding="utf-8"))
+        if old_job.get("job_id") != job_id:
+            raise _conflict(output, "an unfinished job", old_job.get("config", {}), manifest_config)
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_file, {**job, "job_id": job_id})
+
+    rejects = RejectsReport()
+    formats = []
+    for index, (path, info) in enumerate(zip(files, inputs)):
+        fmt = readers.detect_format(path, config.field) if config.format == "auto" else config.format
+        if fmt == "empty" or (info["bytes"] == 0):
+            rejects.add(readers.EMPTY_FILE, (index, 0), {"file": str(path), "line": 0, "byte_offset": 0,
+                                                         "detail": "no records in the file", "snippet": ""})
+            fmt = "empty"
+        formats.append(fmt)
+
+    progress = Progress(config.progress)
+    result = RunResult(output, {}, {})
+    ray_session = _RaySession(config)
+    try:
+        keys = _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session)
+        plan, totals = _plan(config, keys, work, rejects)
+        shards = _build_all_shards(config, plan, work, old_manifest, output, progress, result, ray_session)
+    finally:
+        progress.close()
+        ray_session.close()
+
+    manifest = _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects)
+    rejects_json = rejects.to_json()
+    write_json_atomic(output / REJECTS_NAME, rejects_json)
+    write_json_atomic(output / MANIFEST_NAME, manifest)
+    if not config.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    result.manifest, result.rejects = manifest, rejects_json
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session):
+    """Stage 2 for every chunk not already stored; returns the chunk keys in input order."""
+    options = DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, dedup=config.dedup,
+                              clean=config.clean)
+    keys = []
+    window = None
+    task = None
+    progress.show("segmenting", force=True)
+
+    def finish_one():
+        (key, path), out = window.wait_one()
+        _write_chunk_result(_chunk_path(work, key), job_id, key, path, out)
+        result.chunks_processed += 1
+        result.characters_processed += int(out["chars"].sum())
+        progress.add(len(out["chars"]), int(out["chars"].sum()), int(out["token_lengths"].sum()))
+
+    for file_index, (path, fmt) in enumerate(zip(files, formats)):
+        if fmt == "empty":
+            continue
+        for k, chunk in enumerate(readers.iter_chunks(path, file_index, fmt, config.field, config.text_docs,
+                                                      config.chunk_bytes)):
+            key = (file_index, k)
+            keys.append(key)
+            if _load_chunk(_chunk_path(work, key), job_id) is not None:
+                result.chunks_reused += 1
+                continue
+            if window is None:
+                ray_session.ensure()
+                window, task = _Window(_max_in_flight(config)), _remote(process_chunk)
+            while window.full():
+                finish_one()
+            window.submit(task.remote(chunk, options), (key, str(path)))
+    while window is not None and window.pending:
+        finish_one()
+    return keys
+
+
+def _plan(config, keys, work, rejects: RejectsReport):
+    """Global dedup, train/validation split, and the shard plan (pure function of the chunk results)."""
+    seen: dict[bytes, tuple] = {}
+    split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
+    totals = {"records": 0, "documents": 0, "characters": 0, "tokens": 0}
+    for number, key in enumerate(keys):
+        chunk = _ChunkFile(_chunk_path(work, key))
+        totals["records"] += chunk.meta["records"]
+        rejects.merge(RejectsReport.from_state(chunk.meta["rejects"]))
+        lines, offsets, chars = chunk.column("line"), chunk.column("offset"), chunk.column("chars")
+        lengths = np.diff(chunk.token_offsets)
+        for row, digest in enumerate(chunk.hashes()):
+            if config.dedup and digest in seen:
+                first = seen[digest]
+                rejects.add(readers.DUPLICATE, (key[0], int(offsets[row])),
+                            {"file": chunk.meta["path"], "line": int(lines[row]), "byte_offset": int(offsets[row]),
+                             "detail": f"same text as {first[0]} line {first[1]}", "snippet": ""})
+                continue
+            seen[digest] = (chunk.meta["path"], int(lines[row]))
+            split = "validation" if _is_validation(digest, config.val_fraction) else "train"
+            split_docs[split].append((number, row, int(lengths[row]), digest))
+            totals["documents"] += 1
+            totals["characters"] += int(chars[row])
+            totals["tokens"] += int(lengths[row])
+
+    body = config.seq_len - 2
+    target = config.rows_per_shard * body
+    plan = {s: [] for s in SPLITS}
+    for split, docs in split_docs.items():
+        current, stream = [], 0
+        for doc in docs:
+            stream += doc[2] + (1 if current else 0)
+            current.append(doc)
+            if stream >= target:
+                plan[split].append(current)
+                current, stream = [], 0
+        if current:
+            plan[split].append(current)
+    return {"keys": keys, "shards": plan}, totals
+
+
+def _documents_sha256(docs) -> str:
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc[3])
+    return h.hexdigest()
+
+
+def _gather(docs, keys, work, cache: OrderedDict):
+    """Concatenated tokens/word starts and lengths of a shard's documents, from the stored chunks."""
+    tokens, starts, lengths = [], [], []
+    for number, row, n, _ in docs:
+        if number not in cache:
+            cache[number] = _ChunkFile(_chunk_path(work, keys[number]))
+            while len(cache) > 4:
+                cache.popitem(last=False)
+        chunk = cache[number]
+        a, b = chunk.token_offsets[row], chunk.token_offsets[row + 1]
+        tokens.append(chunk.tokens[a:b])
+        starts.append(chunk.word_starts[a:b])
+        lengths.append(n)
+    return np.concatenate(tokens), np.concatenate(starts), np.array(lengths, dtype=np.int64)
+
+
+def _build_all_shards(config, plan, work, old_manifest, output, progress, result, ray_session):
+    """Stage 4 for every shard that is missing or does not match what was recorded for it."""
+    shard_config = {k: getattr(config, k) for k in ("seq_len", "dupe_factor", "seed", "mask_prob",
+                                                   "max_predictions", "wwm_max_word_len")}
+    old_entries = {}
+    if old_manifest is not None:
+        for split in SPLITS:
+            for entry in old_manifest.get("splits", {}).get(split, {}).get("shards", []):
+                old_entries[entry["file"]] = entry
+    entries = {s: [None] * len(plan["shards"][s]) for s in SPLITS}
+    window, task, cache = None, None, OrderedDict()
+    progress.show("packing and masking", force=True)
+
+    def finish_one():
+        (split, index, docs_sha), (data, stats) = window.wait_one()
+        name = shard_name(split, index)
+        write_bytes_atomic(output / name, data)
+        entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"],
+                 "documents": len(plan["shards"][split][index]), "predictions": stats["predictions"],
+                 "sha256": stats["sha256"], "documents_sha256": docs_sha}
+        write_json_atomic(work / "shards" / f"{name}.json", entry)
+        entries[split][index] = entry
+        result.shards_built += 1
+
+    for split in SPLITS:
+        for index, docs in enumerate(plan["shards"][split]):
+            name = shard_name(split, index)
+            docs_sha = _documents_sha256(docs)
+            recorded = None
+            sidecar = work / "shards" / f"{name}.json"
+            if sidecar.is_file():
+                recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+            elif name in old_entries:
+                recorded = old_entries[name]
+            if recorded and recorded.get("documents_sha256") == docs_sha and (output / name).is_file() \
+                    and file_sha256(output / name) == recorded["sha256"]:
+                entries[split][index] = recorded
+                result.shards_reused += 1
+                continue
+            if window is None:
+                ray_session.ensure()
+                window, task = _Window(_max_in_flight(config)), _remote(build_shard)
+            while window.full():
+                finish_one()
+            tokens, starts, lengths = _gather(docs, plan["keys"], work, cache)
+            window.submit(task.remote(split, index, tokens, starts, lengths, shard_config), (split, index, docs_sha))
+    while window is not None and window.pending:
+        finish_one()
+    # shards of an earlier, larger plan for the same job cannot exist (same job => same plan)
+    return entries
+
+
+def _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects: RejectsReport) -> dict:
+    splits = {}
+    for split in SPLITS:
+        entries = shards[split]
+        splits[split] = {"shards": entries, "rows": sum(e["rows"] for e in entries),
+                         "tokens": sum(e["tokens"] for e in entries),
+                         "documents": sum(e["documents"] for e in entries)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": manifest_config,
+        "inputs": [{**info, "format": fmt} for info, fmt in zip(inputs, formats)],
+        "vocab_md5": vocab_md5(),
+        "vocab_size": VOCAB_SIZE,
+        "jieba": jieba_dictionary_id(),
+        "jionlp_version": jionlp_version(),
+        "splits": splits,
+        "totals": {**totals, "rows": sum(s["rows"] for s in splits.values()), "rejected": rejects.total},
+        "rejects": dict(sorted(rejects.counts.items())),
+    }
+
+
+def summary_table(result: RunResult) -> str:
+    """The final report: per split shards/rows/documents/tokens, rejects by reason, speed."""
+    m, lines = result.manifest, []
+    state = "already complete, verified" if result.up_to_date else \
+        f"{result.chunks_processed} chunks processed, {result.chunks_reused} reused; " \
+        f"{result.shards_built} shards written, {result.shards_reused} kept"
+    lines.append(f"output     {result.output}  ({state})")
+    lines.append(f"{'split':<11}{'shards':>8}{'rows':>10}{'documents':>11}{'tokens':>14}")
+    for split in SPLITS:
+        s = m["splits"][split]
+        lines.append(f"{split:<11}{len(s['shards']):>8,}{s['rows']:>10,}{s['documents']:>11,}{s['tokens']:>14,}")
+    t = m["totals"]
+    lines.append(f"{'total':<11}{'':>8}{t['rows']:>10,}{t['documents']:>11,}{t['tokens']:>14,}"
+                 f"   ({t['characters']:,} characters from {t['records']:,} records)")
+    if t["rejected"]:
+        reasons = ", ".join(f"{r} {n:,}" for r, n in m["rejects"].items())
+        lines.append(f"rejected   {t['rejected']:,}: {reasons}  (examples in {result.output / REJECTS_NAME})")
+    else:
+        lines.append("rejected   0")
+    if result.seconds and result.characters_processed:
+        lines.append(f"time       {result.seconds:.1f} s, {result.characters_processed / result.seconds:,.0f} "
+                     f"characters/s segmented end to end")
+    else:
+        lines.append(f"time       {result.seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""Corpus readers: formats, auto-detection, transparent decompression, byte-range chunks.
+
+Formats (one JSON object per line unless noted):
+
+| format | text of a document | required field |
+| --- | --- | --- |
+| ``wiki2019zh`` | ``text`` (it starts with the title already) | ``text`` |
+| ``news2016zh`` | ``title``, ``desc`` (unless already in the content), ``content`` | ``content`` |
+| ``webtext2019zh`` | ``title``, ``desc``, ``content`` (a question and one answer) | ``content`` |
+| ``baike2018qa`` | ``title``, ``desc``, ``answer`` | ``answer`` |
+| ``jsonl`` | the ``--field`` (default ``text``) | that field |
+| ``text`` | one document per line, or per blank-line separated block (``text_docs="blocks"``) | |
+
+Inputs compressed with gzip, bzip2 or xz are recognised by their magic bytes and read
+transparently. The driver cuts every (decompressed) input into chunks of about ``chunk_bytes``
+that end on a record boundary; chunk ``k`` of a file covers bytes ``[start, start + len(data))``,
+so one big file is processed in parallel and every record keeps its file, line and byte offset.
+Chunks are shipped to the workers as bytes: only the machine that runs the driver needs to see
+the input files.
+"""
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import gzip
+import json
+import lzma
+from pathlib import Path
+from typing import Iterator
+
+FORMATS = ("auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl")
+TEXT_DOCS = ("lines", "blocks")
+
+# Reject reasons (keys of the rejects report).
+BAD_JSON = "bad_json"
+BAD_ENCODING = "bad_encoding"
+NUL_BYTES = "nul_bytes"
+MISSING_FIELD = "missing_field"
+NOT_TEXT = "field_not_text"
+EMPTY_FILE = "empty_file"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+DUPLICATE = "duplicate"
+PROCESSING_ERROR = "processing_error"
+
+_BODY_FIELD = {"wiki2019zh": "text", "news2016zh": "content", "webtext2019zh": "content",
+               "baike2018qa": "answer"}
+_MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+class InputError(ValueError):
+    """An input that cannot be planned at all (missing file, unknown layout); names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    file_index: int
+    path: str
+    format: str
+    field: str | None
+    text_docs: str
+    start_offset: int  # byte offset of data[0] in the decompressed file
+    start_line: int  # 1-based number of the first line in data
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    line: int
+    offset: int
+    text: str | None  # None for a rejected record
+    reject: str | None = None
+    detail: str = ""
+
+
+def open_binary(path):
+    """The file's bytes, decompressed if it starts with gzip, bzip2 or xz magic bytes."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    for prefix, opener in _MAGIC:
+        if magic.startswith(prefix):
+            return opener(path, "rb")
+    return open(path, "rb")
+
+
+def _json_object(line: bytes):
+    try:
+        value = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def detect_format(path, field: str | None = None, probe_lines: int = 20) -> str:
+    """The format of one file from the fields of its first JSON objects (``text`` if none parse).
+
+    Returns ``"empty"`` for a file without a single non-blank line.
+    """
+    keys: set[str] | None = None
+    seen = 0
+    with open_binary(path) as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            seen += 1
+            obj = _json_object(raw.strip())
+            if obj is not None:
+                keys = set(obj)
+                break
+            if seen >= probe_lines:
+                break
+    if seen == 0:
+        return "empty"
+    if keys is None:
+        return "text"
+    if field is not None:
+        return "jsonl"
+    if "answer" in keys:
+        return "baike2018qa"
+    if "content" in keys:
+        return "webtext2019zh" if keys & {"qid", "topic", "star"} else "news2016zh"
+    if "text" in keys:
+        return "wiki2019zh"
+    raise InputError(f"{path}: JSON lines with fields {sorted(keys)}, none of which is a known corpus "
+                     f"layout; pass --format jsonl --field NAME to say which field holds the text")
+
+
+def _ends_with_blank_line(data: bytes) -> bool:
+    if not data.endswith(b"\n"):
+        return False
+    return data[:-1].rsplit(b"\n", 1)[-1].strip() == b""
+
+
+def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: str,
+                chunk_bytes: int) -> Iterator[Chunk]:
+    """Cut one input into chunks of about ``chunk_bytes`` ending on a record boundary."""
+    blocks = fmt == "text" and text_docs == "blocks"
+    offset, line = 0, 1
+    with open_binary(path) as f:
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                return
+            if not data.endswith(b"\n"):
+                data += f.readline()
+            while blocks and not _ends_with_blank_line(data):
+                more = f.readline()
+                if not more:
+                    break
+                data += more
+            yield Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data)
+            offset += len(data)
+            line += data.count(b"\n")
+
+
+def _iter_lines(chunk: Chunk):
+    """(line number, byte offset, raw line without the newline) for every line in the chunk."""
+    data, pos, line = chunk.data, 0, chunk.start_line
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            end = len(data)
+        raw = data[pos:end]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if chunk.start_offset + pos == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield line, chunk.start_offset + pos, raw
+        pos, line = end + 1, line + 1
+
+
+def _decode(raw: bytes):
+    if b"\x00" in raw:
+        column = raw.index(b"\x00") + 1
+        return None, NUL_BYTES, f"NUL byte at column {column}"
+    try:
+        return raw.decode("utf-8"), None, ""
+    except UnicodeDecodeError as err:
+        return None, BAD_ENCODING, f"not UTF-8 ({err.reason} at byte {err.start})"
+
+
+def document_text(obj: dict, fmt: str, field: str | None):
+    """(text, reject reason, detail) for one JSON record of a known format."""
+    body_field = (field or "text") if fmt == "jsonl" else _BODY_FIELD[fmt]
+    body = obj.get(body_field)
+    if body is None or body == "":
+        return None, MISSING_FIELD, f"no {body_field!r} field (fields: {sorted(obj)[:8]})"
+    if not isinstance(body, str):
+        return None, NOT_TEXT, f"field {body_field!r} is {type(body).__name__}, not a string"
+    if fmt in ("jsonl", "wiki2019zh"):
+        return body, None, ""
+    parts = []
+    title, desc = obj.get("title"), obj.get("desc")
+    if isinstance(title, str) and title.strip():
+        parts.append(title.strip())
+    if isinstance(desc, str) and desc.strip() and desc.strip() not in body and desc.strip() != title:
+        parts.append(desc.strip())
+    parts.append(body)
+    return "\n".join(parts), None, ""
+
+
+def iter_records(chunk: Chunk) -> Iterator[Record]:
+    """Every document or rejected record that starts in the chunk, in order."""
+    if chunk.format == "text" and chunk.text_docs == "blocks":
+        yield from _iter_blocks(chunk)
+        return
+    for line, offset, raw in _iter_lines(chunk):
+        if not raw.strip():
+            continue
+        text, reason, detail = _decode(raw)
+        if reason is None and chunk.format != "text":
+            try:
+                obj = json.loads(text)
+            except ValueError as err:
+                obj, reason, detail = None, BAD_JSON, f"invalid JSON ({err})"
+            if reason is None and not isinstance(obj, dict):
+                reason, detail = BAD_JSON, f"a JSON {type(obj).__name__}, not an object"
+            if reason is None:
+                text, reason, detail = document_text(obj, chunk.format, chunk.field)
+        yield Record(line, offset, text if reason is None else None, reason, detail)
+
+
+def _iter_blocks(chunk: Chunk) -> Iterator[Record]:
+    start = None
+    lines: list[bytes] = []
+
+    def flush():
+        raw = b"\n".join(lines)
+        text, reason, detail = _decode(raw)
+        return Record(start[0], start[1], text, reason, detail)
+
+    for line, offset, raw in _iter_lines(chunk):
+        if raw.strip():
+            if start is None:
+                start = (line, offset)
+            lines.append(raw)
+        elif start is not None:
+            yield flush()
+            start, lines = None, []
+    if start is not None:
+        yield flush()
+
+
+def expand_inputs(patterns) -> list[Path]:
+    """Files named by paths or glob patterns, in the order given (each glob sorted)."""
+    import glob
+
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [str(pattern)]
+        if not matches:
+            raise InputError(f"--input {pattern} matches no file")
+        for m in matches:
+            p = Path(m)
+            if not p.is_file():
+                raise InputError(f"--input {m} is not a file")
+            files.append(p)
+    return files

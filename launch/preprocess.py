@@ -1,0 +1,85 @@
+"""Preprocess Chinese corpora into Arrow shards for pretraining (console script ``lfzh-preprocess``).
+
+    python launch/preprocess.py --input 'corpus/*.jsonl.gz' --output data/news --seq-len 4096
+    python launch/preprocess.py --input big.txt --format text --output data/big --ray-address auto
+
+See data_service/pipeline.py for what runs where; this file only parses arguments and reports.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lfzh_ds.constants import DEFAULT_SEQ_LEN
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lfzh-preprocess", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   help="corpus files (globs allowed; .gz/.bz2/.xz read transparently)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for shards, manifest.json, rejects.json")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl"])
+    p.add_argument("--field", default=None, help="JSON field holding the text (format jsonl; default 'text')")
+    p.add_argument("--text-docs", default="lines", choices=["lines", "blocks"],
+                   help="format text: one document per line, or per blank-line separated block")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="run on an existing Ray cluster (default: start a local Ray and stop it at the end)")
+    p.add_argument("--num-workers", type=int, default=None, help="parallel tasks (default: all CPUs)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    p.add_argument("--mask-prob", type=float, default=0.10)
+    p.add_argument("--max-predictions", type=int, default=400)
+    p.add_argument("--dupe-factor", type=int, default=2, help="differently masked static copies per sequence")
+    p.add_argument("--wwm-max-word-len", type=int, default=None,
+                   help="group at most this many tokens into a masked word (3 reproduces the seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
+    p.add_argument("--min-chars", type=int, default=10, help="drop documents shorter than this after cleaning")
+    p.add_argument("--max-chars", type=int, default=1_000_000, help="drop documents longer than this")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    p.add_argument("--no-clean", action="store_true", help="skip jionlp cleaning (normalisation still runs)")
+    p.add_argument("--remove-parentheses", action="store_true", help="jionlp: delete bracketed text")
+    p.add_argument("--remove-redundant-char", action="store_true", help="jionlp: collapse repeated characters")
+    p.add_argument("--convert-full2half", action="store_true", help="jionlp: full-width to half-width characters")
+    p.add_argument("--keep-phone-numbers", action="store_true", help="jionlp: do not remove phone numbers")
+    p.add_argument("--rows-per-shard", type=int, default=1024)
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="input is processed in chunks of about this size")
+    p.add_argument("--keep-work", action="store_true", help="keep OUTPUT/_work (chunk results) after success")
+    p.add_argument("--overwrite", action="store_true", help="delete what OUTPUT holds and start again")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p.parse_args(argv)
+
+
+def config_from_args(args):
+    from data_service.clean import CleanOptions
+    from data_service.pipeline import PipelineConfig
+
+    clean = CleanOptions(remove_parentheses=args.remove_parentheses, remove_redundant_char=args.remove_redundant_char,
+                         convert_full2half=args.convert_full2half, remove_phone_number=not args.keep_phone_numbers,
+                         enabled=not args.no_clean)
+    return PipelineConfig(
+        inputs=tuple(args.input), output=args.output, format=args.format, field=args.field, text_docs=args.text_docs,
+        seq_len=args.seq_len, mask_prob=args.mask_prob, max_predictions=args.max_predictions,
+        dupe_factor=args.dupe_factor, wwm_max_word_len=args.wwm_max_word_len, seed=args.seed,
+        val_fraction=args.val_fraction, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
+        clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        ray_address=args.ray_address, num_workers=args.num_workers, keep_work=args.keep_work,
+        overwrite=args.overwrite, progress=not args.quiet)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from data_service.pipeline import JobConflict, run, summary_table
+    from data_service.readers import InputError
+
+    try:
+        result = run(config_from_args(args))
+    except (InputError, JobConflict, ValueError) as err:
+        print(f"lfzh-preprocess: error: {err}", file=sys.stderr)
+        return 2
+    print(summary_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
