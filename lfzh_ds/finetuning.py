@@ -1,0 +1,410 @@
+"""Fine-tuning ``LongformerZhForSequenceClassification`` on a document classification task.
+
+The loop in :func:`finetune` reads top to bottom: encode the splits, load the model, build the
+DeepSpeed engine (the same config files and CPU fallback as pretraining, from
+:mod:`lfzh_ds.training.engine`), then per epoch train, evaluate on dev and keep the best
+checkpoint as a ``from_pretrained`` directory. At the end the best checkpoint is loaded back and
+scored on dev and test; predictions and metrics are written as files.
+
+Runs as one process (``python launch/finetune.py``) or under the ``deepspeed`` launcher
+(``deepspeed --num_gpus N launch/finetune.py``), where every process trains on its share of each
+global batch and evaluates a share of each split; rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .classification import (
+    DEFAULT_HEAD_FRACTION,
+    EncodedSplit,
+    TaskData,
+    classification_metrics,
+    encode_examples,
+    write_metrics,
+    write_predictions,
+)
+from .constants import PAD_ID
+from .tokenization import load_tokenizer
+
+BEST_CHECKPOINT_DIR = "best"
+
+
+@dataclass
+class FinetuneSettings:
+    model_dir: str
+    output_dir: str
+    deepspeed_config: str
+    max_len: int = 4096
+    truncation: str = "head"
+    head_fraction: float = DEFAULT_HEAD_FRACTION
+    epochs: int = 3
+    learning_rate: float = 2e-5
+    batch_size: int = 16  # documents per optimizer step, all processes together
+    micro_batch_size: int = 1  # documents per forward pass and process
+    warmup_ratio: float = 0.1
+    eval_batch_size: int = 8
+    seed: int = 0
+    log_every: int = 10
+
+
+# ---------------------------------------------------------------------------------- distributed helpers
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_and_world() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def log(message: str) -> None:
+    if rank_and_world()[0] == 0:
+        print(message, flush=True)
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist:
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    dist = _dist()
+    if not dist:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------- batches
+def make_batch(encoded: EncodedSplit, indices: list[int], labels: list[int] | None, device) -> dict:
+    """Right-padded tensors for the documents ``indices`` (the model pads further to its window multiple)."""
+    width = max(len(encoded.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), PAD_ID, dtype=torch.long)
+    token_type_ids = torch.zeros((len(indices), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(encoded.input_ids[i])
+        input_ids[row, :n] = torch.tensor(encoded.input_ids[i])
+        token_type_ids[row, :n] = torch.tensor(encoded.token_type_ids[i])
+        attention_mask[row, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    if labels is not None:
+        batch["labels"] = torch.tensor([labels[i] for i in indices], dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def epoch_micro_batches(lengths: list[int], global_batch: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int):
+    """This process's micro-batches for one epoch, grouped by optimizer step.
+
+    The order is a seeded shuffle (the same on every process); the last step is filled up with
+    documents from the start of the order so every step has ``global_batch`` documents. Inside a
+    step the documents are sorted by length and dealt out round-robin, so processes get similar
+    work and each micro-batch holds documents of similar length (less padding); the gradient of
+    the step is the same whatever the order inside it.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    steps = math.ceil(len(order) / global_batch)
+    while len(order) < steps * global_batch:
+        order += order[: steps * global_batch - len(order)]
+    for s in range(steps):
+        step_docs = sorted(order[s * global_batch : (s + 1) * global_batch], key=lambda i: lengths[i])
+        mine = step_docs[rank::world]
+        yield [mine[j : j + micro_batch] for j in range(0, len(mine), micro_batch)]
+
+
+def eval_shards(lengths: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's evaluation batches: documents sorted by length, dealt out round-robin.
+    Every process gets the same number of batches (ZeRO-3 needs every process in every forward);
+    short shards repeat their last document, and the duplicates are dropped after gathering."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    per_rank = math.ceil(len(order) / world)
+    mine = order[rank::world]
+    mine = mine + [mine[-1] if mine else order[-1]] * (per_rank - len(mine))
+    return [mine[j : j + batch_size] for j in range(0, len(mine), batch_size)]
+
+
+@torch.no_grad()
+def predict(model, encoded: EncodedSplit, batch_size: int, device) -> tuple[list[int], list[list[float]]]:
+    """Class predictions and probabilities for every document of a split, computed by all processes together."""
+    rank, world = rank_and_world()
+    was_training = model.training
+    model.eval()
+    mine = {}
+    for indices in eval_shards(encoded.lengths(), batch_size, rank, world):
+        logits = model(**make_batch(encoded, indices, None, device)).logits.float()
+        probabilities = torch.softmax(logits, dim=-1).cpu().tolist()
+        for i, p in zip(indices, probabilities):
+            mine[i] = p
+    if was_training:
+        model.train()
+    merged = {}
+    for part in gather_objects(mine):
+        merged.update(part)
+    probabilities = [merged[i] for i in range(len(encoded.input_ids))]
+    predictions = [max(range(len(p)), key=p.__getitem__) for p in probabilities]
+    return predictions, probabilities
+
+
+# ---------------------------------------------------------------------------------- model and engine
+def load_classifier(model_dir, label_names: list[str]):
+    """``LongformerZhForSequenceClassification`` from an HF directory (an MLM checkpoint gets a new
+    classification head; a classifier with another number of classes is refused)."""
+    from transformers import AutoConfig
+
+    from .modeling import LongformerZhForSequenceClassification
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json: --model must be a from_pretrained directory "
+            "(a converted or exported checkpoint, or the 'best' folder of an earlier fine-tuning run)"
+        )
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "model_type", None) != "longformer_zh":
+        raise ValueError(f"{model_dir}/config.json has model_type {config.model_type!r}; expected 'longformer_zh'")
+    architectures = config.architectures or []
+    if "LongformerZhForSequenceClassification" in architectures and config.num_labels != len(label_names):
+        raise ValueError(
+            f"{model_dir} is a classifier with {config.num_labels} classes but the task has {len(label_names)}; "
+            "start from the pretrained (MLM) checkpoint instead"
+        )
+    config.num_labels = len(label_names)
+    config.id2label = {i: name for i, name in enumerate(label_names)}
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    with quiet_transformers():
+        model, info = LongformerZhForSequenceClassification.from_pretrained(model_dir, config=config, output_loading_info=True)
+    return model, info
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-key load report or progress bar from transformers: we log what matters (new weights) ourselves."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_size: int, total_steps: int) -> tuple[dict, list[str]]:
+    """The parts of a (pretraining) DeepSpeed config that fine-tuning sets itself: batch sizes,
+    learning rate, and a linear warmup/decay schedule over the fine-tuning steps."""
+    notes = []
+    per_step = settings.micro_batch_size * world_size
+    if settings.batch_size % per_step:
+        raise ValueError(
+            f"--batch-size {settings.batch_size} must be a multiple of --micro-batch-size {settings.micro_batch_size} "
+            f"x {world_size} processes = {per_step}"
+        )
+    optimizer = json.loads(json.dumps(file_config.get("optimizer") or {"type": "AdamW", "params": {}}))
+    optimizer.setdefault("params", {})
+    optimizer["params"]["lr"] = settings.learning_rate
+    optimizer["params"].setdefault("weight_decay", 0.01)
+    warmup = max(1, int(round(total_steps * settings.warmup_ratio)))  # DeepSpeed refuses 0
+    scheduler = {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": settings.learning_rate,
+            "warmup_num_steps": warmup,
+            "total_num_steps": total_steps,
+            "warmup_type": "linear",
+        },
+    }
+    if "scheduler" in file_config:
+        notes.append(f"scheduler: linear warmup {warmup} steps then linear decay to 0 at step {total_steps} (replaces the config's)")
+    overrides = {
+        "train_batch_size": settings.batch_size,
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.batch_size // per_step,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+    }
+    return overrides, notes
+
+
+def build_finetuning_engine(model, settings: FinetuneSettings, world_size: int, total_steps: int, run_dir: Path):
+    """The DeepSpeed engine, built with the pretraining helpers (config checks, CPU fallback)."""
+    from .training import engine as ds_engine
+
+    file_config = ds_engine.read_config_file(settings.deepspeed_config)
+    overrides, notes = finetuning_overrides(file_config, settings, world_size, total_steps)
+    resolved = ds_engine.load_deepspeed_config(settings.deepspeed_config, world_size, max_steps=total_steps, run_dir=run_dir, overrides=overrides)
+    resolved.notes[:0] = notes
+    ds_engine.validate_with_deepspeed(resolved)
+    if ds_engine.uses_activation_checkpointing(resolved):
+        model.gradient_checkpointing_enable()
+    return ds_engine.build_engine(model, resolved), resolved
+
+
+def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
+    """The engine's weights as a ``from_pretrained`` directory with the vocab (rank 0 writes)."""
+    rank, _ = rank_and_world()
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: every process takes part in gathering
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+        with quiet_transformers():
+            engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(out_dir)
+    barrier()
+
+
+# ---------------------------------------------------------------------------------- the loop
+def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
+    """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
+    from .training.engine import init_distributed
+
+    started = time.perf_counter()
+    init_distributed()
+    rank, world = rank_and_world()
+    threads = share_cpu_threads()
+    output_dir = Path(settings.output_dir)
+    best_dir = output_dir / BEST_CHECKPOINT_DIR
+    torch.manual_seed(settings.seed)
+
+    for line in task.summary_lines():
+        log(line)
+    tokenizer = load_tokenizer()
+    encoded = {}
+    for split in ("train", "dev", "test"):
+        examples = getattr(task, split)
+        if not examples:
+            continue
+        encoded[split] = encode_examples(examples, tokenizer, settings.max_len, settings.truncation, settings.head_fraction)
+        e = encoded[split]
+        log(f"  {split}: {e.num_truncated} of {len(examples)} documents ({100 * e.truncated_share:.1f}%) longer than "
+            f"{settings.max_len} tokens, truncated ({settings.truncation})")
+    labels = {split: [e.label for e in getattr(task, split)] for split in encoded}
+
+    model, info = load_classifier(settings.model_dir, task.label_names)
+    if settings.max_len > model.config.max_position_embeddings:
+        raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
+    if info["missing_keys"]:
+        log(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
+
+    steps_per_epoch = math.ceil(len(task.train) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    engine, resolved = build_finetuning_engine(model, settings, world, total_steps, output_dir)
+    for note in resolved.notes:
+        log(note)
+    log(f"{world} process(es)" + (f" x {threads} CPU threads" if threads else "") + f", {resolved.precision}, "
+        f"ZeRO stage {resolved.zero_stage}; {settings.epochs} epochs x "
+        f"{steps_per_epoch} steps of {settings.batch_size} documents (micro-batch {settings.micro_batch_size}, "
+        f"accumulation {resolved.gradient_accumulation_steps}), lr {settings.learning_rate}")
+
+    history = []
+    best = None
+    train_lengths = encoded["train"].lengths()
+    train_seconds = 0.0
+    step = 0
+    for epoch in range(1, settings.epochs + 1):
+        engine.train()
+        epoch_start = time.perf_counter()
+        running_loss, running_n = 0.0, 0
+        for micro_batches in epoch_micro_batches(train_lengths, settings.batch_size, settings.micro_batch_size, rank, world, settings.seed, epoch):
+            for indices in micro_batches:
+                loss = engine(**make_batch(encoded["train"], indices, labels["train"], engine.device)).loss
+                engine.backward(loss)
+                engine.step()
+                running_loss += loss.item()
+                running_n += 1
+            step += 1
+            if step % settings.log_every == 0 or step == total_steps:
+                lr = engine.get_lr()[0]
+                log(f"epoch {epoch} step {step}/{total_steps} loss {running_loss / max(running_n, 1):.4f} lr {lr:.2e} "
+                    f"({time.perf_counter() - epoch_start:.0f} s into the epoch)")
+                running_loss, running_n = 0.0, 0
+        epoch_train_seconds = time.perf_counter() - epoch_start
+        train_seconds += epoch_train_seconds
+        dev_predictions, _ = predict(engine, encoded["dev"], settings.eval_batch_size, engine.device)
+        dev_metrics = classification_metrics(labels["dev"], dev_predictions, task.label_names)
+        improved = best is None or dev_metrics["macro_f1"] > best["dev_macro_f1"]
+        history.append({"epoch": epoch, "step": step, "train_seconds": epoch_train_seconds,
+                        "dev_macro_f1": dev_metrics["macro_f1"], "dev_accuracy": dev_metrics["accuracy"], "best": improved})
+        log(f"epoch {epoch}: dev macro-F1 {dev_metrics['macro_f1']:.4f} accuracy {dev_metrics['accuracy']:.4f} "
+            f"({epoch_train_seconds:.0f} s training)" + (f"; new best, saved to {best_dir}" if improved else ""))
+        if improved:
+            best = {"epoch": epoch, "dev_macro_f1": dev_metrics["macro_f1"]}
+            save_best_checkpoint(engine, best_dir, tokenizer)
+
+    # Score the saved best checkpoint, so the numbers belong to the files a user gets.
+    del engine
+    from .modeling import LongformerZhForSequenceClassification
+
+    with quiet_transformers():
+        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(_device())
+    results = {}
+    for split in encoded:
+        if split == "train":
+            continue
+        predictions, probabilities = predict(best_model, encoded[split], settings.eval_batch_size, _device())
+        metrics = classification_metrics(labels[split], predictions, task.label_names)
+        metrics["truncated_share"] = encoded[split].truncated_share
+        results[split] = metrics
+        if rank == 0:
+            write_predictions(output_dir / f"predictions_{split}.jsonl", getattr(task, split), predictions, task.label_names, probabilities)
+            write_metrics(output_dir / f"metrics_{split}.json", metrics)
+        log(f"best checkpoint (epoch {best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} accuracy {metrics['accuracy']:.4f}")
+    summary = {
+        "task": task.name,
+        "label_names": task.label_names,
+        "data": task.report,
+        "documents": {split: len(getattr(task, split)) for split in ("train", "dev", "test")},
+        "truncated_share": {split: e.truncated_share for split, e in encoded.items()},
+        "settings": asdict(settings),
+        "deepspeed": {"precision": resolved.precision, "zero_stage": resolved.zero_stage, "processes": world, "notes": resolved.notes},
+        "history": history,
+        "best_epoch": best["epoch"],
+        "metrics": {split: {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]} for split, m in results.items()},
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    if rank == 0:
+        write_metrics(output_dir / "summary.json", summary)
+    barrier()
+    return summary if rank == 0 else None
+
+
+def share_cpu_threads() -> int | None:
+    """On the CPU accelerator, split the cores between the processes of this machine (unless
+    OMP_NUM_THREADS says otherwise): oversubscribed OpenMP threads made steps up to 10x slower here."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // int(os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _device():
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
