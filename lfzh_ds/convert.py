@@ -228,8 +228,9 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
     """Build ``model_class`` (default ``LongformerZhForMaskedLM``) from a transformers-Longformer directory.
 
     Keyword arguments that are config fields (``num_labels``, ``attention_backend``, ...) override the
-    config; ``dtype``/``torch_dtype`` cast the model. The model comes back in eval mode, like
-    ``from_pretrained``.
+    config; ``dtype``/``torch_dtype`` cast the model; ``output_loading_info=True`` also returns
+    ``{"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}`` as ``from_pretrained`` does.
+    The model comes back in eval mode, like ``from_pretrained``.
     """
     from .modeling import LongformerZhForMaskedLM
 
@@ -246,6 +247,7 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
     positions = hf["max_position_embeddings"] - max(offset, HF_EXTRA_POSITION_ROWS)
 
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    output_loading_info = kwargs.pop("output_loading_info", False)
     config = kwargs.pop("config", None)
     if config is None:
         fields = {name: hf[name] for name in _SHARED_CONFIG_FIELDS if name in hf}
@@ -288,6 +290,9 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
+    if output_loading_info:
+        info = {"missing_keys": set(missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(), "error_msgs": []}
+        return model, info
     return model
 
 

@@ -143,7 +143,8 @@ def small_hf_longformer(pad_token_id):
 def test_transformers_longformer_checkpoint_loads_with_shifted_positions(tmp_path, pad_token_id):
     hf = small_hf_longformer(pad_token_id)
     hf.save_pretrained(tmp_path)
-    ours = LongformerZhForMaskedLM.from_pretrained(tmp_path)
+    ours, info = LongformerZhForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     assert ours.config.max_position_embeddings == 64 and not ours.training
 
     input_ids, attention_mask = padded_batch(seq_len=19, pad_from=12, vocab=300, pad_id=pad_token_id)
