@@ -169,8 +169,8 @@ def load_classifier(model_dir, label_names: list[str]):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"{model_dir} has no config.json: --model must be a from_pretrained directory "
-            "(a converted or exported checkpoint, or the 'best' folder of an earlier fine-tuning run)"
+            f"{model_dir} has no config.json: --model must be a from_pretrained directory (a converted or exported "
+            "checkpoint, or the 'best' folder of an earlier fine-tuning run) or a pretraining run directory"
         )
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "model_type", None) != "longformer_zh":
@@ -187,6 +187,19 @@ def load_classifier(model_dir, label_names: list[str]):
     with quiet_transformers():
         model, info = LongformerZhForSequenceClassification.from_pretrained(model_dir, config=config, output_loading_info=True)
     return model, info
+
+
+def is_pretraining_run(path: Path) -> bool:
+    """A folder written by launch/pretrain.py (DeepSpeed checkpoints, no config.json of its own)."""
+    if (path / "config.json").is_file():
+        return False
+    from .training.checkpoint import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(path)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -231,7 +244,10 @@ def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_si
     }
     if "scheduler" in file_config:
         notes.append(f"scheduler: linear warmup {warmup} steps then linear decay to 0 at step {total_steps} (replaces the config's)")
-    overrides = {
+    overrides = {}
+    if file_config.get("tensorboard", {}).get("enabled"):  # events under OUTPUT_DIR/tensorboard, named as ours
+        overrides["tensorboard"] = {**file_config["tensorboard"], "output_path": "", "job_name": "finetune"}
+    overrides |= {
         "train_batch_size": settings.batch_size,
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.batch_size // per_step,
@@ -298,7 +314,16 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
             f"{settings.max_len} tokens, truncated ({settings.truncation})")
     labels = {split: [e.label for e in getattr(task, split)] for split in encoded}
 
-    model, info = load_classifier(settings.model_dir, task.label_names)
+    model_dir = Path(settings.model_dir)
+    if is_pretraining_run(model_dir):  # a run of launch/pretrain.py: export its latest checkpoint first
+        model_dir = output_dir / "pretrained"
+        if rank == 0:
+            from .training.checkpoint import export_run
+
+            export_run(settings.model_dir, model_dir)
+            log(f"exported the latest checkpoint of the pretraining run {settings.model_dir} to {model_dir}")
+        barrier()
+    model, info = load_classifier(model_dir, task.label_names)
     if settings.max_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
     if info["missing_keys"]:
