@@ -1,0 +1,427 @@
+"""Block-sparse Longformer attention: the layout of DeepSpeed's former ``BSLongformerSparsityConfig``
+and a pure-PyTorch kernel for it whose time and memory grow linearly with the sequence length.
+
+The layout (blocks of ``block_size`` tokens, bidirectional): query block ``i`` attends key block ``j``
+iff ``|i - j| <= num_sliding_window_blocks // 2``, or ``i`` or ``j`` is a global block. On top of it
+come Longformer's token-level global tokens: every token also attends to them (regular key/value),
+and their own outputs are recomputed with ``query_global/key_global/value_global`` over all
+non-padding tokens. Padding keys are never attended; padding queries get a zero output.
+
+How the kernel works (``_BandAttention``, forward and backward written out, one head at a time):
+
+* The keys a query block sees split into the *band* (its own block and ``w`` blocks each side:
+  ``W = (2w + 1) * block`` keys, the same for every block row) and the *global keys* (tokens of the
+  global blocks plus the token-level global tokens, ``G`` of them). A global key that also lies in
+  a row's band is masked there, so it is counted once.
+* The band's keys of all block rows are a strided view of the key matrix padded with ``w`` blocks on
+  each side (overlapping windows, no copy), so the scores of a whole head are one batched matmul
+  ``[nb, block, D] @ [nb, D, W]``, written next to the global scores ``[L, G]`` in one buffer
+  ``[nb, block, W + G]`` and normalised by one fused softmax (exact, no log-sum-exp bookkeeping).
+* Global query rows (the rows of global blocks) attend to every key; they are a few dense rows
+  computed with plain autograd ops and written over the band result.
+* Backward uses the saved probabilities and fused ``softmax`` backward; key/value gradients of the
+  overlapping windows are accumulated diagonal by diagonal into padded buffers.
+
+Nothing of size ``L x L`` is ever built: the band scores are ``L x W``, the global ones ``L x G``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "block_sparse_layout",
+    "global_blocks_of",
+    "dense_mask_from_layout",
+    "block_sparse_attention",
+    "BlockSparseSelfAttention",
+]
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def global_blocks_of(num_blocks: int, global_block_indices, global_block_end_indices=None) -> list[int]:
+    """The sorted global block ids for a sequence of ``num_blocks`` blocks (ids past the end ignored)."""
+    blocks: set[int] = set()
+    if global_block_end_indices is None:
+        blocks.update(i for i in global_block_indices if i < num_blocks)
+    else:
+        if len(global_block_end_indices) != len(global_block_indices):
+            raise ValueError(
+                "global_block_end_indices must have one entry per global_block_indices entry, got "
+                f"{list(global_block_indices)} and {list(global_block_end_indices)}"
+            )
+        for start, end in zip(global_block_indices, global_block_end_indices):
+            blocks.update(range(start, min(end, num_blocks)))
+    return sorted(blocks)
+
+
+def block_sparse_layout(
+    num_blocks: int,
+    num_sliding_window_blocks: int,
+    global_block_indices=(0,),
+    global_block_end_indices=None,
+    num_heads: int = 1,
+) -> torch.Tensor:
+    """Block layout ``[num_heads, num_blocks, num_blocks]`` (bool, True = query block attends key block).
+
+    The semantics of DeepSpeed's former ``BSLongformerSparsityConfig`` (bidirectional, same layout for
+    every head): a sliding window of ``num_sliding_window_blocks`` blocks centred on the diagonal, plus
+    global blocks (``global_block_indices``, or the ranges ``start:end`` with
+    ``global_block_end_indices``) whose rows and columns are all True. Unlike DeepSpeed, sequences with
+    fewer blocks than the window are allowed (the window is clipped) and global ids past the last block
+    are ignored, so any padded length works.
+    """
+    if num_sliding_window_blocks <= 0 or num_sliding_window_blocks % 2 == 0:
+        raise ValueError(f"num_sliding_window_blocks={num_sliding_window_blocks} must be a positive odd int")
+    half = num_sliding_window_blocks // 2
+    idx = torch.arange(num_blocks)
+    layout = (idx[:, None] - idx[None, :]).abs() <= half
+    for g in global_blocks_of(num_blocks, global_block_indices, global_block_end_indices):
+        layout[g, :] = True
+        layout[:, g] = True
+    return layout.unsqueeze(0).expand(num_heads, num_blocks, num_blocks).clone()
+
+
+def dense_mask_from_layout(
+    layout: torch.Tensor,
+    block_size: int,
+    key_padding_mask: torch.Tensor | None = None,
+    global_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The token-level boolean mask ``[B, 1, L, L]`` (True = attend) of ``layout`` ``[1, nb, nb]``:
+    the block layout, plus every query attending the token-level ``global_tokens`` ``[B, L]``, minus
+    padding keys (``key_padding_mask`` ``[B, L]``, True = padding). ``L x L``: for tests and oracles."""
+    mask = layout[0].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[None, None]
+    if global_tokens is not None:
+        mask = mask | global_tokens[:, None, None, :]
+    if key_padding_mask is not None:
+        mask = mask & ~key_padding_mask[:, None, None, :]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+def _masked_value(dtype: torch.dtype) -> float:
+    # Half of the most negative finite value: adding a real score to it never overflows to -inf, so a
+    # fully masked row (only padding queries have one) stays finite instead of turning into NaN.
+    return torch.finfo(dtype).min / 2
+
+
+class _BandAttention(torch.autograd.Function):
+    """Softmax attention of each query over its block row's band of keys plus a shared set of global
+    keys. Inputs: ``q`` [B, H, L, D] (already scaled), ``k_pad``/``v_pad`` [B, H, L + 2 * pad + G, D]
+    (keys/values with ``pad = w * block`` rows of zeros before and ``pad + G`` after),
+    ``kg``/``vg`` [B, H, G, D] (global keys/values, G may be 0), ``band_bias`` [B, nb, W] and
+    ``global_bias`` [B, G] (0 or a large negative value), ``fix_rows`` (per batch element, the block
+    rows whose band bias is not all zero). Output [B, H, L, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k_pad, v_pad, kg, vg, band_bias, global_bias, fix_rows, block, dropout_p, training):
+        B, H, L, D = q.shape
+        nb = L // block
+        W = band_bias.shape[-1]
+        G = kg.shape[2]
+        use_dropout = training and dropout_p > 0.0
+        out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+        probs = torch.empty(B, H, nb, block, W + G, dtype=q.dtype, device=q.device)
+        dropped = torch.empty_like(probs) if use_dropout else probs
+        scores = torch.empty(nb, block, W + G, dtype=q.dtype, device=q.device)
+        for b in range(B):
+            rows = fix_rows[b]
+            row_bias = band_bias[b, rows].unsqueeze(1) if rows is not None else None
+            for h in range(H):
+                qb = q[b, h].view(nb, block, D)
+                # Band scores for all block rows in one batched matmul. The windows are W + G keys wide
+                # (the G keys after each band are overwritten by the global scores below) so that the
+                # matmul writes the whole contiguous buffer: a strided output would fall back to a slow
+                # per-block loop on CPU.
+                k_win = k_pad[b, h].unfold(0, W + G, block)  # [nb, D, W + G], overlapping view
+                scores.baddbmm_(qb, k_win, beta=0.0)
+                band = scores[..., :W]
+                if rows is not None:
+                    band[rows] += row_bias
+                if G:
+                    glob = scores[..., W:].view(L, G)
+                    glob.copy_(global_bias[b].expand(L, G))
+                    glob.addmm_(q[b, h], kg[b, h].transpose(0, 1))
+                p = probs[b, h]
+                torch.softmax(scores, -1, out=p)
+                if use_dropout:
+                    dropped[b, h].copy_(torch.nn.functional.dropout(p, dropout_p, True))
+                pd = dropped[b, h]
+                o = out[b, h].view(nb, block, D)
+                v_win = v_pad[b, h].unfold(0, W, block)[:nb].transpose(1, 2)  # [nb, W, D]
+                torch.bmm(pd[..., :W], v_win, out=o)
+                if G:
+                    out[b, h].addmm_(pd[..., W:].reshape(L, G), vg[b, h])
+        ctx.save_for_backward(q, k_pad, v_pad, kg, vg, out, probs, dropped if use_dropout else None)
+        ctx.block = block
+        ctx.dropout_scale = 1.0 / (1.0 - dropout_p) if use_dropout else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_pad, v_pad, kg, vg, out, probs, dropped = ctx.saved_tensors
+        block = ctx.block
+        B, H, L, D = q.shape
+        nb = L // block
+        W = probs.shape[-1] - kg.shape[2]
+        G = kg.shape[2]
+        n_diag = W // block
+        grad_out = grad_out.contiguous()
+        dq = torch.empty_like(q)
+        dk_pad = torch.zeros_like(k_pad)
+        dv_pad = torch.zeros_like(v_pad)
+        dkg = torch.zeros_like(kg)
+        dvg = torch.zeros_like(vg)
+        dscores = torch.empty(nb, block, W + G, dtype=q.dtype, device=q.device)
+        for b in range(B):
+            for h in range(H):
+                p = probs[b, h]
+                pd = dropped[b, h] if dropped is not None else p
+                do = grad_out[b, h]
+                dob = do.view(nb, block, D)
+                qb = q[b, h].view(nb, block, D)
+                # value gradients: dV = P_dropped^T dO, band diagonal by diagonal (no [nb, W, D] temp)
+                dv_b = dv_pad[b, h]
+                for d in range(n_diag):
+                    dv_b[d * block : d * block + L].view(nb, block, D).baddbmm_(
+                        pd[..., d * block : (d + 1) * block].transpose(1, 2), dob
+                    )
+                if G:
+                    dvg[b, h].addmm_(pd[..., W:].reshape(L, G).transpose(0, 1), do)
+                # dP = dO V^T (windows widened by G as in forward, global part overwritten), then
+                # through dropout, then dS = P * (dP - rowsum(P * dP)) by the fused softmax backward
+                v_win = v_pad[b, h].unfold(0, W + G, block)  # [nb, D, W + G]
+                dscores.baddbmm_(dob, v_win, beta=0.0)
+                if G:
+                    dscores[..., W:].view(L, G).addmm_(do, vg[b, h].transpose(0, 1), beta=0.0)
+                if dropped is not None:
+                    dscores.mul_(pd != 0).mul_(ctx.dropout_scale)
+                torch._softmax_backward_data(dscores, p, -1, p.dtype, grad_input=dscores)
+                # dQ = dS K, dK = dS^T Q
+                k_win = k_pad[b, h].unfold(0, W, block)[:nb].transpose(1, 2)  # [nb, W, D]
+                torch.bmm(dscores[..., :W], k_win, out=dq[b, h].view(nb, block, D))
+                if G:
+                    dq[b, h].addmm_(dscores[..., W:].reshape(L, G), kg[b, h])
+                    dkg[b, h].addmm_(dscores[..., W:].reshape(L, G).transpose(0, 1), q[b, h])
+                dk_b = dk_pad[b, h]
+                for d in range(n_diag):
+                    dk_b[d * block : d * block + L].view(nb, block, D).baddbmm_(
+                        dscores[..., d * block : (d + 1) * block].transpose(1, 2), qb
+                    )
+        return dq, dk_pad, dv_pad, dkg, dvg, None, None, None, None, None, None
+
+
+class _Plan:
+    """Everything about the masks that does not depend on the heads, computed once per call."""
+
+    def __init__(self, L, block, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens, dtype):
+        device = key_padding_mask.device
+        B = key_padding_mask.shape[0]
+        nb = L // block
+        self.nb = nb
+        self.half = min(num_sliding_window_blocks // 2, nb - 1)
+        self.W = (2 * self.half + 1) * block
+        self.pad = self.half * block
+        neg = _masked_value(dtype)
+        in_global_block = torch.zeros(L, dtype=torch.bool, device=device)
+        for g in global_blocks:
+            in_global_block[g * block : (g + 1) * block] = True
+        self.global_block_rows = in_global_block.nonzero().flatten()  # token positions of global blocks
+        valid = ~key_padding_mask
+        global_key = (in_global_block[None, :] | global_tokens) & valid  # [B, L]
+        counts = global_key.sum(1)
+        G = int(counts.max()) if B else 0
+        # global key indices per batch element, padded to G (padding entries masked by global_bias)
+        order = torch.argsort((~global_key).to(torch.int8), dim=1, stable=True)
+        self.global_index = order[:, :G]
+        slot_valid = torch.arange(G, device=device)[None, :] < counts[:, None]
+        self.global_bias = torch.zeros(B, G, dtype=dtype, device=device).masked_fill_(~slot_valid, neg)
+        # band: keys outside the sequence, padding keys and global keys (counted in the global part)
+        excluded = torch.ones(B, L + 2 * self.pad, dtype=torch.bool, device=device)
+        excluded[:, self.pad : self.pad + L] = key_padding_mask | global_key
+        band_mask = excluded.unfold(1, self.W, block)  # [B, nb, W]
+        self.band_bias = torch.zeros(B, nb, self.W, dtype=dtype, device=device).masked_fill_(band_mask, neg)
+        rows_any = band_mask.any(-1)
+        self.fix_rows = [r.nonzero().flatten() if bool(r.any()) else None for r in rows_any]
+        self.key_padding_mask = key_padding_mask
+
+
+def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, before + L + after, D] with zero rows (autograd-friendly)."""
+    return torch.nn.functional.pad(x, (0, 0, before, after))
+
+
+def _dense_rows(q_rows, k, v, key_padding_mask, dropout_p, training):
+    """Plain softmax attention of a few query rows ``[B, H, R, D]`` (scaled) over all keys ``[B, H, L, D]``."""
+    scores = torch.matmul(q_rows, k.transpose(-1, -2))
+    scores = scores.masked_fill(key_padding_mask[:, None, None, :], _masked_value(scores.dtype))
+    probs = torch.softmax(scores, -1)
+    probs = torch.nn.functional.dropout(probs, dropout_p, training)
+    return torch.matmul(probs, v)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    num_sliding_window_blocks: int,
+    global_block_indices=(0,),
+    global_block_end_indices=None,
+    key_padding_mask: torch.Tensor | None = None,
+    global_tokens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention core of the block-sparse layout: ``q, k, v`` [B, H, L, D] -> context [B, H, L, D].
+
+    ``L`` must be a multiple of ``block_size``. ``key_padding_mask`` [B, L] (True = padding: never
+    attended, output row zero); ``global_tokens`` [B, L] (True = every query also attends to this
+    token, with the regular key/value). The rows of global tokens are *not* recomputed here (that
+    needs the global projections; ``BlockSparseSelfAttention`` does it). Equal, up to rounding, to
+    ``scaled_dot_product_attention`` with ``dense_mask_from_layout(...)`` on non-padding rows.
+    """
+    B, H, L, D = q.shape
+    if L % block_size:
+        raise ValueError(f"sequence length {L} is not a multiple of block_size={block_size}; pad the input first")
+    device = q.device
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    if global_tokens is None:
+        global_tokens = torch.zeros(B, L, dtype=torch.bool, device=device)
+    global_tokens = global_tokens & ~key_padding_mask
+    nb = L // block_size
+    global_blocks = global_blocks_of(nb, global_block_indices, global_block_end_indices)
+    plan = _Plan(L, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens, q.dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q = q * scale
+    index = plan.global_index[:, None, :, None].expand(B, H, plan.global_index.shape[1], D)
+    G = index.shape[2]
+    kg = k.gather(2, index)
+    vg = v.gather(2, index)
+    out = _BandAttention.apply(
+        q.contiguous(),
+        _pad_rows(k, plan.pad, plan.pad + G),
+        _pad_rows(v, plan.pad, plan.pad + G),
+        kg,
+        vg,
+        plan.band_bias,
+        plan.global_bias,
+        plan.fix_rows,
+        block_size,
+        float(dropout_p),
+        bool(training),
+    )
+    rows = plan.global_block_rows
+    if rows.numel():
+        dense = _dense_rows(q[:, :, rows], k, v, key_padding_mask, dropout_p, training)
+        out = out.index_copy(2, rows, dense)
+    return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- module
+class BlockSparseSelfAttention(nn.Module):
+    """Longformer self-attention on the block-sparse layout (``config.attention_backend == "block_sparse"``).
+
+    Parameters as BERT's self-attention plus ``query_global, key_global, value_global``.
+    ``forward(hidden_states [B, L, H], is_index_masked [B, L], is_index_global_attn [B, L])`` returns
+    ``(context [B, L, H], None)``: the block-sparse kernel never builds attention matrices, so
+    ``output_attentions`` gives ``None``. ``L`` must be a multiple of ``config.sparse_block_size``.
+    """
+
+    def __init__(self, config, layer_id: int):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads}"
+            )
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.embed_dim = config.hidden_size
+        self.query = nn.Linear(self.embed_dim, self.embed_dim)
+        self.key = nn.Linear(self.embed_dim, self.embed_dim)
+        self.value = nn.Linear(self.embed_dim, self.embed_dim)
+        self.query_global = nn.Linear(self.embed_dim, self.embed_dim)
+        self.key_global = nn.Linear(self.embed_dim, self.embed_dim)
+        self.value_global = nn.Linear(self.embed_dim, self.embed_dim)
+        self.dropout = config.attention_probs_dropout_prob
+        self.block_size = config.sparse_block_size
+        self.num_sliding_window_blocks = config.layer_sliding_window_blocks(layer_id)
+        self.global_block_indices = list(config.global_block_indices)
+        self.global_block_end_indices = (
+            None if config.global_block_end_indices is None else list(config.global_block_end_indices)
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states, is_index_masked, is_index_global_attn, output_attentions=False):
+        B, L, _ = hidden_states.shape
+        if L % self.block_size:
+            raise ValueError(
+                f"sequence length {L} is not a multiple of sparse_block_size={self.block_size} "
+                f"(layer {self.layer_id}); pad the input (LongformerZhModel does this for you)"
+            )
+        is_index_global_attn = is_index_global_attn & ~is_index_masked
+        q = self._heads(self.query(hidden_states))
+        k = self._heads(self.key(hidden_states))
+        v = self._heads(self.value(hidden_states))
+        context = block_sparse_attention(
+            q,
+            k,
+            v,
+            block_size=self.block_size,
+            num_sliding_window_blocks=self.num_sliding_window_blocks,
+            global_block_indices=self.global_block_indices,
+            global_block_end_indices=self.global_block_end_indices,
+            key_padding_mask=is_index_masked,
+            global_tokens=is_index_global_attn,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
+        context = context.transpose(1, 2).reshape(B, L, self.embed_dim)
+        if bool(is_index_global_attn.any()):
+            context = self._recompute_global_rows(context, hidden_states, is_index_masked, is_index_global_attn)
+        return context, None
+
+    def _recompute_global_rows(self, context, hidden_states, is_index_masked, is_index_global_attn):
+        """Outputs of the global tokens: their ``query_global`` over all non-padding tokens'
+        ``key_global``/``value_global``, written over the band result."""
+        B, L, E = hidden_states.shape
+        nh, D = self.num_heads, self.head_dim
+        counts = is_index_global_attn.sum(1)
+        Gq = int(counts.max())
+        order = torch.argsort((~is_index_global_attn).to(torch.int8), dim=1, stable=True)
+        index = order[:, :Gq]  # [B, Gq] positions of global tokens (then filler)
+        valid = torch.arange(Gq, device=index.device)[None, :] < counts[:, None]
+        h_g = hidden_states.gather(1, index[:, :, None].expand(B, Gq, E))
+        q_g = self.query_global(h_g).view(B, Gq, nh, D).transpose(1, 2) / math.sqrt(D)  # [B, nh, Gq, D]
+        if Gq < D:
+            # Few global tokens: fold the global key/value projections into the queries and the output
+            # instead of projecting all L tokens (q.(W h + b) = (W^T q).h + const; sum p (W h + b) =
+            # W (sum p h) + b). Same result, O(Gq L E) instead of O(L E^2).
+            w_k = self.key_global.weight.view(nh, D, E)
+            w_v = self.value_global.weight.view(nh, D, E)
+            q_in = torch.einsum("bhgd,hde->bhge", q_g, w_k)  # [B, nh, Gq, E]
+            scores = torch.matmul(q_in, hidden_states.transpose(1, 2)[:, None])  # [B, nh, Gq, L]
+            scores = scores.masked_fill(is_index_masked[:, None, None, :], _masked_value(scores.dtype))
+            probs = torch.softmax(scores, -1)
+            probs = torch.nn.functional.dropout(probs, self.dropout, self.training)
+            mixed = torch.matmul(probs, hidden_states[:, None])  # [B, nh, Gq, E]
+            out_g = torch.einsum("bhge,hde->bhgd", mixed, w_v) + self.value_global.bias.view(1, nh, 1, D)
+        else:
+            k_g = self._heads(self.key_global(hidden_states))
+            v_g = self._heads(self.value_global(hidden_states))
+            out_g = _dense_rows(q_g, k_g, v_g, is_index_masked, self.dropout, self.training)
+        out_g = out_g.transpose(1, 2).reshape(B * Gq, E)
+        flat_index = (index + torch.arange(B, device=index.device)[:, None] * L).reshape(-1)
+        keep = valid.reshape(-1)
+        flat = context.reshape(B * L, E).index_copy(0, flat_index[keep], out_g[keep])
+        return flat.view(B, L, E)

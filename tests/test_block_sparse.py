@@ -1,0 +1,327 @@
+"""The block-sparse backend: its layout is DeepSpeed's former BSLongformerSparsityConfig, and its
+kernel equals dense scaled_dot_product_attention under the same boolean mask (outputs and gradients),
+with padding, global blocks and token-level global tokens, in linear memory."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfzh_ds.attention.block_sparse import (
+    BlockSparseSelfAttention,
+    block_sparse_attention,
+    block_sparse_layout,
+    dense_mask_from_layout,
+)
+from lfzh_ds.configuration import LongformerZhConfig
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _layout_from_rows(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in row] for row in rows])
+
+
+# ------------------------------------------------------------------------------------------- layout
+def test_layout_sliding_window_of_three_blocks_with_global_first_block():
+    # DeepSpeed's default: global_block_indices=[0]; window 3 = one block each side.
+    expected = _layout_from_rows(
+        [
+            "111111",
+            "111000",
+            "111100",
+            "101110",
+            "100111",
+            "100011",
+        ]
+    )
+    layout = block_sparse_layout(6, 3, global_block_indices=[0])
+    assert layout.shape == (1, 6, 6) and layout.dtype == torch.bool
+    assert torch.equal(layout[0], expected)
+
+
+def test_layout_global_block_ranges_with_end_indices():
+    # Global ranges 1:3 and 6:7 (end exclusive), window 5 = two blocks each side.
+    expected = _layout_from_rows(
+        [
+            "11100010",
+            "11111111",
+            "11111111",
+            "01111110",
+            "01111110",
+            "01111111",
+            "11111111",
+            "01100111",
+        ]
+    )
+    layout = block_sparse_layout(8, 5, global_block_indices=[1, 6], global_block_end_indices=[3, 7])
+    assert torch.equal(layout[0], expected)
+
+
+def test_layout_ignores_global_blocks_past_the_end_and_repeats_per_head():
+    expected = _layout_from_rows(
+        [
+            "11111",
+            "11000",
+            "10100",
+            "10010",
+            "10001",
+        ]
+    )
+    # a window of 1 block (diagonal only); block 7 does not exist in a 5-block sequence
+    layout = block_sparse_layout(5, 1, global_block_indices=[0, 7], num_heads=3)
+    assert layout.shape == (3, 5, 5)
+    for h in range(3):
+        assert torch.equal(layout[h], expected)
+
+
+def test_layout_window_wider_than_sequence_is_dense():
+    # DeepSpeed refused this; the model pads short inputs to one block, so we clip the window instead.
+    assert bool(block_sparse_layout(3, 9, global_block_indices=[]).all())
+
+
+def test_layout_rejects_even_window():
+    with pytest.raises(ValueError, match="odd"):
+        block_sparse_layout(4, 4)
+
+
+# ------------------------------------------------------------------------------------------- oracle
+def rule_mask(L, block, window_blocks, global_blocks, key_padding_mask, global_tokens):
+    """[B, 1, L, L] True = attend, written straight from the rule of INTERFACES.md."""
+    qb = torch.arange(L)[:, None] // block
+    kb = torch.arange(L)[None, :] // block
+    is_global_block = torch.zeros(L // block + 1, dtype=torch.bool)
+    for g in global_blocks:
+        if g < L // block:
+            is_global_block[g] = True
+    allowed = ((qb - kb).abs() <= window_blocks // 2) | is_global_block[qb] | is_global_block[kb]
+    allowed = allowed[None, None] | global_tokens[:, None, None, :]
+    return allowed & ~key_padding_mask[:, None, None, :]
+
+
+def masks_for(B, L, pad_lengths, global_positions):
+    key_padding_mask = torch.zeros(B, L, dtype=torch.bool)
+    global_tokens = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        if pad_lengths[b]:
+            key_padding_mask[b, L - pad_lengths[b] :] = True
+        for pos in global_positions[b]:
+            global_tokens[b, pos] = True
+    return key_padding_mask, global_tokens & ~key_padding_mask
+
+
+CASES = [
+    # (L, block, window blocks, global blocks, padding per sample, global tokens per sample)
+    pytest.param(112, 16, 5, [0], [0, 37], [[3, 70], [100]], id="L112-not-a-window-multiple"),
+    pytest.param(208, 16, 3, [0], [5, 80], [[], [1, 2, 150]], id="L208-padding-and-globals"),
+    pytest.param(96, 16, 9, [], [0, 20], [[40], []], id="L96-window-wider-than-sequence"),
+    pytest.param(192, 32, 3, [1, 4], [33, 0], [[0], [191, 64]], id="L192-two-global-blocks"),
+]
+
+
+@pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", CASES)
+def test_kernel_matches_dense_sdpa_outputs_and_gradients(L, block, n, global_blocks, pads, globals_):
+    torch.manual_seed(L)
+    B, H, D = 2, 3, 16
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, pads, globals_)
+    out = block_sparse_attention(
+        q, k, v,
+        block_size=block, num_sliding_window_blocks=n, global_block_indices=global_blocks,
+        key_padding_mask=key_padding_mask, global_tokens=global_tokens,
+    )
+    mask = rule_mask(L, block, n, global_blocks, key_padding_mask, global_tokens)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = ref.masked_fill(key_padding_mask[:, None, :, None], 0.0)  # padding rows are zero by contract
+    assert (out - ref).abs().max().item() <= 1e-5
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, a, b in zip("qkv", ours, theirs):
+        assert (a - b).abs().max().item() <= 1e-5, f"d{name} differs"
+
+
+def test_dense_mask_from_layout_is_the_rule():
+    L, block, n = 80, 16, 3
+    key_padding_mask, global_tokens = masks_for(2, L, [0, 9], [[5], [30, 31]])
+    layout = block_sparse_layout(L // block, n, global_block_indices=[2])
+    ours = dense_mask_from_layout(layout, block, key_padding_mask, global_tokens)
+    assert torch.equal(ours, rule_mask(L, block, n, [2], key_padding_mask, global_tokens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_runs_in_half_precision_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    B, H, L, D, block = 2, 2, 128, 16, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [0, 28], [[50], []])
+    kwargs = dict(block_size=block, num_sliding_window_blocks=3, key_padding_mask=key_padding_mask,
+                  global_tokens=global_tokens)
+    low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = block_sparse_attention(*low, **kwargs)
+    assert out.dtype == dtype
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=rule_mask(L, block, 3, [0], key_padding_mask, global_tokens)
+    ).masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    tol = 3e-3 if dtype == torch.float16 else 3e-2
+    assert (out.float() - ref).abs().max().item() <= tol
+    out.float().pow(2).sum().backward()
+    for x in low:
+        assert x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all())
+
+
+def test_dropout_gradients_are_exact_for_a_fixed_random_stream():
+    # With the RNG reseeded on each call the dropped entries are fixed, so the custom backward must
+    # agree with finite differences (float64, tiny sizes).
+    torch.manual_seed(0)
+    B, H, L, D, block = 1, 1, 48, 4, 16
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [5], [[20]])
+
+    def attention(q, k, v):
+        torch.manual_seed(1234)
+        return block_sparse_attention(
+            q, k, v, block_size=block, num_sliding_window_blocks=1, key_padding_mask=key_padding_mask,
+            global_tokens=global_tokens, dropout_p=0.3, training=True,
+        )
+
+    assert not torch.equal(attention(q, k, v), block_sparse_attention(
+        q, k, v, block_size=block, num_sliding_window_blocks=1, key_padding_mask=key_padding_mask,
+        global_tokens=global_tokens))
+    assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_memory_is_linear_in_length_no_L_by_L_tensor_is_saved():
+    def saved_numels(L):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        q, k, v = (torch.randn(1, 2, L, 8, requires_grad=True) for _ in range(3))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3,
+                                   global_tokens=torch.zeros(1, L, dtype=torch.bool).index_fill_(1, torch.tensor([7]), True))
+        return sizes
+
+    small, large = saved_numels(512), saved_numels(2048)
+    assert max(large) < 2048 * 2048  # not even one L x L matrix
+    assert 3.5 <= sum(large) / sum(small) <= 4.5  # 4x the length -> about 4x the saved memory
+
+
+# ------------------------------------------------------------------------------------------- module
+def _config(**overrides):
+    settings = dict(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
+        max_position_embeddings=256, attention_window=32, attention_backend="block_sparse",
+        sparse_block_size=16, attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return LongformerZhConfig(**settings)
+
+
+def dense_module_reference(module, config, hidden, key_padding_mask, global_tokens):
+    """Longformer semantics written densely: block layout + global keys for everyone, and global
+    tokens' rows recomputed with the *_global projections over all non-padding tokens."""
+    B, L, E = hidden.shape
+    nh = config.num_attention_heads
+
+    def heads(x):
+        return x.view(B, L, nh, E // nh).transpose(1, 2)
+
+    mask = rule_mask(L, config.sparse_block_size, config.layer_sliding_window_blocks(0),
+                     config.global_block_indices, key_padding_mask, global_tokens)
+    local = F.scaled_dot_product_attention(heads(module.query(hidden)), heads(module.key(hidden)),
+                                           heads(module.value(hidden)), attn_mask=mask)
+    everyone = ~key_padding_mask[:, None, None, :]
+    glob = F.scaled_dot_product_attention(heads(module.query_global(hidden)), heads(module.key_global(hidden)),
+                                          heads(module.value_global(hidden)), attn_mask=everyone)
+    ctx = torch.where(global_tokens[:, None, :, None], glob, local)
+    ctx = ctx.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    return ctx.transpose(1, 2).reshape(B, L, E)
+
+
+@pytest.mark.parametrize(
+    "L, pads, globals_",
+    [
+        pytest.param(96, [0, 30], [[0, 17], [0]], id="few-globals-folded-projections"),  # 2 < head_dim 8
+        pytest.param(128, [10, 0], [list(range(0, 100, 10)), [5]], id="many-globals-full-projections"),  # 10 >= 8
+        pytest.param(64, [0, 0], [[], []], id="no-globals"),
+    ],
+)
+def test_module_matches_dense_longformer_semantics_with_parameter_gradients(L, pads, globals_):
+    torch.manual_seed(7)
+    config = _config()
+    module = BlockSparseSelfAttention(config, layer_id=0).eval()
+    with torch.no_grad():  # distinct global projections, so using the wrong ones would show
+        for p in module.parameters():
+            p.normal_(0.0, 0.2)
+    B = 2
+    hidden = torch.randn(B, L, config.hidden_size, requires_grad=True)
+    key_padding_mask, global_tokens = masks_for(B, L, pads, globals_)
+    out, attn = module(hidden, key_padding_mask, global_tokens)
+    assert attn is None and out.shape == hidden.shape
+    ref = dense_module_reference(module, config, hidden, key_padding_mask, global_tokens)
+    assert (out - ref).abs().max().item() <= 1e-5
+    grad = torch.randn_like(out)
+    params = [hidden] + list(module.parameters())
+    ours = torch.autograd.grad(out, params, grad, allow_unused=True)
+    theirs = torch.autograd.grad(ref, params, grad, allow_unused=True)
+    names = ["hidden_states"] + [n for n, _ in module.named_parameters()]
+    for name, a, b in zip(names, ours, theirs):
+        a = torch.zeros_like(params[names.index(name)]) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        # weight gradients sum over all B*L positions: compare relative to their size
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), f"gradient of {name} differs"
+
+
+def test_module_parameter_names_follow_the_interface():
+    module = BlockSparseSelfAttention(_config(), layer_id=0)
+    names = {n.split(".")[0] for n, _ in module.named_parameters()}
+    assert names == {"query", "key", "value", "query_global", "key_global", "value_global"}
+
+
+def test_module_rejects_unpadded_length_with_a_clear_error():
+    module = BlockSparseSelfAttention(_config(), layer_id=0)
+    hidden = torch.randn(1, 40, 32)
+    masks = torch.zeros(1, 40, dtype=torch.bool)
+    with pytest.raises(ValueError, match="multiple of sparse_block_size=16"):
+        module(hidden, masks, masks)
+
+
+def test_module_applies_attention_dropout_only_in_training():
+    torch.manual_seed(3)
+    module = BlockSparseSelfAttention(_config(attention_probs_dropout_prob=0.5), layer_id=0)
+    hidden = torch.randn(1, 64, 32)
+    no = torch.zeros(1, 64, dtype=torch.bool)
+    glob = no.clone()
+    glob[0, 0] = True
+    module.eval()
+    first, _ = module(hidden, no, glob)
+    second, _ = module(hidden, no, glob)
+    assert torch.equal(first, second)
+    module.train()
+    dropped, _ = module(hidden, no, glob)
+    assert not torch.allclose(dropped, first, atol=1e-3)
+
+
+def test_model_with_block_sparse_backend_trains_one_step():
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+
+    torch.manual_seed(0)
+    config = _config(num_hidden_layers=2, vocab_size=200)
+    model = LongformerZhForMaskedLM(config)
+    input_ids = torch.randint(5, 200, (2, 70))  # not a block multiple: the model pads
+    labels = torch.full_like(input_ids, -100)
+    labels[:, ::7] = input_ids[:, ::7]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 60:] = 0
+    attention_mask[:, 0] = 2
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = [p.grad for n, p in model.named_parameters() if "key_global" in n and n.endswith("weight")]
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
