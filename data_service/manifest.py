@@ -10,7 +10,9 @@
     jionlp_version
     splits              {train|validation: {shards: [{file, rows, tokens, documents, predictions,
                                                       sha256, documents_sha256}], rows, tokens, documents}}
-    totals              {records, documents, characters, tokens, rows, rejected}
+    totals              {records, documents, characters, document_tokens, rows, tokens, rejected}
+                        (document_tokens: the documents' own tokens; tokens: packed tokens before the
+                        padding, [CLS]/[SEP] included, as in the splits)
     rejects             {reason: count}
 
 ``documents_sha256`` hashes the content hashes of the shard's documents in order; a rerun uses

@@ -249,11 +249,11 @@ def _chunk_path(work: Path, key) -> Path:
     return work / "chunks" / f"f{key[0]:05d}-c{key[1]:06d}.arrow"
 
 
-def _write_chunk_result(path: Path, job_id: str, key, input_path: str, result: dict) -> None:
+def _write_chunk_result(path: Path, job_id: str, chunk_bytes: int, key, input_path: str, result: dict) -> None:
     lengths = result["token_lengths"]
     offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64))
-    meta = {"job": job_id, "key": list(key), "path": input_path, "records": result["records"],
-            "rejects": result["rejects"]}
+    meta = {"job": job_id, "key": list(key), "chunk_bytes": chunk_bytes, "path": input_path,
+            "records": result["records"], "rejects": result["rejects"]}
     table = pa.table({
         "line": result["line"], "offset": result["offset"], "chars": result["chars"],
         "hash": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(lengths),
@@ -290,15 +290,15 @@ class _ChunkFile:
         return self.table.column("hash").to_pylist()
 
 
-def _load_chunk(path: Path, job_id: str) -> _ChunkFile | None:
-    """The stored result if it is readable and belongs to this job, else None (it is redone)."""
+def _load_chunk(path: Path, job_id: str, chunk_bytes: int) -> _ChunkFile | None:
+    """The stored result if it is readable and belongs to this job and chunking, else None (it is redone)."""
     if not path.is_file():
         return None
     try:
         chunk = _ChunkFile(path)
     except (OSError, pa.ArrowInvalid, KeyError, ValueError, TypeError):
         return None
-    return chunk if chunk.meta.get("job") == job_id else None
+    return chunk if chunk.meta.get("job") == job_id and chunk.meta.get("chunk_bytes") == chunk_bytes else None
 
 
 # ---------------------------------------------------------------- the job
@@ -311,11 +311,17 @@ def _is_validation(digest: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < val_fraction * 2.0 ** 64
 
 
-def _conflict(output: Path, what: str, old: dict, new: dict) -> JobConflict:
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+def _conflict(output: Path, what: str, old_config: dict, new_config: dict, old_inputs, new_inputs) -> JobConflict:
+    diffs = [f"{k}: {old_config.get(k)!r} -> {new_config.get(k)!r}"
+             for k in sorted(set(old_config) | set(new_config)) if old_config.get(k) != new_config.get(k)]
+    old_inputs = [{k: i.get(k) for k in ("path", "bytes", "sha256")} for i in old_inputs or []]
+    if old_inputs != new_inputs:
+        changed = sorted({i["path"] for i in old_inputs} ^ {i["path"] for i in new_inputs}) or \
+            [n["path"] for o, n in zip(old_inputs, new_inputs) if o != n] or ["the input order"]
+        diffs.append(f"inputs differ: {', '.join(changed[:3])}")
     return JobConflict(f"{output} already holds {what} made with other settings or inputs "
-                       f"({'; '.join(diffs[:6]) or 'inputs differ'}); use another --output, or pass --overwrite "
-                       f"to delete it and start again")
+                       f"({'; '.join(diffs[:6])}); use another --output, or pass --overwrite to delete it and "
+                       f"start again")
 
 
 def _clear_output(output: Path) -> None:
@@ -332,8 +338,9 @@ def _finished_and_valid(output: Path, manifest_config: dict, inputs: list[dict])
         return None
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("config") != manifest_config or \
-            [{k: i[k] for k in ("path", "bytes", "sha256")} for i in manifest.get("inputs", [])] != inputs:
-        raise _conflict(output, "a finished dataset", manifest.get("config", {}), manifest_config)
+            [{k: i.get(k) for k in ("path", "bytes", "sha256")} for i in manifest.get("inputs", [])] != inputs:
+        raise _conflict(output, "a finished dataset", manifest.get("config", {}), manifest_config,
+                        manifest.get("inputs"), inputs)
     for split in SPLITS:
         for entry in manifest["splits"][split]["shards"]:
             shard = output / entry["file"]
@@ -366,13 +373,14 @@ def run(config: PipelineConfig) -> RunResult:
     if (output / MANIFEST_NAME).is_file():
         old_manifest = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8"))
 
-    job = {"config": manifest_config, "inputs": inputs, "chunk_bytes": config.chunk_bytes}
+    job = {"config": manifest_config, "inputs": inputs}
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
     job_file = work / "job.json"
     if job_file.is_file():
         old_job = json.loads(job_file.read_text(encoding="utf-8"))
         if old_job.get("job_id") != job_id:
-            raise _conflict(output, "an unfinished job", old_job.get("config", {}), manifest_config)
+            raise _conflict(output, "an unfinished job", old_job.get("config", {}), manifest_config,
+                            old_job.get("inputs"), inputs)
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     (work / "shards").mkdir(parents=True, exist_ok=True)
     write_json_atomic(job_file, {**job, "job_id": job_id})
@@ -420,7 +428,7 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
 
     def finish_one():
         (key, path), out = window.wait_one()
-        _write_chunk_result(_chunk_path(work, key), job_id, key, path, out)
+        _write_chunk_result(_chunk_path(work, key), job_id, config.chunk_bytes, key, path, out)
         result.chunks_processed += 1
         result.characters_processed += int(out["chars"].sum())
         progress.add(len(out["chars"]), int(out["chars"].sum()), int(out["token_lengths"].sum()))
@@ -432,7 +440,7 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
                                                       config.chunk_bytes)):
             key = (file_index, k)
             keys.append(key)
-            if _load_chunk(_chunk_path(work, key), job_id) is not None:
+            if _load_chunk(_chunk_path(work, key), job_id, config.chunk_bytes) is not None:
                 result.chunks_reused += 1
                 continue
             if window is None:
@@ -450,7 +458,7 @@ def _plan(config, keys, work, rejects: RejectsReport):
     """Global dedup, train/validation split, and the shard plan (pure function of the chunk results)."""
     seen: dict[bytes, tuple] = {}
     split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
-    totals = {"records": 0, "documents": 0, "characters": 0, "tokens": 0}
+    totals = {"records": 0, "documents": 0, "characters": 0, "document_tokens": 0}
     for number, key in enumerate(keys):
         chunk = _ChunkFile(_chunk_path(work, key))
         totals["records"] += chunk.meta["records"]
@@ -469,7 +477,7 @@ def _plan(config, keys, work, rejects: RejectsReport):
             split_docs[split].append((number, row, int(lengths[row]), digest))
             totals["documents"] += 1
             totals["characters"] += int(chars[row])
-            totals["tokens"] += int(lengths[row])
+            totals["document_tokens"] += int(lengths[row])
 
     body = config.seq_len - 2
     target = config.rows_per_shard * body
@@ -578,7 +586,8 @@ def _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects: R
         "jieba": jieba_dictionary_id(),
         "jionlp_version": jionlp_version(),
         "splits": splits,
-        "totals": {**totals, "rows": sum(s["rows"] for s in splits.values()), "rejected": rejects.total},
+        "totals": {**totals, "rows": sum(s["rows"] for s in splits.values()),
+                   "tokens": sum(s["tokens"] for s in splits.values()), "rejected": rejects.total},
         "rejects": dict(sorted(rejects.counts.items())),
     }
 

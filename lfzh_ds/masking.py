@@ -90,8 +90,10 @@ def whole_word_mask(input_ids, word_starts, rng: np.random.Generator, *, mask_pr
             chosen.append(w)
             covered += int(lengths[w])
 
-    chosen = np.asarray(chosen, dtype=np.int64)
-    positions = np.sort(np.concatenate([np.arange(starts[w], starts[w] + lengths[w]) for w in chosen]))
+    chosen = np.sort(np.asarray(chosen, dtype=np.int64))  # word order = position order
+    chosen_len = lengths[chosen]
+    within_word = np.arange(int(chosen_len.sum())) - np.repeat(np.cumsum(chosen_len) - chosen_len, chosen_len)
+    positions = np.repeat(starts[chosen], chosen_len) + within_word
     k = positions.size
     n_mask = round_half_up(MASK_TOKEN_FRACTION * k)
     n_random = min(k - n_mask, round_half_up(RANDOM_TOKEN_FRACTION * k))
