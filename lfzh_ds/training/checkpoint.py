@@ -15,6 +15,8 @@ previous checkpoint, which stays usable. Only the newest ``keep`` checkpoints ar
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -280,7 +282,8 @@ def load_model_from_run(path, dtype=torch.float32):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: the checkpoint does not say which model it holds")
     config = LongformerZhConfig.from_json_file(str(config_file))
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step on stdout
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     model = LongformerZhForMaskedLM(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

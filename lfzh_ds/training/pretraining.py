@@ -326,6 +326,7 @@ def run(args: Namespace) -> RunSummary:
     while state.step < args.max_steps:
         step = state.step + 1
         fault.at_step_start(step)
+        lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0
         for positions in sampler.micro_batches(state.samples_consumed):
@@ -343,7 +344,7 @@ def run(args: Namespace) -> RunSummary:
         state.tokens_seen += int(totals[1])
         state.skipped_steps = int(engine.skipped_steps)
         state.elapsed_seconds = time.time() - run_started
-        record = {"step": step, "loss": step_loss, "bpc": step_loss / math.log(2), "lr": float(engine.get_lr()[0]),
+        record = {"step": step, "loss": step_loss, "bpc": step_loss / math.log(2), "lr": lr,
                   "loss_scale": loss_scale_of(engine), "skipped_steps": state.skipped_steps,
                   "tokens": state.tokens_seen, "samples": state.samples_consumed,
                   "tokens_per_second": throughput.update(state.tokens_seen), "wall_time": time.time(),
@@ -364,7 +365,7 @@ def run(args: Namespace) -> RunSummary:
                      else "no checkpoint was saved before it")
             raise TrainingDiverged(
                 f"the loss was not finite for {nonfinite_run} consecutive steps (steps {step - nonfinite_run + 1}-"
-                f"{step}); stopping. {where}. Resume from it with --resume and a lower learning rate, or check the "
+                f"{step}); stopping. {where[0].upper() + where[1:]}. Resume from it with --resume and a lower learning rate, or check the "
                 "data.")
         last_step = step == args.max_steps
         if args.eval_interval > 0 and (step % args.eval_interval == 0 or last_step):
