@@ -1,0 +1,149 @@
+"""The full model on the block_sparse backend (the kernel itself is tested in its own files).
+
+When both layouts cover the whole input, block-sparse and sliding-chunks attention are the same
+computation (full attention plus Longformer's global tokens), so the two backends must agree; with a
+narrow window they must not.
+"""
+import pytest
+import torch
+
+from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
+
+TOL = 1e-5
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _frugal():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(backend, attention_window=16, **overrides):
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, attention_window=attention_window, attention_backend=backend, sparse_block_size=8,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    fields.update(overrides)
+    return LongformerZhConfig(**fields)
+
+
+def batch(seq_len=21, pad_from=15):
+    input_ids = torch.randint(5, VOCAB, (2, seq_len))
+    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
+    attention_mask[1, pad_from:] = 0
+    input_ids[1, pad_from:] = 0
+    global_attention_mask = torch.zeros(2, seq_len, dtype=torch.long)
+    global_attention_mask[0, [0, 4, seq_len - 3]] = 1
+    global_attention_mask[1, [0, 7]] = 1
+    return input_ids, attention_mask, global_attention_mask
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def twin_models(block_window, sliding_window, model_class=LongformerZhForMaskedLM, **overrides):
+    block = model_class(config("block_sparse", block_window, **overrides)).eval()
+    sliding = model_class(config("sliding_chunks", sliding_window, **overrides)).eval()
+    sliding.load_state_dict(block.state_dict())
+    return block, sliding
+
+
+def test_block_sparse_model_pads_to_the_block_and_cuts_back():
+    model = LongformerZhForMaskedLM(config("block_sparse")).eval()
+    assert model.config.padding_multiple() == 8
+    input_ids, attention_mask, global_attention_mask = batch()
+    out = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, output_hidden_states=True)
+    assert out.logits.shape == (2, 21, VOCAB) and out.hidden_states[-1].shape == (2, 21, 32)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_block_sparse_equals_sliding_chunks_when_both_windows_cover_the_input():
+    # 21 tokens -> 3 blocks of 8; 9 sliding blocks reach 4 blocks each side. Sliding chunks: one-sided 32 >= 20.
+    block, sliding = twin_models(block_window=64, sliding_window=64)
+    input_ids, attention_mask, global_attention_mask = batch()
+    labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100).masked_fill(attention_mask == 0, -100)
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    out_block, out_sliding = block(input_ids, **kwargs), sliding(input_ids, **kwargs)
+    real = attention_mask.bool()
+    assert max_diff(out_block.logits[real], out_sliding.logits[real]) <= TOL
+
+    block(input_ids, labels=labels, **kwargs).loss.backward()
+    sliding(input_ids, labels=labels, **kwargs).loss.backward()
+    sliding_params = dict(sliding.named_parameters())
+    for name, p in block.named_parameters():
+        # a bias of key/key_global gets a mathematically zero gradient (softmax ignores a shift of all
+        # scores); one implementation may leave it out of the graph (None) where the other gives ~1e-13
+        block_grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert max_diff(block_grad, sliding_params[name].grad) <= TOL, name
+
+
+def test_block_sparse_with_a_narrow_window_is_local():
+    # window 16 at block 8 -> 3 sliding blocks: each block sees itself and its two neighbours
+    model = LongformerZhModel(config("block_sparse", attention_window=16, global_block_indices=[], num_hidden_layers=1)).eval()
+    assert model.config.layer_sliding_window_blocks(0) == 3
+    input_ids = torch.randint(5, VOCAB, (1, 48))  # 6 blocks, no global tokens or blocks
+    changed = input_ids.clone()
+    changed[0, 40] = (changed[0, 40] + 1) % VOCAB  # block 5: out of reach of blocks 0..3
+    before = model(input_ids).last_hidden_state
+    after = model(changed).last_hidden_state
+    assert max_diff(before[0, :32], after[0, :32]) == 0  # one layer: blocks 0-3 cannot see block 5
+    assert max_diff(before[0, 32:], after[0, 32:]) > 1e-4  # blocks 4-5 can
+
+
+def test_block_sparse_gradient_checkpointing_gives_the_same_gradients():
+    model = LongformerZhForMaskedLM(config("block_sparse")).train()
+    input_ids, attention_mask, global_attention_mask = batch()
+    labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
+    ckpt_loss, ckpt = loss_and_grads()
+    assert abs(plain_loss - ckpt_loss) <= TOL
+    assert plain.keys() == ckpt.keys() and len(plain) >= len(list(model.parameters())) - 2
+    for n in plain:
+        assert max_diff(plain[n], ckpt[n]) <= TOL, n
+
+
+def test_block_sparse_classifier_matches_sliding_chunks_under_full_coverage():
+    block, sliding = twin_models(64, 64, model_class=LongformerZhForSequenceClassification, num_labels=3)
+    input_ids, attention_mask, _ = batch()
+    labels = torch.tensor([1, 2])
+    out_block = block(input_ids, attention_mask=attention_mask, labels=labels)  # [CLS] global by default
+    out_sliding = sliding(input_ids, attention_mask=attention_mask, labels=labels)
+    assert out_block.logits.shape == (2, 3)
+    assert max_diff(out_block.logits, out_sliding.logits) <= TOL
+    assert abs(out_block.loss.item() - out_sliding.loss.item()) <= TOL
+
+
+def test_block_sparse_model_saves_and_loads_and_a_sliding_checkpoint_can_switch_backend(tmp_path):
+    model = LongformerZhForMaskedLM(config("block_sparse")).eval()
+    model.save_pretrained(tmp_path / "block")
+    loaded = LongformerZhForMaskedLM.from_pretrained(tmp_path / "block")
+    assert loaded.config.attention_backend == "block_sparse"
+    input_ids, attention_mask, global_attention_mask = batch()
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    assert max_diff(model(input_ids, **kwargs).logits, loaded(input_ids, **kwargs).logits) <= TOL
+
+    # the same weights serve both backends: a sliding-chunks checkpoint loads with attention_backend overridden
+    sliding = LongformerZhForMaskedLM(config("sliding_chunks", 64)).eval()
+    sliding.save_pretrained(tmp_path / "sliding")
+    switched = LongformerZhForMaskedLM.from_pretrained(
+        tmp_path / "sliding", attention_backend="block_sparse", attention_window=64
+    )
+    assert switched.config.attention_backend == "block_sparse"
+    real = attention_mask.bool()
+    assert max_diff(switched(input_ids, **kwargs).logits[real], sliding(input_ids, **kwargs).logits[real]) <= TOL
