@@ -212,6 +212,21 @@ def test_memory_is_linear_in_length_no_L_by_L_tensor_is_saved():
     assert 3.5 <= sum(large) / sum(small) <= 4.5  # 4x the length -> about 4x the saved memory
 
 
+def test_flex_attention_path_builds_the_same_mask():
+    # FlexAttention's eager reference (no compilation: CPU tests stay fast); compiled runs on CUDA.
+    from lfzh_ds.attention.flex import flex_block_sparse_attention
+
+    torch.manual_seed(1)
+    B, H, L, D, block = 2, 2, 160, 16, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [0, 45], [[3, 99], [7]])
+    kwargs = dict(block_size=block, num_sliding_window_blocks=3, global_block_indices=[0, 6],
+                  global_block_end_indices=[1, 8], key_padding_mask=key_padding_mask, global_tokens=global_tokens)
+    flex = flex_block_sparse_attention(q, k, v, compiled=False, **kwargs)
+    ours = block_sparse_attention(q, k, v, **kwargs)
+    assert (flex - ours).abs().max().item() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------- module
 def _config(**overrides):
     settings = dict(

@@ -357,6 +357,23 @@ class BlockSparseSelfAttention(nn.Module):
         self.global_block_end_indices = (
             None if config.global_block_end_indices is None else list(config.global_block_end_indices)
         )
+        # "auto": FlexAttention on CUDA GPUs that support it when no dropout applies (see flex.py),
+        # the pure-PyTorch kernel elsewhere; "torch" / "flex" force one path.
+        self.kernel = "auto"
+
+    def _use_flex(self, q: torch.Tensor) -> bool:
+        if self.kernel == "torch":
+            return False
+        from .flex import flex_supported
+
+        dropout_applies = self.training and self.dropout > 0.0
+        if self.kernel == "flex":
+            if dropout_applies:
+                raise ValueError("kernel='flex' has no attention dropout; use eval mode, dropout 0 or kernel='torch'")
+            if not flex_supported(q.device, needs_backward=torch.is_grad_enabled()):
+                raise ValueError(f"FlexAttention does not run on {q.device} here; use kernel='torch'")
+            return True
+        return q.is_cuda and not dropout_applies and flex_supported(q.device)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
@@ -373,19 +390,20 @@ class BlockSparseSelfAttention(nn.Module):
         q = self._heads(self.query(hidden_states))
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
-        context = block_sparse_attention(
-            q,
-            k,
-            v,
+        layout = dict(
             block_size=self.block_size,
             num_sliding_window_blocks=self.num_sliding_window_blocks,
             global_block_indices=self.global_block_indices,
             global_block_end_indices=self.global_block_end_indices,
             key_padding_mask=is_index_masked,
             global_tokens=is_index_global_attn,
-            dropout_p=self.dropout,
-            training=self.training,
         )
+        if self._use_flex(q):
+            from .flex import flex_block_sparse_attention
+
+            context = flex_block_sparse_attention(q, k, v, **layout)
+        else:
+            context = block_sparse_attention(q, k, v, dropout_p=self.dropout, training=self.training, **layout)
         context = context.transpose(1, 2).reshape(B, L, self.embed_dim)
         if bool(is_index_global_attn.any()):
             context = self._recompute_global_rows(context, hidden_states, is_index_masked, is_index_global_attn)

@@ -1,0 +1,107 @@
+"""FlexAttention path for the block-sparse layout (``torch.nn.attention.flex_attention``).
+
+Same semantics as ``block_sparse.block_sparse_attention``: the layout of ``block_sparse_layout``
+(sliding window of blocks + global blocks), every query also attending the token-level global tokens,
+padding keys never attended, padding query rows zero. The block mask is built from the same layout
+tensor, so results agree with the pure-PyTorch kernel up to floating-point rounding.
+
+Where it runs: compiled FlexAttention needs a CUDA GPU of compute capability 8.0 or newer (Ampere,
+Hopper, ...) for forward and backward. It has no attention dropout, so ``BlockSparseSelfAttention``
+uses it only on such GPUs when no dropout is applied (eval mode, or ``attention_probs_dropout_prob``
+0); everywhere else (CPU, Turing/Titan RTX class GPUs, training with dropout) the pure-PyTorch kernel
+runs. On CPU compiled FlexAttention has a forward only and compiles for every new length (tens of
+seconds), so it is not used automatically there; ``benchmarks/attention.py`` measures it.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .block_sparse import block_sparse_layout
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch
+    create_block_mask = flex_attention = None
+
+__all__ = ["flex_supported", "flex_block_sparse_attention", "FlexBlockSparse"]
+
+
+def flex_supported(device: torch.device, needs_backward: bool = True) -> bool:
+    """Whether compiled FlexAttention runs here (CUDA capability >= 8.0; CPU: forward only)."""
+    if flex_attention is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return not needs_backward
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _block_mask(L, block, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
+                key_padding_mask, global_tokens, device):
+    layout = block_sparse_layout(L // block, num_sliding_window_blocks, global_block_indices,
+                                 global_block_end_indices)[0].to(device)
+    B = key_padding_mask.shape[0]
+    attendable = ~key_padding_mask  # [B, L]
+    extra = global_tokens & attendable  # [B, L]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (layout[q_idx // block, kv_idx // block] | extra[b, kv_idx]) & attendable[b, kv_idx]
+
+    return create_block_mask(mask_mod, B, None, L, L, device=device, _compile=device.type == "cuda")
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    num_sliding_window_blocks: int,
+    global_block_indices=(0,),
+    global_block_end_indices=None,
+    key_padding_mask: torch.Tensor | None = None,
+    global_tokens: torch.Tensor | None = None,
+    scale: float | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """``block_sparse_attention`` through FlexAttention: [B, H, L, D] -> [B, H, L, D].
+
+    ``compiled=False`` runs FlexAttention's eager reference (materialises scores: small inputs only).
+    """
+    if flex_attention is None:
+        raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
+    B, H, L, D = q.shape
+    if L % block_size:
+        raise ValueError(f"sequence length {L} is not a multiple of block_size={block_size}; pad the input first")
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+    if global_tokens is None:
+        global_tokens = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+    mask = _block_mask(L, block_size, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
+                       key_padding_mask, global_tokens, q.device)
+    attend = _compiled_flex() if compiled else flex_attention
+    out = attend(q, k, v, block_mask=mask, scale=scale)
+    return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
+class FlexBlockSparse:
+    """A fixed layout, callable on ``(q, k, v, key_padding_mask=None, global_tokens=None)``."""
+
+    def __init__(self, block_size, num_sliding_window_blocks, global_block_indices=(0,), global_block_end_indices=None,
+                 compiled: bool = True):
+        self.kwargs = dict(block_size=block_size, num_sliding_window_blocks=num_sliding_window_blocks,
+                           global_block_indices=global_block_indices,
+                           global_block_end_indices=global_block_end_indices, compiled=compiled)
+
+    def __call__(self, q, k, v, key_padding_mask=None, global_tokens=None):
+        return flex_block_sparse_attention(q, k, v, key_padding_mask=key_padding_mask, global_tokens=global_tokens,
+                                           **self.kwargs)
