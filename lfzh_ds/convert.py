@@ -30,9 +30,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from .configuration import LongformerZhConfig
-from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_SIZE
+from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_MD5, VOCAB_SIZE
 from .tokenization import load_tokenizer, vocab_md5
-from .constants import VOCAB_MD5
 
 logger = logging.getLogger(__name__)
 

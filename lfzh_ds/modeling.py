@@ -343,7 +343,10 @@ class LongformerZhForSequenceClassification(LongformerZhPreTrainedModel):
                 else:
                     self.config.problem_type = "multi_label_classification"
             if self.config.problem_type == "regression":
-                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1)) if self.num_labels == 1 else F.mse_loss(logits, labels)
+                if self.num_labels == 1:
+                    loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+                else:
+                    loss = F.mse_loss(logits, labels.to(logits.dtype))
             elif self.config.problem_type == "single_label_classification":
                 loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
             else:
