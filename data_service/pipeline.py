@@ -419,8 +419,7 @@ def run(config: PipelineConfig) -> RunResult:
 
 def _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session):
     """Stage 2 for every chunk not already stored; returns the chunk keys in input order."""
-    options = DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, dedup=config.dedup,
-                              clean=config.clean)
+    options = DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, clean=config.clean)
     keys = []
     window = None
     task = None

