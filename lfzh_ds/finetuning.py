@@ -13,6 +13,7 @@ global batch and evaluates a share of each split; rank 0 writes the files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -283,6 +284,11 @@ def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
         state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
         with quiet_transformers():
             engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        # The weights are written in fp32 whatever the training precision; say so in config.json
+        # (save_pretrained records the in-memory dtype, e.g. bfloat16).
+        config = copy.deepcopy(engine.module.config)
+        config.dtype = "float32"
+        config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     barrier()
 
