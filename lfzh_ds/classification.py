@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import CLS_ID, SEP_ID
+from .constants import SEP_ID
 from .tokenization import normalize_text
 
 CCF_TASK = "ccf-sentiment"
