@@ -75,3 +75,21 @@ def write_inews_corpus(out_dir, split: str = "train", num_files: int = 1) -> lis
         for h in handles:
             h.close()
     return paths
+
+
+def main(argv=None) -> int:
+    """``python -m data_service.corpora --output DIR [--split train] [--num-files N]``: write the inews corpus."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m data_service.corpora", description=main.__doc__)
+    p.add_argument("--output", required=True, help="folder for the JSON-lines files")
+    p.add_argument("--split", default="train", choices=INEWS_SPLITS)
+    p.add_argument("--num-files", type=int, default=1)
+    args = p.parse_args(argv)
+    for path in write_inews_corpus(args.output, split=args.split, num_files=args.num_files):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -369,10 +369,6 @@ def run(config: PipelineConfig) -> RunResult:
         shutil.rmtree(work, ignore_errors=True)
         rejects = json.loads((output / REJECTS_NAME).read_text(encoding="utf-8"))
         return RunResult(output, done, rejects, up_to_date=True, seconds=time.monotonic() - t0)
-    old_manifest = None
-    if (output / MANIFEST_NAME).is_file():
-        old_manifest = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8"))
-
     job = {"config": manifest_config, "inputs": inputs}
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
     job_file = work / "job.json"
@@ -384,6 +380,7 @@ def run(config: PipelineConfig) -> RunResult:
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     (work / "shards").mkdir(parents=True, exist_ok=True)
     write_json_atomic(job_file, {**job, "job_id": job_id})
+    _reopen_finished_output(output, work)
 
     rejects = RejectsReport()
     formats = []
@@ -401,7 +398,7 @@ def run(config: PipelineConfig) -> RunResult:
     try:
         keys = _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session)
         plan, totals = _plan(config, keys, work, rejects)
-        shards = _build_all_shards(config, plan, work, old_manifest, output, progress, result, ray_session)
+        shards = _build_all_shards(config, plan, work, output, progress, result, ray_session)
     finally:
         progress.close()
         ray_session.close()
@@ -517,15 +514,25 @@ def _gather(docs, keys, work, cache: OrderedDict):
     return np.concatenate(tokens), np.concatenate(starts), np.array(lengths, dtype=np.int64)
 
 
-def _build_all_shards(config, plan, work, old_manifest, output, progress, result, ray_session):
-    """Stage 4 for every shard that is missing or does not match what was recorded for it."""
+def _reopen_finished_output(output: Path, work: Path) -> None:
+    """A finished output with a bad shard is being redone: its manifest entries become the records
+    of the shards written so far, and the manifest goes (its presence means "complete")."""
+    path = output / MANIFEST_NAME
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for split in SPLITS:
+        for entry in manifest.get("splits", {}).get(split, {}).get("shards", []):
+            sidecar = work / "shards" / f"{entry['file']}.json"
+            if not sidecar.is_file():
+                write_json_atomic(sidecar, entry)
+    path.unlink()
+
+
+def _build_all_shards(config, plan, work, output, progress, result, ray_session):
+    """Stage 4 for every shard that is missing or does not match what was recorded when it was written."""
     shard_config = {k: getattr(config, k) for k in ("seq_len", "dupe_factor", "seed", "mask_prob",
                                                    "max_predictions", "wwm_max_word_len")}
-    old_entries = {}
-    if old_manifest is not None:
-        for split in SPLITS:
-            for entry in old_manifest.get("splits", {}).get(split, {}).get("shards", []):
-                old_entries[entry["file"]] = entry
     entries = {s: [None] * len(plan["shards"][s]) for s in SPLITS}
     window, task, cache = None, None, OrderedDict()
     progress.show("packing and masking", force=True)
@@ -549,8 +556,6 @@ def _build_all_shards(config, plan, work, old_manifest, output, progress, result
             sidecar = work / "shards" / f"{name}.json"
             if sidecar.is_file():
                 recorded = json.loads(sidecar.read_text(encoding="utf-8"))
-            elif name in old_entries:
-                recorded = old_entries[name]
             if recorded and recorded.get("documents_sha256") == docs_sha and (output / name).is_file() \
                     and file_sha256(output / name) == recorded["sha256"]:
                 entries[split][index] = recorded

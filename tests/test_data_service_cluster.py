@@ -44,10 +44,14 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "data"
-    done = subprocess.run(preprocess_command(corpus, out, "--num-workers", "1", "--quiet"), capture_output=True,
+    done = subprocess.run(preprocess_command(corpus, out, "--num-workers", "1"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "train " in done.stdout and "rejected" in done.stdout  # the summary table
+    # progress on stderr (documents, characters, tokens per second), the summary table on stdout
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[preprocess]")]
+    assert progress and re.search(r"docs +[\d,]+ \([\d,]+/s\) +chars +[\d,]+ \([\d,]+/s\) +tokens", progress[-1])
+    assert re.search(r"^train +\d+ +[\d,]+ +[\d,]+ +[\d,]+$", done.stdout, re.M), done.stdout
+    assert "rejected" in done.stdout and "[preprocess]" not in done.stdout
     return out
 
 
