@@ -147,6 +147,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def dropout_seed(seed: int, step: int, micro_batch_index: int) -> int:
+    """Dropout masks depend on (seed, step, which micro-batch of the global batch) only: a resumed run, on any
+    number of processes, draws the same masks as the uninterrupted one."""
+    return int(np.random.SeedSequence([seed, step, micro_batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def fetch(dataset, positions, device) -> dict:
     samples = []
     for position in positions:
@@ -329,7 +335,8 @@ def run(args: Namespace) -> RunSummary:
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0
-        for positions in sampler.micro_batches(state.samples_consumed):
+        for j, positions in enumerate(sampler.micro_batches(state.samples_consumed)):
+            torch.manual_seed(dropout_seed(args.seed, step, sampler.global_micro_batch_index(j)))
             batch = fetch(train_data, positions, engine.device)
             loss = fault.poison(engine(**batch).loss, step)
             engine.backward(loss)

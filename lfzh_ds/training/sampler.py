@@ -73,5 +73,9 @@ class ResumableDistributedSampler:
         m = self.micro_batch_size
         return [mine[i:i + m] for i in range(0, len(mine), m)]
 
+    def global_micro_batch_index(self, j: int) -> int:
+        """Which micro-batch of the whole global batch this process's ``j``-th micro-batch is."""
+        return self.rank * self.accumulation_steps + j
+
     def epoch_of(self, samples_consumed: int) -> float:
         return samples_consumed / self.num_samples

@@ -1,0 +1,71 @@
+"""launch/evaluate.py and the metrics file it reads (the launcher-driven BPC check is in test_pretrain.py)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.evaluate import main
+from lfzh_ds.training.metrics import read_metrics, truncate_after
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_metrics(run_dir: Path, steps: int = 20) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [{"kind": "val", "step": 0, "val_loss": 9.9, "val_bpc": 9.9 / math.log(2)}]
+    for s in range(1, steps + 1):
+        loss = 10.0 - 0.2 * s
+        lines.append({"kind": "train", "step": s, "loss": loss, "bpc": loss / math.log(2), "lr": 1e-3 * s / steps,
+                      "loss_scale": 1.0, "tokens": 100 * s, "samples": 8 * s, "wall_time": 1.0 * s})
+        if s % 10 == 0:
+            lines.append({"kind": "val", "step": s, "val_loss": loss, "val_bpc": loss / math.log(2)})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_curves_subcommand_writes_a_png_next_to_the_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir)
+    result = subprocess.run([sys.executable, "launch/evaluate.py", "curves", "--run", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)  # as a script, the way users run it
+    assert result.returncode == 0, result.stderr
+    png = run_dir / "curves.png"
+    assert f"wrote {png}" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["curves", "--run", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_bpc_of_a_missing_model_names_the_path(tmp_path, capsys):
+    assert main(["bpc", "--model", str(tmp_path / "m"), "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'm'} does not exist" in capsys.readouterr().err
+
+
+def test_read_metrics_splits_train_and_val_lines_sorted_by_step(tmp_path):
+    write_metrics(tmp_path / "run", steps=20)
+    train, val = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["step"] for r in val] == [0, 10, 20]
+
+
+def test_resuming_drops_the_interrupted_runs_tail_and_a_cut_line(tmp_path):
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, steps=20)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 21, "lo')  # a line cut short by SIGKILL
+    dropped = truncate_after(run_dir / "metrics.jsonl", 10)
+    assert dropped == 12  # steps 11-20, the val line at 20, the cut line
+    train, val = read_metrics(run_dir)
+    assert train[-1]["step"] == 10 and [v["step"] for v in val] == [0, 10]
+
+
+@pytest.mark.parametrize("bad", ["not json\n"])
+def test_a_corrupt_metrics_line_is_reported_with_its_line_number(tmp_path, bad):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n' + bad)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON line"):
+        read_metrics(tmp_path)
