@@ -245,7 +245,8 @@ def test_every_corpus_format_is_detected_and_compressed_inputs_are_read(ray_loca
     text = tmp_path / "plain.txt"
     text.write_text("\n".join(docs[16:20]) + "\n", encoding="utf-8")
     files.append(text)
-    result = run(config(files, tmp_path / "out", val_fraction=0.0))
+    result = run(config(files, tmp_path / "out", val_fraction=0.0, chunk_bytes=600))
+    assert result.chunks_processed > len(files)  # compressed files too are cut into ranges of their decompressed bytes
     formats = [i["format"] for i in result.manifest["inputs"]]
     assert formats == ["wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text"]
     assert result.manifest["totals"]["documents"] == 20 and result.manifest["totals"]["rejected"] == 0
@@ -253,8 +254,10 @@ def test_every_corpus_format_is_detected_and_compressed_inputs_are_read(ray_loca
     blocks = tmp_path / "blocks.txt"
     blocks.write_text("\n\n".join(d[:60] + "\n" + d[60:] for d in docs[20:24]) + "\n", encoding="utf-8")
     custom = _jsonl(tmp_path / "custom.jsonl", [{"body": d, "n": i} for i, d in enumerate(docs[:3])] + [{"n": 9}])
-    r_blocks = run(config([blocks], tmp_path / "blocks", format="text", text_docs="blocks", val_fraction=0.0))
-    assert r_blocks.manifest["totals"]["documents"] == 4
+    r_blocks = run(config([blocks], tmp_path / "blocks", format="text", text_docs="blocks", val_fraction=0.0,
+                          chunk_bytes=100))
+    assert r_blocks.chunks_processed == 4  # a chunk never ends inside a block
+    assert r_blocks.manifest["totals"]["documents"] == 4 and r_blocks.manifest["totals"]["rejected"] == 0
     r_field = run(config([custom], tmp_path / "custom", field="body", val_fraction=0.0))
     assert r_field.manifest["inputs"][0]["format"] == "jsonl"
     assert r_field.manifest["totals"]["documents"] == 3 and r_field.manifest["rejects"] == {"missing_field": 1}
