@@ -38,7 +38,9 @@ def _jionlp():
 
 
 def jionlp_version() -> str:
-    return _jionlp().__version__
+    from importlib.metadata import version  # without importing jionlp (slow) in the driver
+
+    return version("jionlp")
 
 
 def clean_document(text: str, options: CleanOptions = CleanOptions()) -> str:

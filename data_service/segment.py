@@ -49,10 +49,9 @@ def jieba_dictionary_id() -> dict:
     import hashlib
     from pathlib import Path
 
-    jieba = _jieba()
+    import jieba  # no initialize(): the driver only needs to know which dictionary the workers load
+
     dict_path = jieba.dt.dictionary or str(Path(jieba.__file__).parent / "dict.txt")
-    if not Path(dict_path).is_file():
-        dict_path = str(Path(jieba.__file__).parent / "dict.txt")
     return {"jieba_version": jieba.__version__, "dictionary": Path(dict_path).name,
             "dictionary_md5": hashlib.md5(Path(dict_path).read_bytes()).hexdigest(), "hmm": True}
 
