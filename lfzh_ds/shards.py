@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .constants import SCHEMA_VERSION
+from .constants import SCHEMA_VERSION, VOCAB_MD5
 from .masking import apply_mask, mask_rng, whole_word_mask
 
 MANIFEST_NAME = "manifest.json"
@@ -154,6 +154,9 @@ def read_manifest(data_dir) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path} has schema version {manifest.get('schema_version')}, this code reads "
                          f"version {SCHEMA_VERSION}; preprocess the corpus again with this version")
+    if manifest.get("vocab_md5") != VOCAB_MD5:
+        raise ShardError(f"{path} was made with a vocab of md5 {manifest.get('vocab_md5')}, this package's vocab "
+                         f"is {VOCAB_MD5}; preprocess the corpus again with this package")
     return manifest
 
 

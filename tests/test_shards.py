@@ -121,6 +121,10 @@ def test_missing_shard_or_manifest_and_other_schema_versions_are_refused(dataset
     (data / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(ShardError, match="schema version 99"):
         ShardDataset(data, "train")
+    manifest["schema_version"], manifest["vocab_md5"] = 1, "0" * 32
+    (data / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ShardError, match="vocab of md5 0000"):
+        ShardDataset(data, "train")
     (data / "manifest.json").unlink()
     with pytest.raises(ShardError, match="no manifest.json in"):
         ShardDataset(data, "train")
