@@ -215,12 +215,14 @@ def _remote(fn, **options):
     return ray.remote(num_cpus=1, max_retries=5, **options)(fn)
 
 
-def _max_in_flight(config: PipelineConfig) -> int:
+def _max_in_flight(config: PipelineConfig, ray_session: "_RaySession") -> int:
+    """Tasks submitted at once. Twice the CPUs, so a worker never waits for the driver's next
+    submission, unless ``num_workers`` caps a Ray we did not start (then exactly that many)."""
     import ray
 
-    if config.num_workers:
+    if config.num_workers and not ray_session.owned:
         return config.num_workers
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 class _Window:
@@ -441,7 +443,7 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config)), _remote(process_chunk)
+                window, task = _Window(_max_in_flight(config, ray_session)), _remote(process_chunk)
             while window.full():
                 finish_one()
             window.submit(task.remote(chunk, options), (key, str(path)))
@@ -563,7 +565,7 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config)), _remote(build_shard)
+                window, task = _Window(_max_in_flight(config, ray_session)), _remote(build_shard)
             while window.full():
                 finish_one()
             tokens, starts, lengths = _gather(docs, plan["keys"], work, cache)
