@@ -27,6 +27,7 @@ Nothing of size ``L x L`` is ever built: the band scores are ``L x W``, the glob
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -108,110 +109,178 @@ def _masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
+def _dropout_drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """A random mask of the attention probabilities to drop, and the keep probability.
+
+    CPU's ``bernoulli_`` (behind ``F.dropout``) is slow enough to be a visible share of a training
+    step; instead each 63-bit random integer gives three 16-bit uniform numbers, dropped below
+    ``round(p * 2**16)``: dropout with probability ``round(p * 2**16) / 2**16`` (p to within 1e-5).
+    On GPUs plain ``bernoulli_`` is used.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, device=device).bernoulli_(p).bool(), 1.0 - p
+    numel = math.prod(shape)
+    threshold = round(p * 65536)
+    random = torch.empty((numel + 2) // 3, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    lanes = random.view(torch.int16).view(-1, 4)  # the 16-bit lanes; the top lane lacks the sign bit
+    lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
+    drop = (lanes < threshold - 32768).view(-1)[:numel].view(shape)
+    return drop, 1.0 - threshold / 65536
+
+
 class _BandAttention(torch.autograd.Function):
-    """Softmax attention of each query over its block row's band of keys plus a shared set of global
-    keys. Inputs: ``q`` [B, H, L, D] (already scaled), ``k_pad``/``v_pad`` [B, H, L + 2 * pad + G, D]
-    (keys/values with ``pad = w * block`` rows of zeros before and ``pad + G`` after),
-    ``kg``/``vg`` [B, H, G, D] (global keys/values, G may be 0), ``band_bias`` [B, nb, W] and
-    ``global_bias`` [B, G] (0 or a large negative value), ``fix_rows`` (per batch element, the block
-    rows whose band bias is not all zero). Output [B, H, L, D]."""
+    """Softmax attention of each query over its block row's band of keys plus a set of global keys.
+
+    Inputs: ``q`` [B, H, L, D] (already scaled), ``k``, ``v`` [B, H, L, D], ``kg``/``vg`` [B, H, G, D]
+    (global keys/values, G may be 0), ``band_bias`` [B, nb, W] and ``global_bias`` [B, G] (0 or a large
+    negative value), ``fix_rows`` (per batch element, the block rows whose band bias is not all zero,
+    or None), ``half`` (window blocks each side). Output [B, H, L, D].
+
+    All B * H heads are handled by the same few batched matmuls: the heads are laid end to end in one
+    flat buffer of rows, ``pad = half * block`` zero rows before each head and after the last (a pad is
+    shared by neighbouring heads), so that with ``P = L + pad`` rows per head the band of block ``i`` of
+    head ``s`` starts at row ``(s * (nb + half) + i) * block``: one overlapping strided view ("window t
+    starts at t * block") serves every head. The ``half`` windows per head that start inside a pad are
+    computed and ignored (about ``half / nb`` extra work).
+    """
 
     @staticmethod
-    def forward(ctx, q, k_pad, v_pad, kg, vg, band_bias, global_bias, fix_rows, block, dropout_p, training):
+    def _to_flat(x, pad, extra):
+        """[N, L, D] -> [pad + N * (L + pad) + pad + extra, D], each head followed by pad zero rows."""
+        N, L, D = x.shape
+        flat = x.new_zeros(pad + N * (L + pad) + pad + extra, D)
+        flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L] = x
+        return flat
+
+    @staticmethod
+    def _from_flat(flat, N, L, pad):
+        D = flat.shape[-1]
+        return flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L]
+
+    @staticmethod
+    def forward(ctx, q, k, v, kg, vg, band_bias, global_bias, fix_rows, block, half, dropout_p, training):
         B, H, L, D = q.shape
-        nb = L // block
-        W = band_bias.shape[-1]
-        G = kg.shape[2]
+        N, nb, G = B * H, L // block, kg.shape[2]
+        W = (2 * half + 1) * block
+        pad, per_head = half * block, nb + half
+        T = N * per_head  # number of windows (nb real + half ignored per head)
         use_dropout = training and dropout_p > 0.0
-        out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
-        probs = torch.empty(B, H, nb, block, W + G, dtype=q.dtype, device=q.device)
-        dropped = torch.empty_like(probs) if use_dropout else probs
-        scores = torch.empty(nb, block, W + G, dtype=q.dtype, device=q.device)
-        for b in range(B):
-            rows = fix_rows[b]
-            row_bias = band_bias[b, rows].unsqueeze(1) if rows is not None else None
-            for h in range(H):
-                qb = q[b, h].view(nb, block, D)
-                # Band scores for all block rows in one batched matmul. The windows are W + G keys wide
-                # (the G keys after each band are overwritten by the global scores below) so that the
-                # matmul writes the whole contiguous buffer: a strided output would fall back to a slow
-                # per-block loop on CPU.
-                k_win = k_pad[b, h].unfold(0, W + G, block)  # [nb, D, W + G], overlapping view
-                scores.baddbmm_(qb, k_win, beta=0.0)
-                band = scores[..., :W]
-                if rows is not None:
-                    band[rows] += row_bias
-                if G:
-                    glob = scores[..., W:].view(L, G)
-                    glob.copy_(global_bias[b].expand(L, G))
-                    glob.addmm_(q[b, h], kg[b, h].transpose(0, 1))
-                p = probs[b, h]
-                torch.softmax(scores, -1, out=p)
-                if use_dropout:
-                    dropped[b, h].copy_(torch.nn.functional.dropout(p, dropout_p, True))
-                pd = dropped[b, h]
-                o = out[b, h].view(nb, block, D)
-                v_win = v_pad[b, h].unfold(0, W, block)[:nb].transpose(1, 2)  # [nb, W, D]
-                torch.bmm(pd[..., :W], v_win, out=o)
-                if G:
-                    out[b, h].addmm_(pd[..., W:].reshape(L, G), vg[b, h])
-        ctx.save_for_backward(q, k_pad, v_pad, kg, vg, out, probs, dropped if use_dropout else None)
-        ctx.block = block
-        ctx.dropout_scale = 1.0 / (1.0 - dropout_p) if use_dropout else None
-        return out
+        q_flat = _BandAttention._to_flat(q.reshape(N, L, D), pad, W + G)
+        k_flat = _BandAttention._to_flat(k.reshape(N, L, D), pad, W + G)
+        v_flat = _BandAttention._to_flat(v.reshape(N, L, D), pad, W + G)
+        q_win = q_flat[pad : pad + T * block].view(T, block, D)
+        # Scores of every window in one batched matmul. Windows are W + G keys wide: the G columns after
+        # the band are overwritten by the global scores below; this keeps the matmul's output the whole
+        # contiguous buffer (a strided output falls back to a slow per-matrix loop on CPU).
+        probs = torch.empty(T, block, W + G, dtype=q.dtype, device=q.device)
+        probs.baddbmm_(q_win, k_flat.unfold(0, W + G, block)[:T], beta=0.0)
+        fix_index, fix_bias = _BandAttention._fix_rows(fix_rows, band_bias, H, per_head)
+        if fix_index is not None:
+            band = probs[..., :W]
+            band[fix_index] += fix_bias
+        per_window = probs.view(N, per_head, block, W + G)
+        if G:
+            glob = per_window[:, :nb, :, W:].view(N, L, G)
+            glob.copy_(global_bias.repeat_interleave(H, 0)[:, None, :].expand(N, L, G))
+            glob.baddbmm_(q.reshape(N, L, D), kg.reshape(N, G, D).transpose(1, 2))
+        torch.softmax(probs, -1, out=probs)  # row-wise, in place
+        # dropout: the dropped entries are zeroed here, the 1 / keep scale goes on the (small) outputs
+        dropped, keep_prob = probs, 1.0
+        if use_dropout:
+            drop, keep_prob = _dropout_drop_mask(probs.shape, dropout_p, probs.device)
+            dropped = probs.masked_fill(drop, 0.0)
+        out_win = torch.bmm(dropped[..., :W], v_flat.unfold(0, W, block)[:T].transpose(1, 2))
+        out = out_win.view(N, per_head, block, D)[:, :nb].reshape(N, L, D)
+        if G:
+            dropped_glob = dropped.view(N, per_head, block, W + G)[:, :nb, :, W:].view(N, L, G)
+            out.baddbmm_(dropped_glob, vg.reshape(N, G, D))
+        if use_dropout:
+            out.mul_(1.0 / keep_prob)
+        ctx.save_for_backward(q_flat, k_flat, v_flat, kg, vg, probs, dropped if use_dropout else None)
+        ctx.shape = (B, H, L, D, block, half)
+        ctx.dropout_scale = 1.0 / keep_prob if use_dropout else None
+        return out.view(B, H, L, D)
+
+    @staticmethod
+    def _fix_rows(fix_rows, band_bias, H, per_head):
+        """Window indices (all heads) of block rows that need the band bias, and that bias [M, 1, W]."""
+        index, bias = [], []
+        for b, rows in enumerate(fix_rows):
+            if rows is None:
+                continue
+            heads = torch.arange(b * H, (b + 1) * H, device=rows.device)
+            index.append((heads[:, None] * per_head + rows[None, :]).reshape(-1))
+            bias.append(band_bias[b, rows].repeat(H, 1))
+        if not index:
+            return None, None
+        return torch.cat(index), torch.cat(bias).unsqueeze(1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k_pad, v_pad, kg, vg, out, probs, dropped = ctx.saved_tensors
-        block = ctx.block
-        B, H, L, D = q.shape
-        nb = L // block
-        W = probs.shape[-1] - kg.shape[2]
-        G = kg.shape[2]
-        n_diag = W // block
-        grad_out = grad_out.contiguous()
-        dq = torch.empty_like(q)
-        dk_pad = torch.zeros_like(k_pad)
-        dv_pad = torch.zeros_like(v_pad)
-        dkg = torch.zeros_like(kg)
-        dvg = torch.zeros_like(vg)
-        dscores = torch.empty(nb, block, W + G, dtype=q.dtype, device=q.device)
-        for b in range(B):
-            for h in range(H):
-                p = probs[b, h]
-                pd = dropped[b, h] if dropped is not None else p
-                do = grad_out[b, h]
-                dob = do.view(nb, block, D)
-                qb = q[b, h].view(nb, block, D)
-                # value gradients: dV = P_dropped^T dO, band diagonal by diagonal (no [nb, W, D] temp)
-                dv_b = dv_pad[b, h]
-                for d in range(n_diag):
-                    dv_b[d * block : d * block + L].view(nb, block, D).baddbmm_(
-                        pd[..., d * block : (d + 1) * block].transpose(1, 2), dob
-                    )
-                if G:
-                    dvg[b, h].addmm_(pd[..., W:].reshape(L, G).transpose(0, 1), do)
-                # dP = dO V^T (windows widened by G as in forward, global part overwritten), then
-                # through dropout, then dS = P * (dP - rowsum(P * dP)) by the fused softmax backward
-                v_win = v_pad[b, h].unfold(0, W + G, block)  # [nb, D, W + G]
-                dscores.baddbmm_(dob, v_win, beta=0.0)
-                if G:
-                    dscores[..., W:].view(L, G).addmm_(do, vg[b, h].transpose(0, 1), beta=0.0)
-                if dropped is not None:
-                    dscores.mul_(pd != 0).mul_(ctx.dropout_scale)
-                torch._softmax_backward_data(dscores, p, -1, p.dtype, grad_input=dscores)
-                # dQ = dS K, dK = dS^T Q
-                k_win = k_pad[b, h].unfold(0, W, block)[:nb].transpose(1, 2)  # [nb, W, D]
-                torch.bmm(dscores[..., :W], k_win, out=dq[b, h].view(nb, block, D))
-                if G:
-                    dq[b, h].addmm_(dscores[..., W:].reshape(L, G), kg[b, h])
-                    dkg[b, h].addmm_(dscores[..., W:].reshape(L, G).transpose(0, 1), q[b, h])
-                dk_b = dk_pad[b, h]
-                for d in range(n_diag):
-                    dk_b[d * block : d * block + L].view(nb, block, D).baddbmm_(
-                        dscores[..., d * block : (d + 1) * block].transpose(1, 2), qb
-                    )
-        return dq, dk_pad, dv_pad, dkg, dvg, None, None, None, None, None, None
+        q_flat, k_flat, v_flat, kg, vg, probs, dropped = ctx.saved_tensors
+        B, H, L, D, block, half = ctx.shape
+        N, nb, G = B * H, L // block, kg.shape[2]
+        W = (2 * half + 1) * block
+        pad, per_head = half * block, nb + half
+        T = N * per_head
+        n_diag = 2 * half + 1
+        if dropped is None:
+            dropped = probs
+        kg3, vg3 = kg.reshape(N, G, D), vg.reshape(N, G, D)
+        grad3 = grad_out.reshape(N, L, D)
+        if ctx.dropout_scale is not None:  # the 1 / keep scale of the forward, moved onto dO
+            grad3 = grad3 * ctx.dropout_scale
+        do_flat = _BandAttention._to_flat(grad3, pad, W + G)
+        do_win = do_flat[pad : pad + T * block].view(T, block, D)
+        q_win = q_flat[pad : pad + T * block].view(T, block, D)
+        q3 = _BandAttention._from_flat(q_flat, N, L, pad)
+        k_wins = k_flat.unfold(0, W, block)[:T].transpose(1, 2)  # [T, W, D]
+        v_wins_wide = v_flat.unfold(0, W + G, block)[:T]  # [T, D, W + G]
+        dk_flat = torch.zeros_like(k_flat)
+        dv_flat = torch.zeros_like(v_flat)
+        dq = torch.empty(N, L, D, dtype=q_flat.dtype, device=q_flat.device)
+        dkg = torch.empty_like(kg3)
+        dvg = torch.empty_like(vg3)
+
+        def glob_of(x, heads):  # the [heads, L, G] global-score part of a [heads * per_head, block, W + G] slice
+            return x.view(heads, per_head, block, W + G)[:, :nb, :, W:].view(heads, L, G)
+
+        # dV = P_dropped^T dO, diagonal by diagonal of the band (window t, block d -> key block t + d)
+        for d in range(n_diag):
+            dv_flat[d * block : (d + T) * block].view(T, block, D).baddbmm_(
+                dropped[..., d * block : (d + 1) * block].transpose(1, 2), do_win
+            )
+        if G:
+            torch.bmm(glob_of(dropped, N).transpose(1, 2), grad3, out=dvg)
+        # the score gradients are a temporary as large as the probabilities: go a few heads at a time
+        heads_per_chunk = max(1, (32 << 20) // (per_head * block * (W + G) * probs.element_size()))
+        dscores_buffer = torch.empty(min(N, heads_per_chunk) * per_head, block, W + G, dtype=probs.dtype,
+                                     device=probs.device)
+        for s0 in range(0, N, heads_per_chunk):
+            s1 = min(N, s0 + heads_per_chunk)
+            t0, t1 = s0 * per_head, s1 * per_head
+            ds = dscores_buffer[: t1 - t0]
+            ds.baddbmm_(do_win[t0:t1], v_wins_wide[t0:t1], beta=0.0)  # dP = dO V^T
+            if G:
+                glob_of(ds, s1 - s0).baddbmm_(grad3[s0:s1], vg3[s0:s1].transpose(1, 2), beta=0.0)
+            if ctx.dropout_scale is not None:
+                ds.masked_fill_(dropped[t0:t1] == 0, 0.0)
+            # dS = P * (dP - rowsum(P * dP)), fused and in place
+            torch._softmax_backward_data(ds, probs[t0:t1], -1, probs.dtype, grad_input=ds)
+            dq_win = torch.bmm(ds[..., :W], k_wins[t0:t1])
+            dq[s0:s1] = dq_win.view(s1 - s0, per_head, block, D)[:, :nb].reshape(s1 - s0, L, D)
+            if G:
+                ds_glob = glob_of(ds, s1 - s0)
+                dq[s0:s1].baddbmm_(ds_glob, kg3[s0:s1])
+                torch.bmm(ds_glob.transpose(1, 2), q3[s0:s1], out=dkg[s0:s1])
+            for d in range(n_diag):
+                dk_flat[(t0 + d) * block : (t1 + d) * block].view(t1 - t0, block, D).baddbmm_(
+                    ds[..., d * block : (d + 1) * block].transpose(1, 2), q_win[t0:t1]
+                )
+        dk = _BandAttention._from_flat(dk_flat, N, L, pad).reshape(B, H, L, D)
+        dv = _BandAttention._from_flat(dv_flat, N, L, pad).reshape(B, H, L, D)
+        return (dq.view(B, H, L, D), dk, dv, dkg.view(B, H, G, D), dvg.view(B, H, G, D),
+                None, None, None, None, None, None, None)
 
 
 class _Plan:
@@ -247,11 +316,6 @@ class _Plan:
         rows_any = band_mask.any(-1)
         self.fix_rows = [r.nonzero().flatten() if bool(r.any()) else None for r in rows_any]
         self.key_padding_mask = key_padding_mask
-
-
-def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, before + L + after, D] with zero rows (autograd-friendly)."""
-    return torch.nn.functional.pad(x, (0, 0, before, after))
 
 
 def _dense_rows(q_rows, k, v, key_padding_mask, dropout_p, training):
@@ -301,19 +365,19 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q = q * scale
     index = plan.global_index[:, None, :, None].expand(B, H, plan.global_index.shape[1], D)
-    G = index.shape[2]
     kg = k.gather(2, index)
     vg = v.gather(2, index)
     out = _BandAttention.apply(
         q.contiguous(),
-        _pad_rows(k, plan.pad, plan.pad + G),
-        _pad_rows(v, plan.pad, plan.pad + G),
+        k.contiguous(),
+        v.contiguous(),
         kg,
         vg,
         plan.band_bias,
         plan.global_bias,
         plan.fix_rows,
         block_size,
+        plan.half,
         float(dropout_p),
         bool(training),
     )

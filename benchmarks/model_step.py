@@ -1,0 +1,165 @@
+"""Training-step cost per token of a small masked-LM at 512 vs 4096 tokens, side by side.
+
+Models (same size: 4 layers, hidden 256, 4 heads of 64, FFN 1024, vocab 21128, dropout 0.1):
+
+* ``lfzh block_sparse``  ``LongformerZhForMaskedLM``, block-sparse backend (window 512, block 64,
+  global block 0); MLM head evaluated at the labelled positions only
+* ``lfzh sliding_chunks`` the same model with the exact backend (transformers' Longformer attention)
+* ``hf longformer``      transformers' ``LongformerForMaskedLM`` (window 512; head over all positions)
+* ``hf bert (dense)``    transformers' ``BertForMaskedLM`` (dense SDPA attention; head over all positions)
+
+A step is forward + backward + AdamW on 4096 tokens (batch 8 x 512 or 1 x 4096), 15% of positions
+labelled, [CLS] global for the Longformers. Times are medians over ``--rounds`` interleaved rounds;
+peak memory (optional, ``--memory``) is the resident-set growth of one step in a fresh subprocess.
+
+    python benchmarks/model_step.py
+    python benchmarks/model_step.py --lengths 512 4096 --rounds 3 --memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+TOKENS_PER_STEP = 4096
+SIZE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=21128)
+WINDOW, BLOCK = 512, 64
+ALL_MODELS = ["lfzh block_sparse", "lfzh sliding_chunks", "hf longformer", "hf bert (dense)"]
+
+
+def build(name: str, L: int):
+    """``step()`` running one optimisation step of model ``name`` on ``TOKENS_PER_STEP`` tokens of length L."""
+    torch.manual_seed(0)
+    batch = max(1, TOKENS_PER_STEP // L)
+    if name.startswith("lfzh"):
+        import lfzh_ds.modeling  # noqa: F401 - registers the classes
+        from lfzh_ds.configuration import LongformerZhConfig
+        from lfzh_ds.modeling import LongformerZhForMaskedLM
+
+        config = LongformerZhConfig(
+            max_position_embeddings=4096, attention_window=WINDOW, sparse_block_size=BLOCK,
+            attention_backend=name.split()[1], **SIZE,
+        )
+        model = LongformerZhForMaskedLM(config)
+    elif name == "hf longformer":
+        from transformers import LongformerConfig, LongformerForMaskedLM
+
+        config = LongformerConfig(max_position_embeddings=4096 + 2, attention_window=WINDOW, **SIZE)
+        model = LongformerForMaskedLM(config)
+    else:
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(max_position_embeddings=4096, **SIZE)
+        model = BertForMaskedLM(config, attn_implementation="sdpa") if _accepts_attn_impl() else BertForMaskedLM(config)
+    model.train()
+    input_ids = torch.randint(1000, SIZE["vocab_size"], (batch, L))
+    labels = torch.full_like(input_ids, -100)
+    chosen = torch.rand(batch, L) < 0.15
+    labels[chosen] = input_ids[chosen]
+    attention_mask = torch.ones_like(input_ids)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if name != "hf bert (dense)":
+        global_attention_mask = torch.zeros_like(input_ids)
+        global_attention_mask[:, 0] = 1
+        kwargs["global_attention_mask"] = global_attention_mask
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**kwargs).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _accepts_attn_impl() -> bool:
+    from transformers import BertForMaskedLM
+    import inspect
+
+    return "attn_implementation" in inspect.signature(BertForMaskedLM.__init__).parameters
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(name: str, L: int) -> dict:
+    step = build(name, L)
+    step()  # optimizer state and first-touch allocations outside the measurement
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return {"peak_mb": (_status_kb("VmHWM") - base) / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=ALL_MODELS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]))))
+        return
+
+    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
+          f"threads {args.threads}, malloc env {malloc or 'default'}")
+    print(f"model: {SIZE}, window {WINDOW}; {TOKENS_PER_STEP} tokens per step (fwd + bwd + AdamW), "
+          f"median of {args.rounds} interleaved rounds")
+    steps = {}
+    for name in args.models:
+        for L in args.lengths:
+            steps[(name, L)] = build(name, L)
+            steps[(name, L)]()  # warm-up
+    times = {key: [] for key in steps}
+    for _ in range(args.rounds):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    del steps
+
+    print("\n| model | L | batch | step s | ms per 1k tokens | peak MB |")
+    print("|---|---|---|---|---|---|")
+    per_token = {}
+    for (name, L), values in times.items():
+        t = statistics.median(values)
+        per_token[(name, L)] = t / TOKENS_PER_STEP
+        peak = "-"
+        if args.memory:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, str(L), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            peak = f"{json.loads(done.stdout.strip().splitlines()[-1])['peak_mb']:.0f}" if done.returncode == 0 else "failed"
+        print(f"| {name} | {L} | {max(1, TOKENS_PER_STEP // L)} | {t:.3f} | {1000 * t / TOKENS_PER_STEP * 1000:.1f} | {peak} |",
+              flush=True)
+    short, long_ = min(args.lengths), max(args.lengths)
+    print(f"\ncost per token at {long_} / at {short} (target <= 1.3x for block_sparse):")
+    for name in args.models:
+        if (name, short) in per_token and (name, long_) in per_token:
+            print(f"  {name}: {per_token[(name, long_)] / per_token[(name, short)]:.2f}x")
+    if ("lfzh block_sparse", long_) in per_token:
+        for name in args.models:
+            if name != "lfzh block_sparse" and (name, long_) in per_token:
+                print(f"  at {long_}: {name} / lfzh block_sparse per token: "
+                      f"{per_token[(name, long_)] / per_token[('lfzh block_sparse', long_)]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
