@@ -121,18 +121,40 @@ CASES = [
 ]
 
 
+# The same equality tests run on a GPU when the machine has one (CPU-only machines run the CPU cases).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _kernels_for(device):
+    """The kernels to check on ``device``: the pure-PyTorch one, plus compiled FlexAttention on GPUs
+    that support it (forward and backward)."""
+    kernels = [("torch", block_sparse_attention)]
+    if device == "cuda":
+        from lfzh_ds.attention.flex import flex_block_sparse_attention, flex_supported
+
+        if flex_supported(torch.device("cuda")):
+            kernels.append(("flex", flex_block_sparse_attention))
+    return kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", CASES)
-def test_kernel_matches_dense_sdpa_outputs_and_gradients(L, block, n, global_blocks, pads, globals_):
+def test_kernel_matches_dense_sdpa_outputs_and_gradients(L, block, n, global_blocks, pads, globals_, device):
+    for kernel_name, kernel in _kernels_for(device):
+        _check_kernel_against_sdpa(kernel, L, block, n, global_blocks, pads, globals_, device)
+
+
+def _check_kernel_against_sdpa(kernel, L, block, n, global_blocks, pads, globals_, device):
     torch.manual_seed(L)
     B, H, D = 2, 3, 16
-    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
-    key_padding_mask, global_tokens = masks_for(B, L, pads, globals_)
-    out = block_sparse_attention(
+    q, k, v = (torch.randn(B, H, L, D, device=device, requires_grad=True) for _ in range(3))
+    key_padding_mask, global_tokens = (m.to(device) for m in masks_for(B, L, pads, globals_))
+    out = kernel(
         q, k, v,
         block_size=block, num_sliding_window_blocks=n, global_block_indices=global_blocks,
         key_padding_mask=key_padding_mask, global_tokens=global_tokens,
     )
-    mask = rule_mask(L, block, n, global_blocks, key_padding_mask, global_tokens)
+    mask = rule_mask(L, block, n, global_blocks, key_padding_mask.cpu(), global_tokens.cpu()).to(device)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = ref.masked_fill(key_padding_mask[:, None, :, None], 0.0)  # padding rows are zero by contract
     assert (out - ref).abs().max().item() <= 1e-5
@@ -151,19 +173,20 @@ def test_dense_mask_from_layout_is_the_rule():
     assert torch.equal(ours, rule_mask(L, block, n, [2], key_padding_mask, global_tokens))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_runs_in_half_precision_close_to_fp32(dtype):
+def test_kernel_runs_in_half_precision_close_to_fp32(dtype, device):
     torch.manual_seed(0)
     B, H, L, D, block = 2, 2, 128, 16, 16
-    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
-    key_padding_mask, global_tokens = masks_for(B, L, [0, 28], [[50], []])
+    q, k, v = (torch.randn(B, H, L, D, device=device) for _ in range(3))
+    key_padding_mask, global_tokens = (m.to(device) for m in masks_for(B, L, [0, 28], [[50], []]))
     kwargs = dict(block_size=block, num_sliding_window_blocks=3, key_padding_mask=key_padding_mask,
                   global_tokens=global_tokens)
     low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     out = block_sparse_attention(*low, **kwargs)
     assert out.dtype == dtype
     ref = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=rule_mask(L, block, 3, [0], key_padding_mask, global_tokens)
+        q, k, v, attn_mask=rule_mask(L, block, 3, [0], key_padding_mask.cpu(), global_tokens.cpu()).to(device)
     ).masked_fill(key_padding_mask[:, None, :, None], 0.0)
     tol = 3e-3 if dtype == torch.float16 else 3e-2
     assert (out.float() - ref).abs().max().item() <= tol
