@@ -66,6 +66,8 @@ class JobConflict(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """One preprocessing job; the fields mirror ``lfzh-preprocess --help`` (``chunk_bytes`` is ``--chunk-mb``)."""
+
     inputs: tuple = ()
     output: str = ""
     format: str = "auto"
