@@ -81,7 +81,8 @@ def test_word_by_word_tokenization_equals_the_tokenizer_and_marks_jieba_words():
     wt = WordTokenizer()
     texts = [clean_document(d["title"] + "\n" + d["content"]) for d in inews_documents("dev")[:150]]
     texts += ["café naïve résumé 中文", "日本語のひらがなです", "iPhone12和GPT-4o在2024年", "a\u200bb 中\u3000文",
-              "x" * 150 + "中国", "Ⅻ号楼ＡＢＣ"]
+              "x" * 150 + "中国", "Ⅻ号楼ＡＢＣ", "ab\x0bcd 中", "ab\u2028cd", "e\u0301t\u00e9", "한국어 텍스트",
+              "١٢٣abc", "ab\ufffdcd", "İstanbul ß", "🙂a🙂", "中\u200d文"]
     for text in texts:
         ids, starts = wt(text)
         assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"], text[:40]
