@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import torch
 from torch import nn
@@ -128,6 +129,40 @@ def _dropout_drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     return drop, 1.0 - threshold / 65536
 
 
+class _ScratchPool:
+    """Reusable scratch buffers for temporaries that live within one forward or one backward call.
+
+    Large fresh allocations come straight from the OS on every call (glibc serves them with mmap) and
+    page-faulting them in costs as much as a good part of the arithmetic; keeping a few buffers per
+    (size, dtype, device) avoids that. Only call-local temporaries go here, never tensors saved for
+    backward, so re-running a backward (``retain_graph=True``) stays correct.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with self.lock:
+            stack = self.free.get((numel, dtype, device))
+            if stack:
+                return stack.pop()
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give_back(self, *buffers: torch.Tensor) -> None:
+        with self.lock:
+            held = sum(t.numel() * t.element_size() for stack in self.free.values() for t in stack)
+            for t in buffers:
+                size = t.numel() * t.element_size()
+                if held + size <= self.max_bytes:
+                    self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+                    held += size
+
+
+_SCRATCH = _ScratchPool()
+
+
 class _BandAttention(torch.autograd.Function):
     """Softmax attention of each query over its block row's band of keys plus a set of global keys.
 
@@ -145,10 +180,18 @@ class _BandAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _to_flat(x, pad, extra):
+    def _flat_rows(N, L, pad, extra):
+        return pad + N * (L + pad) + pad + extra
+
+    @staticmethod
+    def _to_flat(x, pad, extra, scratch=False):
         """[N, L, D] -> [pad + N * (L + pad) + pad + extra, D], each head followed by pad zero rows."""
         N, L, D = x.shape
-        flat = x.new_zeros(pad + N * (L + pad) + pad + extra, D)
+        rows = _BandAttention._flat_rows(N, L, pad, extra)
+        if scratch:
+            flat = _SCRATCH.take(rows * D, x.dtype, x.device).view(rows, D).zero_()
+        else:
+            flat = x.new_zeros(rows, D)
         flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L] = x
         return flat
 
@@ -189,8 +232,10 @@ class _BandAttention(torch.autograd.Function):
         if use_dropout:
             drop, keep_prob = _dropout_drop_mask(probs.shape, dropout_p, probs.device)
             dropped = probs.masked_fill(drop, 0.0)
-        out_win = torch.bmm(dropped[..., :W], v_flat.unfold(0, W, block)[:T].transpose(1, 2))
-        out = out_win.view(N, per_head, block, D)[:, :nb].reshape(N, L, D)
+        out_win = _SCRATCH.take(T * block * D, q.dtype, q.device).view(T, block, D)
+        torch.bmm(dropped[..., :W], v_flat.unfold(0, W, block)[:T].transpose(1, 2), out=out_win)
+        out = out_win.view(N, per_head, block, D)[:, :nb].clone().view(N, L, D)  # a copy: out_win is scratch
+        _SCRATCH.give_back(out_win)
         if G:
             dropped_glob = dropped.view(N, per_head, block, W + G)[:, :nb, :, W:].view(N, L, G)
             out.baddbmm_(dropped_glob, vg.reshape(N, G, D))
@@ -230,14 +275,14 @@ class _BandAttention(torch.autograd.Function):
         grad3 = grad_out.reshape(N, L, D)
         if ctx.dropout_scale is not None:  # the 1 / keep scale of the forward, moved onto dO
             grad3 = grad3 * ctx.dropout_scale
-        do_flat = _BandAttention._to_flat(grad3, pad, W + G)
+        do_flat = _BandAttention._to_flat(grad3, pad, W + G, scratch=True)
         do_win = do_flat[pad : pad + T * block].view(T, block, D)
         q_win = q_flat[pad : pad + T * block].view(T, block, D)
         q3 = _BandAttention._from_flat(q_flat, N, L, pad)
         k_wins = k_flat.unfold(0, W, block)[:T].transpose(1, 2)  # [T, W, D]
         v_wins_wide = v_flat.unfold(0, W + G, block)[:T]  # [T, D, W + G]
-        dk_flat = torch.zeros_like(k_flat)
-        dv_flat = torch.zeros_like(v_flat)
+        dk_flat = _SCRATCH.take(k_flat.numel(), k_flat.dtype, k_flat.device).view_as(k_flat).zero_()
+        dv_flat = _SCRATCH.take(v_flat.numel(), v_flat.dtype, v_flat.device).view_as(v_flat).zero_()
         dq = torch.empty(N, L, D, dtype=q_flat.dtype, device=q_flat.device)
         dkg = torch.empty_like(kg3)
         dvg = torch.empty_like(vg3)
@@ -254,8 +299,10 @@ class _BandAttention(torch.autograd.Function):
             torch.bmm(glob_of(dropped, N).transpose(1, 2), grad3, out=dvg)
         # the score gradients are a temporary as large as the probabilities: go a few heads at a time
         heads_per_chunk = max(1, (32 << 20) // (per_head * block * (W + G) * probs.element_size()))
-        dscores_buffer = torch.empty(min(N, heads_per_chunk) * per_head, block, W + G, dtype=probs.dtype,
-                                     device=probs.device)
+        chunk_windows = min(N, heads_per_chunk) * per_head
+        dscores_buffer = _SCRATCH.take(chunk_windows * block * (W + G), probs.dtype, probs.device)
+        dscores_buffer = dscores_buffer.view(chunk_windows, block, W + G)
+        dq_buffer = _SCRATCH.take(chunk_windows * block * D, probs.dtype, probs.device).view(chunk_windows, block, D)
         for s0 in range(0, N, heads_per_chunk):
             s1 = min(N, s0 + heads_per_chunk)
             t0, t1 = s0 * per_head, s1 * per_head
@@ -267,7 +314,7 @@ class _BandAttention(torch.autograd.Function):
                 ds.masked_fill_(dropped[t0:t1] == 0, 0.0)
             # dS = P * (dP - rowsum(P * dP)), fused and in place
             torch._softmax_backward_data(ds, probs[t0:t1], -1, probs.dtype, grad_input=ds)
-            dq_win = torch.bmm(ds[..., :W], k_wins[t0:t1])
+            dq_win = torch.bmm(ds[..., :W], k_wins[t0:t1], out=dq_buffer[: t1 - t0])
             dq[s0:s1] = dq_win.view(s1 - s0, per_head, block, D)[:, :nb].reshape(s1 - s0, L, D)
             if G:
                 ds_glob = glob_of(ds, s1 - s0)
@@ -277,8 +324,9 @@ class _BandAttention(torch.autograd.Function):
                 dk_flat[(t0 + d) * block : (t1 + d) * block].view(t1 - t0, block, D).baddbmm_(
                     ds[..., d * block : (d + 1) * block].transpose(1, 2), q_win[t0:t1]
                 )
-        dk = _BandAttention._from_flat(dk_flat, N, L, pad).reshape(B, H, L, D)
-        dv = _BandAttention._from_flat(dv_flat, N, L, pad).reshape(B, H, L, D)
+        dk = _BandAttention._from_flat(dk_flat, N, L, pad).clone().view(B, H, L, D)  # copies out of the scratch
+        dv = _BandAttention._from_flat(dv_flat, N, L, pad).clone().view(B, H, L, D)
+        _SCRATCH.give_back(do_flat, dk_flat.view(-1), dv_flat.view(-1), dscores_buffer.view(-1), dq_buffer.view(-1))
         return (dq.view(B, H, L, D), dk, dv, dkg.view(B, H, G, D), dvg.view(B, H, G, D),
                 None, None, None, None, None, None, None)
 
