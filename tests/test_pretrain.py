@@ -207,20 +207,6 @@ def test_resume_on_one_process_through_a_universal_checkpoint(reference, shards,
         assert abs(ours[step] - theirs[step]) < 1e-5, (step, ours[step], theirs[step])
 
 
-def test_init_from_a_model_with_start_step_continues_the_schedule(reference, shards, files, tmp_path):
-    from lfzh_ds.training.checkpoint import export_run
-
-    model_dir = export_run(reference[0] / "checkpoints" / "step_4", tmp_path / "model_at_4")
-    run_dir = tmp_path / "continued"
-    result = pretrain(shards, files, run_dir, "--init-from", str(model_dir), "--start-step", "4", model=False)
-    assert result.returncode == 0, result.output[-4000:]
-    train, val = read_metrics(run_dir)
-    assert [r["step"] for r in train] == [5, 6]
-    reference_lr = {r["step"]: r["lr"] for r in read_metrics(reference[0])[0]}
-    assert [r["lr"] for r in train] == [reference_lr[5], reference_lr[6]]
-    assert read_latest_tag(run_dir / "checkpoints") == "step_6"
-
-
 def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(shards, files, tmp_path):
     run_dir = tmp_path / "run"
     result = pretrain(shards, files, run_dir, "--max-nonfinite-steps", "2", fault="nan_from_step=5")
@@ -234,15 +220,26 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 
 # ---------------------------------------------------------------------------------------------- configs
 
-def test_the_gpu_command_with_zero2_json_runs_on_this_cpu_machine(shards, files, tmp_path):
+def test_the_gpu_command_with_zero2_json_continues_a_model_at_step_3000_on_this_cpu(reference, shards, files,
+                                                                                     tmp_path):
+    """The README's 3K -> 15K command, as is, on CPU: fp16 falls back in one line, the schedule picks up at 3000."""
+    from lfzh_ds.training.checkpoint import export_run
+
+    model_dir = export_run(reference[0] / "checkpoints" / "step_4", tmp_path / "model")
     run_dir = tmp_path / "run"
-    result = pretrain(shards, files, run_dir, "--max-steps", "1", "--eval-interval", "0",
-                      ds_config=REPO / "ds_configs" / "zero2.json")
+    result = pretrain(shards, files, run_dir, "--init-from", str(model_dir), "--start-step", "3000",
+                      "--max-steps", "3001", "--eval-interval", "0", "--save-interval", "1000",
+                      ds_config=REPO / "ds_configs" / "zero2.json", model=False)
     assert result.returncode == 0, result.output[-4000:]
     assert result.output.count("fp16 is not available on the CPU accelerator: training in fp32 instead") == 1
-    assert "global batch 64 sequences x 128 tokens" in result.output
+    assert "global batch 64 sequences x 128 tokens = 8,192 tokens per step" in result.output
     assert "micro-batch 2 x accumulation 16 x 2 processes" in result.output
-    assert [r["step"] for r in read_metrics(run_dir)[0]] == [1]
+    [record] = read_metrics(run_dir)[0]
+    assert record["step"] == 3001 and record["samples"] == 64
+    # zero2.json: WarmupDecayLR, 3e-5 after 500 warm-up steps, linear decay to 0 at 15000. The update of step
+    # k uses the schedule's iteration k - 2 (DeepSpeed's first step runs at the initial rate).
+    assert record["lr"] == pytest.approx(3e-5 * (15000 - 2999) / (15000 - 500), rel=1e-9)
+    assert read_latest_tag(run_dir / "checkpoints") == "step_3001"
 
 
 def test_bad_config_fails_before_any_compute(shards, files, tmp_path):

@@ -93,3 +93,11 @@ def test_every_shipped_config_passes_deepspeeds_own_validation(name, monkeypatch
 
     resolved = load_deepspeed_config(CONFIGS / name, world_size=1, max_steps=100)
     DeepSpeedConfig(resolved.config)  # raises on any unknown nested key or bad value
+
+
+def test_zero3_offload_config_drops_offloading_on_the_cpu_accelerator():
+    resolved = load_deepspeed_config(CONFIGS / "zero3_offload.json", world_size=2)
+    zero = resolved.config["zero_optimization"]
+    assert zero["stage"] == 3 and "offload_optimizer" not in zero and "offload_param" not in zero
+    assert any("offload_optimizer and offload_param dropped" in n for n in resolved.notes)
+    assert resolved.config["optimizer"]["params"]["torch_adam"] is True

@@ -8,7 +8,8 @@ keys). The checks, in order:
 2. no removed feature (``sparse_attention`` and the rest of DeepSpeed's removed blocks) and no unknown top-level
    key (a typo such as ``train_batch_szie`` would otherwise be ignored);
 3. the batch sizes divide: ``train_batch_size = micro_batch x gradient_accumulation x processes``;
-4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line;
+4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line; on the
+   CPU accelerator, offloading to CPU is dropped and AdamW uses torch's implementation;
 5. DeepSpeed's own validation of every block (after torch.distributed is up, so the world size is right).
 """
 from __future__ import annotations
@@ -173,7 +174,7 @@ def resolve_batch_sizes(config: dict, world_size: int, source: str) -> None:
     config.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
 
 
-def adapt_precision(config: dict, source: str, notes: list[str]) -> None:
+def adapt_to_accelerator(config: dict, source: str, notes: list[str]) -> None:
     """fp16 on the CPU accelerator (or one without fp16) falls back to fp32, said in one line.
 
     DeepSpeed's CPU accelerator reports fp16 as supported where oneDNN has fp16 kernels, but its fp16 path
@@ -191,9 +192,14 @@ def adapt_precision(config: dict, source: str, notes: list[str]) -> None:
         notes.append(f"fp16 is not available on the {name.upper()} accelerator: training in fp32 instead "
                      f"({source} asks for fp16; ds_configs/cpu.json selects fp32 or bf16 explicitly)")
     if name == "cpu":
+        zero = config.get("zero_optimization", {})
+        offloaded = [k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"]
+        if offloaded:  # the CPU accelerator's memory is already host memory
+            for key in offloaded:
+                zero.pop(key)
+            notes.append(f"CPU accelerator: {' and '.join(offloaded)} dropped (there is no device memory to offload from)")
         params = config.get("optimizer", {}).get("params")
-        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if params is not None and "torch_adam" not in params and offload == "none":
+        if params is not None and "torch_adam" not in params:
             # FusedAdam is a CUDA kernel; on CPU DeepSpeed would JIT-build a C++ Adam for ~45 s per fresh machine.
             params["torch_adam"] = True
             notes.append("CPU accelerator: the optimizer uses torch's implementation (\"torch_adam\": true)")
@@ -240,7 +246,7 @@ def load_deepspeed_config(path, world_size: int, *, max_steps: int | None = None
     resolve_auto_values(config, max_steps, source)
     resolve_batch_sizes(config, world_size, source)
     notes: list[str] = []
-    adapt_precision(config, source, notes)
+    adapt_to_accelerator(config, source, notes)
     place_outputs(config, run_dir)
     return ResolvedConfig(source=source, config=config, world_size=world_size, notes=notes)
 
@@ -318,3 +324,12 @@ def build_engine(model, resolved: ResolvedConfig):
 def uses_activation_checkpointing(resolved: ResolvedConfig) -> bool:
     """An ``activation_checkpointing`` block turns on gradient checkpointing of the encoder layers."""
     return "activation_checkpointing" in resolved.config
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each encoder layer in the backward pass (torch.utils.checkpoint, non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .engine import (ConfigError, ResolvedConfig, build_engine, init_distributed, load_deepspeed_config,
+from .engine import (ConfigError, ResolvedConfig, build_engine, enable_activation_checkpointing, init_distributed,
+                     load_deepspeed_config,
                      rank_from_env, uses_activation_checkpointing, validate_with_deepspeed, world_size_from_env)
 from .evaluation import BpcResult, all_reduce_result, collate, masked_lm_cross_entropy, validation_indices
 from .metrics import MetricsLogger, Throughput, format_step, plot_curves
@@ -247,9 +248,10 @@ def run(args: Namespace) -> RunSummary:
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
     if uses_activation_checkpointing(resolved):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, resolved)
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model_config.num_hidden_layers} layers, "
+    say(f"model: {num_parameters:,} parameters, {model_config.num_hidden_layers} layers, "
         f"hidden {model_config.hidden_size}, attention {model_config.attention_backend}; precision "
         f"{resolved.precision}, ZeRO stage {resolved.zero_stage}")
     say(resolved.describe_batch(seq_len))
