@@ -167,9 +167,9 @@ class _BandAttention(torch.autograd.Function):
     """Softmax attention of each query over its block row's band of keys plus a set of global keys.
 
     Inputs: ``q`` [B, H, L, D] (already scaled), ``k``, ``v`` [B, H, L, D], ``kg``/``vg`` [B, H, G, D]
-    (global keys/values, G may be 0), ``band_bias`` [B, nb, W] and ``global_bias`` [B, G] (0 or a large
-    negative value), ``fix_rows`` (per batch element, the block rows whose band bias is not all zero,
-    or None), ``half`` (window blocks each side). Output [B, H, L, D].
+    (global keys/values, G may be 0), ``band_masked`` [M, 3] (the (batch, block row, band column)
+    triples to mask: outside the sequence, padding, or global keys), ``global_bias`` [B, G] (0 or a
+    large negative value), ``half`` (window blocks each side). Output [B, H, L, D].
 
     All B * H heads are handled by the same few batched matmuls: the heads are laid end to end in one
     flat buffer of rows, ``pad = half * block`` zero rows before each head and after the last (a pad is
@@ -201,7 +201,7 @@ class _BandAttention(torch.autograd.Function):
         return flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L]
 
     @staticmethod
-    def forward(ctx, q, k, v, kg, vg, band_bias, global_bias, fix_rows, block, half, dropout_p, training):
+    def forward(ctx, q, k, v, kg, vg, band_masked, global_bias, block, half, dropout_p, training):
         B, H, L, D = q.shape
         N, nb, G = B * H, L // block, kg.shape[2]
         W = (2 * half + 1) * block
@@ -217,10 +217,13 @@ class _BandAttention(torch.autograd.Function):
         # contiguous buffer (a strided output falls back to a slow per-matrix loop on CPU).
         probs = torch.empty(T, block, W + G, dtype=q.dtype, device=q.device)
         probs.baddbmm_(q_win, k_flat.unfold(0, W + G, block)[:T], beta=0.0)
-        fix_index, fix_bias = _BandAttention._fix_rows(fix_rows, band_bias, H, per_head)
-        if fix_index is not None:
-            band = probs[..., :W]
-            band[fix_index] += fix_bias
+        if band_masked.shape[0]:
+            # masked band columns, for all heads: only those (window, column) pairs are written
+            b, row, col = band_masked.unbind(1)
+            heads = torch.arange(H, device=q.device)
+            windows = ((b[:, None] * H + heads[None, :]) * per_head + row[:, None]).reshape(-1)
+            columns = col[:, None].expand(-1, H).reshape(-1)
+            probs.transpose(1, 2)[windows, columns] = _masked_value(probs.dtype)
         per_window = probs.view(N, per_head, block, W + G)
         if G:
             glob = per_window[:, :nb, :, W:].view(N, L, G)
@@ -245,20 +248,6 @@ class _BandAttention(torch.autograd.Function):
         ctx.shape = (B, H, L, D, block, half)
         ctx.dropout_scale = 1.0 / keep_prob if use_dropout else None
         return out.view(B, H, L, D)
-
-    @staticmethod
-    def _fix_rows(fix_rows, band_bias, H, per_head):
-        """Window indices (all heads) of block rows that need the band bias, and that bias [M, 1, W]."""
-        index, bias = [], []
-        for b, rows in enumerate(fix_rows):
-            if rows is None:
-                continue
-            heads = torch.arange(b * H, (b + 1) * H, device=rows.device)
-            index.append((heads[:, None] * per_head + rows[None, :]).reshape(-1))
-            bias.append(band_bias[b, rows].repeat(H, 1))
-        if not index:
-            return None, None
-        return torch.cat(index), torch.cat(bias).unsqueeze(1)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -328,7 +317,7 @@ class _BandAttention(torch.autograd.Function):
         dv = _BandAttention._from_flat(dv_flat, N, L, pad).clone().view(B, H, L, D)
         _SCRATCH.give_back(do_flat, dk_flat.view(-1), dv_flat.view(-1), dscores_buffer.view(-1), dq_buffer.view(-1))
         return (dq.view(B, H, L, D), dk, dv, dkg.view(B, H, G, D), dvg.view(B, H, G, D),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class _Plan:
@@ -360,9 +349,7 @@ class _Plan:
         excluded = torch.ones(B, L + 2 * self.pad, dtype=torch.bool, device=device)
         excluded[:, self.pad : self.pad + L] = key_padding_mask | global_key
         band_mask = excluded.unfold(1, self.W, block)  # [B, nb, W]
-        self.band_bias = torch.zeros(B, nb, self.W, dtype=dtype, device=device).masked_fill_(band_mask, neg)
-        rows_any = band_mask.any(-1)
-        self.fix_rows = [r.nonzero().flatten() if bool(r.any()) else None for r in rows_any]
+        self.band_masked = band_mask.nonzero()  # [M, 3]: batch, block row, column in the band
         self.key_padding_mask = key_padding_mask
 
 
@@ -421,9 +408,8 @@ def block_sparse_attention(
         v.contiguous(),
         kg,
         vg,
-        plan.band_bias,
+        plan.band_masked,
         plan.global_bias,
-        plan.fix_rows,
         block_size,
         plan.half,
         float(dropout_p),
