@@ -13,7 +13,7 @@ labelled, [CLS] global for the Longformers. Times are medians over ``--rounds`` 
 peak memory (optional, ``--memory``) is the resident-set growth of one step in a fresh subprocess.
 
     python benchmarks/model_step.py
-    python benchmarks/model_step.py --lengths 512 4096 --rounds 3 --memory
+    python benchmarks/model_step.py --lengths 512 4096 --rounds 3 --memory --models "lfzh block_sparse" "lfzh sliding_chunks"
 """
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ def memory_child(name: str, L: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=ALL_MODELS)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["lfzh block_sparse", "hf longformer", "hf bert (dense)"],
+                        choices=ALL_MODELS)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)

@@ -7,20 +7,23 @@ come Longformer's token-level global tokens: every token also attends to them (r
 and their own outputs are recomputed with ``query_global/key_global/value_global`` over all
 non-padding tokens. Padding keys are never attended; padding queries get a zero output.
 
-How the kernel works (``_BandAttention``, forward and backward written out, one head at a time):
+How the kernel works (``_BandAttention``, forward and backward written out):
 
 * The keys a query block sees split into the *band* (its own block and ``w`` blocks each side:
   ``W = (2w + 1) * block`` keys, the same for every block row) and the *global keys* (tokens of the
   global blocks plus the token-level global tokens, ``G`` of them). A global key that also lies in
   a row's band is masked there, so it is counted once.
-* The band's keys of all block rows are a strided view of the key matrix padded with ``w`` blocks on
-  each side (overlapping windows, no copy), so the scores of a whole head are one batched matmul
-  ``[nb, block, D] @ [nb, D, W]``, written next to the global scores ``[L, G]`` in one buffer
-  ``[nb, block, W + G]`` and normalised by one fused softmax (exact, no log-sum-exp bookkeeping).
+* All heads sit end to end in one zero-padded buffer, so the band of every block row of every head
+  is one overlapping strided view (no copy) and the scores of the whole layer are one batched matmul
+  ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in one
+  buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax (exact, no
+  log-sum-exp bookkeeping).
 * Global query rows (the rows of global blocks) attend to every key; they are a few dense rows
   computed with plain autograd ops and written over the band result.
-* Backward uses the saved probabilities and fused ``softmax`` backward; key/value gradients of the
-  overlapping windows are accumulated diagonal by diagonal into padded buffers.
+* Backward uses the saved probabilities and the fused softmax backward, a few heads at a time; the
+  key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
+* Call-local temporaries are recycled between calls (fresh large allocations are page-faulted in
+  anew every time, which costs as much as a good part of the arithmetic on CPU).
 
 Nothing of size ``L x L`` is ever built: the band scores are ``L x W``, the global ones ``L x G``.
 """
