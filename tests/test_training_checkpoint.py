@@ -62,3 +62,13 @@ def test_resolve_explains_what_is_missing(tmp_path):
     (ckpt / "latest").write_text("step_9\n")
     with pytest.raises(FileNotFoundError, match="names 'step_9', which does not exist"):
         resolve_checkpoint(tmp_path / "run")
+
+
+def test_a_training_checkpoint_is_told_apart_from_a_model_folder(tmp_path):
+    from lfzh_ds.training.checkpoint import is_training_checkpoint
+
+    ckpt = make_run(tmp_path, [2], latest=2)
+    assert is_training_checkpoint(tmp_path / "run") and is_training_checkpoint(ckpt / "step_2")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert not is_training_checkpoint(tmp_path / "model")

@@ -249,6 +249,13 @@ def client_training_state(client_state: dict | None, where: str) -> tuple[Traini
 
 # ---------------------------------------------------------------------------------------------- export
 
+def is_training_checkpoint(path) -> bool:
+    """True for a run folder of launch/pretrain.py, its checkpoints folder or one of its step_N folders."""
+    path = Path(path)
+    return ((path / CHECKPOINTS_DIRNAME / LATEST_FILENAME).is_file() or (path / LATEST_FILENAME).is_file()
+            or any(path.glob("*model_states.pt")))
+
+
 def resolve_checkpoint(path) -> tuple[Path, str]:
     """(checkpoints folder, tag) for a run folder, a checkpoints folder or one tag folder."""
     path = Path(path)

@@ -88,14 +88,13 @@ def load_masked_lm(path):
     """A ``LongformerZhForMaskedLM`` from a ``from_pretrained`` folder, a run folder or one checkpoint folder."""
     from pathlib import Path
 
-    from .checkpoint import CHECKPOINTS_DIRNAME, LATEST_FILENAME, load_model_from_run
+    from .checkpoint import is_training_checkpoint, load_model_from_run
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give a model folder (config.json + weights), a run folder "
                                 "of launch/pretrain.py, or one of its checkpoints/step_N folders")
-    if ((path / CHECKPOINTS_DIRNAME / LATEST_FILENAME).is_file() or (path / LATEST_FILENAME).is_file()
-            or any(path.glob("*model_states.pt"))):
+    if is_training_checkpoint(path):
         return load_model_from_run(path)
     from ..modeling import LongformerZhForMaskedLM
 

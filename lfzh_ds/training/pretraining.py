@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from argparse import Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,6 +185,8 @@ def run(args: Namespace) -> RunSummary:
         if main:
             print(message, flush=True)
 
+    # torch 2.13 warns on every ZeRO all-gather that DeepSpeed still calls the old collective's name.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     run_dir = Path(args.output_dir)
     fault = FaultInjection(os.environ.get("LFZH_FAULT"), rank)
 
