@@ -186,7 +186,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--impls", nargs="+", default=[i for i in ALL_IMPLS], choices=ALL_IMPLS)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--max-quadratic-len", type=int, default=8192,
                         help="skip dense SDPA and transformers' Longformer above this length (they take minutes)")
@@ -199,9 +199,9 @@ def main():
         print(json.dumps(measure_memory_here(args.memory_child[0], int(args.memory_child[1]))))
         return
 
-    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_WAIT_POLICY") if k in os.environ}
     print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
-          f"threads {args.threads}, malloc env {malloc or 'default'}")
+          f"threads {args.threads}, env {malloc or 'default (no MALLOC_*, OMP_WAIT_POLICY)'}")
     print(f"hidden {HIDDEN}, heads {HEADS}, window {WINDOW} (block {BLOCK}, {WINDOW // BLOCK + 1} window blocks, "
           f"global block 0), batch 1, fp32, median of {args.rounds} interleaved rounds; memory = peak RSS growth")
     rows = []
@@ -211,7 +211,8 @@ def main():
         for impl in impls:
             if (impl, "fwd") not in times:
                 continue
-            memory = {} if args.no_memory else measure_memory(impl, L, args.threads)
+            # flex would recompile in the memory subprocess (tens of seconds each): memory is not measured
+            memory = {} if args.no_memory or impl == "flex core" else measure_memory(impl, L, args.threads)
             rows.append((L, impl, times.get((impl, "fwd")), times.get((impl, "fb")), memory.get("fwd"), memory.get("fb")))
             print(f"  L={L:6d} {impl:13s} fwd {fmt(rows[-1][2])} s  fwd+bwd {fmt(rows[-1][3])} s  "
                   f"peak MB fwd {fmt(rows[-1][4], 'MB')} fwd+bwd {fmt(rows[-1][5], 'MB')}"

@@ -119,9 +119,9 @@ def main():
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]))))
         return
 
-    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_WAIT_POLICY") if k in os.environ}
     print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
-          f"threads {args.threads}, malloc env {malloc or 'default'}")
+          f"threads {args.threads}, env {malloc or 'default (no MALLOC_*, OMP_WAIT_POLICY)'}")
     print(f"model: {SIZE}, window {WINDOW}; {TOKENS_PER_STEP} tokens per step (fwd + bwd + AdamW), "
           f"median of {args.rounds} interleaved rounds")
     steps = {}
