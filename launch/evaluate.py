@@ -44,10 +44,10 @@ def run_bpc(args) -> None:
     from lfzh_ds.shards import ShardDataset
     from lfzh_ds.training.evaluation import evaluate_model_bpc, load_masked_lm
 
-    torch.set_grad_enabled(False)
     model = load_masked_lm(args.model)
     data = ShardDataset(args.data, split=args.split, masking="static")
-    result = evaluate_model_bpc(model, data, batch_size=args.batch_size, max_sequences=args.max_sequences)
+    with torch.no_grad():
+        result = evaluate_model_bpc(model, data, batch_size=args.batch_size, max_sequences=args.max_sequences)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, "bpc": result.bpc,
                           "loss": result.loss, "masked_tokens": result.masked_tokens, "sequences": result.sequences}))
