@@ -528,12 +528,13 @@ class BlockSparseSelfAttention(nn.Module):
             # W (sum p h) + b). Same result, O(Gq L E) instead of O(L E^2).
             w_k = self.key_global.weight.view(nh, D, E)
             w_v = self.value_global.weight.view(nh, D, E)
-            q_in = torch.einsum("bhgd,hde->bhge", q_g, w_k)  # [B, nh, Gq, E]
-            scores = torch.matmul(q_in, hidden_states.transpose(1, 2)[:, None])  # [B, nh, Gq, L]
-            scores = scores.masked_fill(is_index_masked[:, None, None, :], _masked_value(scores.dtype))
+            q_in = torch.einsum("bhgd,hde->bhge", q_g, w_k).reshape(B, nh * Gq, E)
+            # (batched over B only: broadcasting hidden_states over heads would copy it per head)
+            scores = torch.bmm(q_in, hidden_states.transpose(1, 2))  # [B, nh * Gq, L]
+            scores = scores.masked_fill(is_index_masked[:, None, :], _masked_value(scores.dtype))
             probs = torch.softmax(scores, -1)
             probs = torch.nn.functional.dropout(probs, self.dropout, self.training)
-            mixed = torch.matmul(probs, hidden_states[:, None])  # [B, nh, Gq, E]
+            mixed = torch.bmm(probs, hidden_states).view(B, nh, Gq, E)
             out_g = torch.einsum("bhge,hde->bhgd", mixed, w_v) + self.value_global.bias.view(1, nh, 1, D)
         else:
             k_g = self._heads(self.key_global(hidden_states))
