@@ -20,8 +20,7 @@ if __package__ in (None, ""):  # `deepspeed launch/pretrain.py` runs this file a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
                    help="DeepSpeed JSON config (see ds_configs/)")
     p.add_argument("--data", required=True, help="folder of shards + manifest.json written by launch/preprocess.py")
@@ -35,19 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-step", type=int, default=0,
                    help="with --init-from: the step the model was trained to, so the LR schedule continues from it")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir's latest checkpoint")
-    p.add_argument("--save-interval", type=int, default=1000, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints (0 keeps all)")
+    p.add_argument("--save-interval", type=int, default=1000, help="checkpoint every K steps and at the end (default 1000)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints, 0 keeps all (default 3)")
     p.add_argument("--eval-interval", type=int, default=1000,
-                   help="validation BPC every M steps, at the start and at the end (0: never)")
+                   help="validation BPC at the start, every M steps and at the end; 0: never (default 1000)")
     p.add_argument("--eval-sequences", type=int, default=None,
                    help="validate on the first N validation sequences (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: the micro-batch size")
-    p.add_argument("--log-interval", type=int, default=10, help="console line every N steps")
-    p.add_argument("--seed", type=int, default=42, help="model init, data order, dropout")
+    p.add_argument("--log-interval", type=int, default=10, help="console line every N steps (default 10)")
+    p.add_argument("--seed", type=int, default=42, help="model init, data order, dropout (default 42)")
     p.add_argument("--masking", choices=("static", "dynamic"), default="static",
-                   help="static: the data service's stored masks; dynamic: re-mask every epoch from the seed")
+                   help="static (default): the data service's stored masks; dynamic: re-mask every epoch from the seed")
     p.add_argument("--max-nonfinite-steps", type=int, default=50,
-                   help="stop when the loss is NaN/inf for this many consecutive steps")
+                   help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
