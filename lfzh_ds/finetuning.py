@@ -298,6 +298,8 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
     from .training.engine import init_distributed
 
+    if not task.train or not task.dev:
+        raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
     init_distributed()
     rank, world = rank_and_world()
