@@ -19,7 +19,7 @@ from data_service.pipeline import PipelineConfig, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--seq-len", "128", "--rows-per-shard", "8", "--dupe-factor", "2", "--mask-prob", "0.15",
+ARGS = ["--seq-len", "128", "--rows-per-shard", "20", "--dupe-factor", "2", "--mask-prob", "0.15",
         "--max-predictions", "20", "--val-fraction", "0.1", "--seed", "3"]
 
 
@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     full = write_inews_corpus(folder / "full", split="train")[0]
     path = folder / "news.jsonl"
-    path.write_text("\n".join(full.read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8")
+    path.write_text("\n".join(full.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
     return path
 
 
@@ -106,7 +106,7 @@ def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, referenc
         cluster.wait_for_nodes()
         assert len(cluster.list_all_nodes()) == 2
         result = run(PipelineConfig(inputs=(str(corpus),), output=str(tmp_path / "data"), seq_len=128,
-                                    rows_per_shard=8, dupe_factor=2, mask_prob=0.15, max_predictions=20,
+                                    rows_per_shard=20, dupe_factor=2, mask_prob=0.15, max_predictions=20,
                                     val_fraction=0.1, seed=3, ray_address=cluster.address, num_workers=2,
                                     chunk_bytes=32 << 10, progress=False))
         assert result.chunks_processed > 2
