@@ -1,6 +1,8 @@
 """Export a LongformerZh masked-LM model to stock transformers.LongformerForMaskedLM.
 
     python launch/export.py --from MODEL_DIR --to OUT_DIR
+    python launch/export.py --from RUN_DIR --to OUT_DIR        # a pretraining run's latest checkpoint
+    python launch/export.py --from RUN_DIR/checkpoints/step_3000 --to OUT_DIR
 
 The output loads with ``transformers.LongformerForMaskedLM.from_pretrained(OUT_DIR)`` without this
 package and gives the same logits (the position table is shifted to Longformer's numbering).
@@ -15,12 +17,18 @@ from lfzh_ds.modeling import LongformerZhForMaskedLM
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="model_dir", required=True, help="a LongformerZh model directory (save_pretrained)")
+    p.add_argument("--from", dest="model_dir", required=True,
+                   help="a LongformerZh model directory (save_pretrained), a run folder of launch/pretrain.py "
+                        "or one of its checkpoints/step_N folders")
     p.add_argument("--to", dest="out_dir", required=True, help="output directory for the stock Longformer")
     return p.parse_args(argv)
 
 
 def load_source_model(path) -> LongformerZhForMaskedLM:
+    from lfzh_ds.training.checkpoint import is_training_checkpoint, load_model_from_run
+
+    if is_training_checkpoint(path):  # a run of launch/pretrain.py (its latest checkpoint) or RUN_DIR/checkpoints/step_N
+        return load_model_from_run(path)
     return LongformerZhForMaskedLM.from_pretrained(path)
 
 

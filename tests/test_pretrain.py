@@ -272,3 +272,27 @@ def test_evaluate_bpc_of_the_run_matches_the_runs_last_validation(reference, sha
     last_val = read_metrics(run_dir)[1][-1]
     assert abs(measured["bpc"] - last_val["val_bpc"]) < 1e-4
     assert measured["masked_tokens"] == last_val["val_masked_tokens"]
+
+
+def test_export_from_a_run_folder_or_one_checkpoint(reference, tmp_path):
+    from transformers import LongformerForMaskedLM
+
+    from launch.export import main as export_main
+    from lfzh_ds.tokenization import load_tokenizer
+
+    run_dir, _ = reference
+    out = tmp_path / "exported"
+    result = subprocess.run([sys.executable, "launch/export.py", "--from", str(run_dir), "--to", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
+    ours = load_model_from_run(run_dir)
+    stock = LongformerForMaskedLM.from_pretrained(out).eval()
+    # 20 characters fit one 32-token block and the +-32 window, so block-sparse and stock Longformer agree exactly
+    ids = load_tokenizer()("北京市召开新闻发布会，介绍今年经济运行情况。", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-4)
+    export_main(["--from", str(run_dir / "checkpoints" / "step_4"), "--to", str(tmp_path / "at4")])
+    at4 = LongformerForMaskedLM.from_pretrained(tmp_path / "at4")
+    reference_4 = load_model_from_run(run_dir / "checkpoints" / "step_4")
+    assert torch.equal(at4.lm_head.decoder.weight, reference_4.cls.predictions.decoder.weight)
