@@ -285,7 +285,7 @@ def test_export_from_a_run_folder_or_one_checkpoint(reference, tmp_path):
     result = subprocess.run([sys.executable, "launch/export.py", "--from", str(run_dir), "--to", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     ours = load_model_from_run(run_dir)
     stock = LongformerForMaskedLM.from_pretrained(out).eval()
     # 20 characters fit one 32-token block and the +-32 window, so block-sparse and stock Longformer agree exactly
