@@ -301,9 +301,9 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
-    init_distributed()
+    init_distributed()  # on CPU this also splits the cores between the local processes
     rank, world = rank_and_world()
-    threads = share_cpu_threads()
+    threads = torch.get_num_threads()
     output_dir = Path(settings.output_dir)
     best_dir = output_dir / BEST_CHECKPOINT_DIR
     torch.manual_seed(settings.seed)
@@ -418,21 +418,6 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         write_metrics(output_dir / "summary.json", summary)
     barrier()
     return summary if rank == 0 else None
-
-
-def share_cpu_threads() -> int | None:
-    """On the CPU accelerator, split the cores between the processes of this machine (unless
-    OMP_NUM_THREADS says otherwise): oversubscribed OpenMP threads made steps up to 10x slower here."""
-    import os
-
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // int(os.environ.get("LOCAL_SIZE", "1")))
-    torch.set_num_threads(threads)
-    return threads
 
 
 def _device():
