@@ -301,9 +301,8 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
-    init_distributed()  # on CPU this also splits the cores between the local processes
+    threads = init_distributed()  # on CPU this also splits the cores between the local processes
     rank, world = rank_and_world()
-    threads = torch.get_num_threads()
     output_dir = Path(settings.output_dir)
     best_dir = output_dir / BEST_CHECKPOINT_DIR
     torch.manual_seed(settings.seed)

@@ -101,3 +101,24 @@ def test_zero3_offload_config_drops_offloading_on_the_cpu_accelerator():
     assert zero["stage"] == 3 and "offload_optimizer" not in zero and "offload_param" not in zero
     assert any("offload_optimizer and offload_param dropped" in n for n in resolved.notes)
     assert resolved.config["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_launcher_processes_on_one_cpu_machine_split_its_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from lfzh_ds.training.engine import share_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        assert share_cpu_threads() == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("LOCAL_SIZE", "16")
+        assert share_cpu_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+        assert share_cpu_threads() is None and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

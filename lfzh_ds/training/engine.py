@@ -278,8 +278,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
+def init_distributed() -> int | None:
     """Start torch.distributed the way the ``deepspeed`` launcher expects; also works without the launcher.
+    Returns the CPU threads this process was given (``share_cpu_threads``), or None where it was left alone.
 
     On the CPU accelerator, DeepSpeed JIT-compiles a shared-memory all-reduce (~30 s on a fresh machine) that only
     its inference path uses; training's collectives go through gloo, so the build is switched off here.
@@ -293,10 +294,12 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accelerator = get_accelerator()
+    threads = None
     if accelerator.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        share_cpu_threads()
+        threads = share_cpu_threads()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    return threads
 
 
 def share_cpu_threads() -> int | None:
