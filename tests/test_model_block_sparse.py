@@ -14,13 +14,7 @@ TOL = 1e-5
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True)
-def _frugal():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("frugal_torch")
 
 
 def config(backend, attention_window=16, **overrides):

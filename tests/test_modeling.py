@@ -29,13 +29,7 @@ TOL = 1e-5
 VOCAB = 300  # the heads' cost grows with the vocab; the geometry under test does not depend on it
 
 
-@pytest.fixture(autouse=True)
-def _frugal():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("frugal_torch")
 
 
 def small_config(**overrides):
