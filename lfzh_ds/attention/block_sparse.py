@@ -113,19 +113,19 @@ def _masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def _dropout_drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+def _dropout_drop_mask(shape, p: float, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A random mask of the attention probabilities to drop, and the keep probability.
 
     CPU's ``bernoulli_`` (behind ``F.dropout``) is slow enough to be a visible share of a training
     step; instead each 63-bit random integer gives three 16-bit uniform numbers, dropped below
     ``round(p * 2**16)``: dropout with probability ``round(p * 2**16) / 2**16`` (p to within 1e-5).
-    On GPUs plain ``bernoulli_`` is used.
+    On GPUs plain ``bernoulli_`` is used. The same ``generator`` state gives the same mask.
     """
     if torch.device(device).type != "cpu":
-        return torch.empty(shape, device=device).bernoulli_(p).bool(), 1.0 - p
+        return torch.empty(shape, device=device).bernoulli_(p, generator=generator).bool(), 1.0 - p
     numel = math.prod(shape)
     threshold = round(p * 65536)
-    random = torch.empty((numel + 2) // 3, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    random = torch.empty((numel + 2) // 3, dtype=torch.int64, device=device).random_(generator=generator)
     lanes = random.view(torch.int16).view(-1, 4)  # the 16-bit lanes; the top lane lacks the sign bit
     lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
     drop = (lanes < threshold - 32768).view(-1)[:numel].view(shape)
@@ -138,7 +138,7 @@ class _ScratchPool:
     Large fresh allocations come straight from the OS on every call (glibc serves them with mmap) and
     page-faulting them in costs as much as a good part of the arithmetic; keeping a few buffers per
     (size, dtype, device) avoids that. Only call-local temporaries go here, never tensors saved for
-    backward, so re-running a backward (``retain_graph=True``) stays correct.
+    backward or returned.
     """
 
     def __init__(self, max_bytes: int = 512 << 20):
@@ -146,12 +146,13 @@ class _ScratchPool:
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
 
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
         with self.lock:
             stack = self.free.get((numel, dtype, device))
             if stack:
-                return stack.pop()
-        return torch.empty(numel, dtype=dtype, device=device)
+                return stack.pop().view(shape)
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def give_back(self, *buffers: torch.Tensor) -> None:
         with self.lock:
@@ -159,201 +160,302 @@ class _ScratchPool:
             for t in buffers:
                 size = t.numel() * t.element_size()
                 if held + size <= self.max_bytes:
-                    self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+                    self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t.view(-1))
                     held += size
 
 
 _SCRATCH = _ScratchPool()
 
-
-class _BandAttention(torch.autograd.Function):
-    """Softmax attention of each query over its block row's band of keys plus a set of global keys.
-
-    Inputs: ``q`` [B, H, L, D] (already scaled), ``k``, ``v`` [B, H, L, D], ``kg``/``vg`` [B, H, G, D]
-    (global keys/values, G may be 0), ``band_masked`` [M, 3] (the (batch, block row, band column)
-    triples to mask: outside the sequence, padding, or global keys), ``global_bias`` [B, G] (0 or a
-    large negative value), ``half`` (window blocks each side). Output [B, H, L, D].
-
-    All B * H heads are handled by the same few batched matmuls: the heads are laid end to end in one
-    flat buffer of rows, ``pad = half * block`` zero rows before each head and after the last (a pad is
-    shared by neighbouring heads), so that with ``P = L + pad`` rows per head the band of block ``i`` of
-    head ``s`` starts at row ``(s * (nb + half) + i) * block``: one overlapping strided view ("window t
-    starts at t * block") serves every head. The ``half`` windows per head that start inside a pad are
-    computed and ignored (about ``half / nb`` extra work).
-    """
-
-    @staticmethod
-    def _flat_rows(N, L, pad, extra):
-        return pad + N * (L + pad) + pad + extra
-
-    @staticmethod
-    def _to_flat(x, pad, extra, scratch=False):
-        """[N, L, D] -> [pad + N * (L + pad) + pad + extra, D], each head followed by pad zero rows."""
-        N, L, D = x.shape
-        rows = _BandAttention._flat_rows(N, L, pad, extra)
-        if scratch:
-            flat = _SCRATCH.take(rows * D, x.dtype, x.device).view(rows, D).zero_()
-        else:
-            flat = x.new_zeros(rows, D)
-        flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L] = x
-        return flat
-
-    @staticmethod
-    def _from_flat(flat, N, L, pad):
-        D = flat.shape[-1]
-        return flat[pad : pad + N * (L + pad)].view(N, L + pad, D)[:, :L]
-
-    @staticmethod
-    def forward(ctx, q, k, v, kg, vg, band_masked, global_bias, block, half, dropout_p, training):
-        B, H, L, D = q.shape
-        N, nb, G = B * H, L // block, kg.shape[2]
-        W = (2 * half + 1) * block
-        pad, per_head = half * block, nb + half
-        T = N * per_head  # number of windows (nb real + half ignored per head)
-        use_dropout = training and dropout_p > 0.0
-        q_flat = _BandAttention._to_flat(q.reshape(N, L, D), pad, W + G)
-        k_flat = _BandAttention._to_flat(k.reshape(N, L, D), pad, W + G)
-        v_flat = _BandAttention._to_flat(v.reshape(N, L, D), pad, W + G)
-        q_win = q_flat[pad : pad + T * block].view(T, block, D)
-        # Scores of every window in one batched matmul. Windows are W + G keys wide: the G columns after
-        # the band are overwritten by the global scores below; this keeps the matmul's output the whole
-        # contiguous buffer (a strided output falls back to a slow per-matrix loop on CPU).
-        probs = torch.empty(T, block, W + G, dtype=q.dtype, device=q.device)
-        probs.baddbmm_(q_win, k_flat.unfold(0, W + G, block)[:T], beta=0.0)
-        if band_masked.shape[0]:
-            # masked band columns, for all heads: only those (window, column) pairs are written
-            b, row, col = band_masked.unbind(1)
-            heads = torch.arange(H, device=q.device)
-            windows = ((b[:, None] * H + heads[None, :]) * per_head + row[:, None]).reshape(-1)
-            columns = col[:, None].expand(-1, H).reshape(-1)
-            probs.transpose(1, 2)[windows, columns] = _masked_value(probs.dtype)
-        per_window = probs.view(N, per_head, block, W + G)
-        if G:
-            glob = per_window[:, :nb, :, W:].view(N, L, G)
-            glob.copy_(global_bias.repeat_interleave(H, 0)[:, None, :].expand(N, L, G))
-            glob.baddbmm_(q.reshape(N, L, D), kg.reshape(N, G, D).transpose(1, 2))
-        torch.softmax(probs, -1, out=probs)  # row-wise, in place
-        # dropout: the dropped entries are zeroed here, the 1 / keep scale goes on the (small) outputs
-        dropped, keep_prob = probs, 1.0
-        if use_dropout:
-            drop, keep_prob = _dropout_drop_mask(probs.shape, dropout_p, probs.device)
-            dropped = probs.masked_fill(drop, 0.0)
-        out_win = _SCRATCH.take(T * block * D, q.dtype, q.device).view(T, block, D)
-        torch.bmm(dropped[..., :W], v_flat.unfold(0, W, block)[:T].transpose(1, 2), out=out_win)
-        out = out_win.view(N, per_head, block, D)[:, :nb].clone().view(N, L, D)  # a copy: out_win is scratch
-        _SCRATCH.give_back(out_win)
-        if G:
-            dropped_glob = dropped.view(N, per_head, block, W + G)[:, :nb, :, W:].view(N, L, G)
-            out.baddbmm_(dropped_glob, vg.reshape(N, G, D))
-        if use_dropout:
-            out.mul_(1.0 / keep_prob)
-        ctx.save_for_backward(q_flat, k_flat, v_flat, kg, vg, probs, dropped if use_dropout else None)
-        ctx.shape = (B, H, L, D, block, half)
-        ctx.dropout_scale = 1.0 / keep_prob if use_dropout else None
-        return out.view(B, H, L, D)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q_flat, k_flat, v_flat, kg, vg, probs, dropped = ctx.saved_tensors
-        B, H, L, D, block, half = ctx.shape
-        N, nb, G = B * H, L // block, kg.shape[2]
-        W = (2 * half + 1) * block
-        pad, per_head = half * block, nb + half
-        T = N * per_head
-        n_diag = 2 * half + 1
-        if dropped is None:
-            dropped = probs
-        kg3, vg3 = kg.reshape(N, G, D), vg.reshape(N, G, D)
-        grad3 = grad_out.reshape(N, L, D)
-        if ctx.dropout_scale is not None:  # the 1 / keep scale of the forward, moved onto dO
-            grad3 = grad3 * ctx.dropout_scale
-        do_flat = _BandAttention._to_flat(grad3, pad, W + G, scratch=True)
-        do_win = do_flat[pad : pad + T * block].view(T, block, D)
-        q_win = q_flat[pad : pad + T * block].view(T, block, D)
-        q3 = _BandAttention._from_flat(q_flat, N, L, pad)
-        k_wins = k_flat.unfold(0, W, block)[:T].transpose(1, 2)  # [T, W, D]
-        v_wins_wide = v_flat.unfold(0, W + G, block)[:T]  # [T, D, W + G]
-        dk_flat = _SCRATCH.take(k_flat.numel(), k_flat.dtype, k_flat.device).view_as(k_flat).zero_()
-        dv_flat = _SCRATCH.take(v_flat.numel(), v_flat.dtype, v_flat.device).view_as(v_flat).zero_()
-        dq = torch.empty(N, L, D, dtype=q_flat.dtype, device=q_flat.device)
-        dkg = torch.empty_like(kg3)
-        dvg = torch.empty_like(vg3)
-
-        def glob_of(x, heads):  # the [heads, L, G] global-score part of a [heads * per_head, block, W + G] slice
-            return x.view(heads, per_head, block, W + G)[:, :nb, :, W:].view(heads, L, G)
-
-        # dV = P_dropped^T dO, diagonal by diagonal of the band (window t, block d -> key block t + d)
-        for d in range(n_diag):
-            dv_flat[d * block : (d + T) * block].view(T, block, D).baddbmm_(
-                dropped[..., d * block : (d + 1) * block].transpose(1, 2), do_win
-            )
-        if G:
-            torch.bmm(glob_of(dropped, N).transpose(1, 2), grad3, out=dvg)
-        # the score gradients are a temporary as large as the probabilities: go a few heads at a time
-        heads_per_chunk = max(1, (32 << 20) // (per_head * block * (W + G) * probs.element_size()))
-        chunk_windows = min(N, heads_per_chunk) * per_head
-        dscores_buffer = _SCRATCH.take(chunk_windows * block * (W + G), probs.dtype, probs.device)
-        dscores_buffer = dscores_buffer.view(chunk_windows, block, W + G)
-        dq_buffer = _SCRATCH.take(chunk_windows * block * D, probs.dtype, probs.device).view(chunk_windows, block, D)
-        for s0 in range(0, N, heads_per_chunk):
-            s1 = min(N, s0 + heads_per_chunk)
-            t0, t1 = s0 * per_head, s1 * per_head
-            ds = dscores_buffer[: t1 - t0]
-            ds.baddbmm_(do_win[t0:t1], v_wins_wide[t0:t1], beta=0.0)  # dP = dO V^T
-            if G:
-                glob_of(ds, s1 - s0).baddbmm_(grad3[s0:s1], vg3[s0:s1].transpose(1, 2), beta=0.0)
-            if ctx.dropout_scale is not None:
-                ds.masked_fill_(dropped[t0:t1] == 0, 0.0)
-            # dS = P * (dP - rowsum(P * dP)), fused and in place
-            torch._softmax_backward_data(ds, probs[t0:t1], -1, probs.dtype, grad_input=ds)
-            dq_win = torch.bmm(ds[..., :W], k_wins[t0:t1], out=dq_buffer[: t1 - t0])
-            dq[s0:s1] = dq_win.view(s1 - s0, per_head, block, D)[:, :nb].reshape(s1 - s0, L, D)
-            if G:
-                ds_glob = glob_of(ds, s1 - s0)
-                dq[s0:s1].baddbmm_(ds_glob, kg3[s0:s1])
-                torch.bmm(ds_glob.transpose(1, 2), q3[s0:s1], out=dkg[s0:s1])
-            for d in range(n_diag):
-                dk_flat[(t0 + d) * block : (t1 + d) * block].view(t1 - t0, block, D).baddbmm_(
-                    ds[..., d * block : (d + 1) * block].transpose(1, 2), q_win[t0:t1]
-                )
-        dk = _BandAttention._from_flat(dk_flat, N, L, pad).clone().view(B, H, L, D)  # copies out of the scratch
-        dv = _BandAttention._from_flat(dv_flat, N, L, pad).clone().view(B, H, L, D)
-        _SCRATCH.give_back(do_flat, dk_flat.view(-1), dv_flat.view(-1), dscores_buffer.view(-1), dq_buffer.view(-1))
-        return (dq.view(B, H, L, D), dk, dv, dkg.view(B, H, G, D), dvg.view(B, H, G, D),
-                None, None, None, None, None, None)
+# Bytes of scores per chunk of heads: on CPU small enough that a chunk's scores stay in the last-level
+# cache from the matmul through the softmax to the next matmul; on GPUs large, so few kernels launch.
+_CHUNK_BYTES = {"cpu": 16 << 20}
+_CHUNK_BYTES_ELSEWHERE = 512 << 20
 
 
 class _Plan:
-    """Everything about the masks that does not depend on the heads, computed once per call."""
+    """Everything one kernel call needs besides the tensors: the masks and the flat-row geometry.
 
-    def __init__(self, L, block, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens, dtype):
-        device = key_padding_mask.device
-        B = key_padding_mask.shape[0]
-        nb = L // block
-        self.nb = nb
-        self.half = min(num_sliding_window_blocks // 2, nb - 1)
+    Flat layout: all ``N = B * H`` heads end to end in one buffer of rows, between ``pad = half *
+    block`` zero rows before the first head and after the last, so window ``t = s * nb + i`` (head
+    ``s``, block row ``i``) starts at flat row ``t * block`` and covers exactly its band of ``W = (2
+    half + 1) block`` keys: the bands of all windows of all heads are one overlapping strided view. A
+    band that reaches past its head's first or last row sees the neighbouring head's rows (or the
+    zero pads) there; those columns are masked like any key outside the sequence. Windows are ``W +
+    G`` keys wide: the ``G`` columns after the band are overwritten with the scores of the global
+    keys, which keeps each matmul's output one contiguous buffer (a strided output falls back to a
+    slow per-matrix loop on CPU).
+
+    Masks: a key is attended in the band unless it lies outside the sequence, is padding or is a
+    global key (those are counted once, in the global columns); the global keys of each batch element
+    (tokens of global blocks and token-level global tokens, padded to ``G`` with masked slots); the
+    rows of global blocks, which attend every key.
+    """
+
+    def __init__(self, q, block, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens):
+        B, H, L, D = q.shape
+        device, dtype = q.device, q.dtype
+        self.B, self.H, self.L, self.D, self.N = B, H, L, D, B * H
+        self.block, self.nb = block, L // block
+        self.half = min(num_sliding_window_blocks // 2, self.nb - 1)
         self.W = (2 * self.half + 1) * block
         self.pad = self.half * block
+        self.T = self.N * self.nb
         neg = _masked_value(dtype)
+
         in_global_block = torch.zeros(L, dtype=torch.bool, device=device)
         for g in global_blocks:
             in_global_block[g * block : (g + 1) * block] = True
-        self.global_block_rows = in_global_block.nonzero().flatten()  # token positions of global blocks
+        self.global_rows = in_global_block.nonzero().flatten()  # token positions of global blocks
         valid = ~key_padding_mask
         global_key = (in_global_block[None, :] | global_tokens) & valid  # [B, L]
         counts = global_key.sum(1)
-        G = int(counts.max()) if B else 0
-        # global key indices per batch element, padded to G (padding entries masked by global_bias)
+        self.G = G = int(counts.max()) if B else 0
         order = torch.argsort((~global_key).to(torch.int8), dim=1, stable=True)
-        self.global_index = order[:, :G]
+        self.global_index = order[:, :G].repeat_interleave(H, 0)  # [N, G] (padded slots: masked by the bias)
         slot_valid = torch.arange(G, device=device)[None, :] < counts[:, None]
         self.global_bias = torch.zeros(B, G, dtype=dtype, device=device).masked_fill_(~slot_valid, neg)
-        # band: keys outside the sequence, padding keys and global keys (counted in the global part)
+        self.global_bias = self.global_bias.repeat_interleave(H, 0)  # [N, G]
+        self.padding = key_padding_mask.repeat_interleave(H, 0) if bool(key_padding_mask.any()) else None  # [N, L]
+
+        self.width = self.W + G
+        self.flat_rows = self.pad + self.N * L + self.pad + self.width
+        budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES_ELSEWHERE)
+        element = torch.finfo(dtype).bits // 8
+        self.heads_per_chunk = max(1, min(self.N, budget // (L * self.width * element)))
+        self.chunks = [(s0, min(self.N, s0 + self.heads_per_chunk)) for s0 in range(0, self.N, self.heads_per_chunk)]
+        self.chunk_windows = self.heads_per_chunk * self.nb
+        self.heads_per_dense_chunk = max(1, min(self.N, budget // (max(1, len(self.global_rows)) * L * element)))
+        self.dense_chunks = [
+            (s0, min(self.N, s0 + self.heads_per_dense_chunk)) for s0 in range(0, self.N, self.heads_per_dense_chunk)
+        ]
+
         excluded = torch.ones(B, L + 2 * self.pad, dtype=torch.bool, device=device)
         excluded[:, self.pad : self.pad + L] = key_padding_mask | global_key
-        band_mask = excluded.unfold(1, self.W, block)  # [B, nb, W]
-        self.band_masked = band_mask.nonzero()  # [M, 3]: batch, block row, column in the band
-        self.key_padding_mask = key_padding_mask
+        band_masked = excluded.unfold(1, self.W, block).nonzero()  # [M, 3]: batch, block row, band column
+        self.chunk_masks = self._chunk_masks(band_masked)
+
+    def _chunk_masks(self, band_masked: torch.Tensor) -> list:
+        """Per chunk of heads, the (window in chunk, band column) pairs to mask (the same for every
+        head of a batch element)."""
+        if not band_masked.shape[0]:
+            return [None] * len(self.chunks)
+        b, row, col = band_masked.unbind(1)
+        heads = (b[:, None] * self.H + torch.arange(self.H, device=b.device)[None, :]).reshape(-1)
+        order = torch.argsort(heads, stable=True)
+        heads = heads[order]
+        windows = heads * self.nb + row.repeat_interleave(self.H)[order]
+        columns = col.repeat_interleave(self.H)[order]
+        chunk = torch.div(heads, self.heads_per_chunk, rounding_mode="floor")
+        counts = torch.bincount(chunk, minlength=len(self.chunks)).tolist()
+        return [
+            (w - s0 * self.nb, c) if w.numel() else None
+            for (s0, _), w, c in zip(self.chunks, windows.split(counts), columns.split(counts))
+        ]
+
+    # views of the layouts
+    def to_flat(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """[B, H, L, D] (any strides) -> a scratch [flat_rows, D] in the flat layout (optionally scaled)."""
+        flat = _SCRATCH.take((self.flat_rows, self.D), x.dtype, x.device)
+        flat[: self.pad].zero_()
+        flat[self.pad + self.N * self.L :].zero_()
+        rows = self.rows_of_flat(flat).view(self.B, self.H, self.L, self.D)
+        if scale is None:
+            rows.copy_(x)
+        else:
+            torch.mul(x, scale, out=rows)
+        return flat
+
+    def rows_of_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """The [N, L, D] rows of the heads in a flat buffer."""
+        return flat[self.pad : self.pad + self.N * self.L].view(self.N, self.L, self.D)
+
+    def windows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The query-block rows of every window, [T, block, D], of a flat buffer."""
+        return flat[self.pad : self.pad + self.T * self.block].view(self.T, self.block, self.D)
+
+    def bands(self, flat: torch.Tensor, width: int) -> torch.Tensor:
+        """The keys of every window, [T, D, width] (overlapping strided view, no copy)."""
+        return flat.unfold(0, width, self.block)[: self.T]
+
+    def glob(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """The [heads, L, G] global-key columns of a [heads * nb, block, W + G] slice."""
+        return x.view(heads, self.L, self.width)[..., self.W :]
+
+    def gather_globals(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N, G, D]: the global keys (or values) of [N, L, D] ``rows``."""
+        return rows.gather(1, self.global_index[:, :, None].expand(self.N, self.G, self.D))
+
+    # probabilities, identical in forward and backward
+    def band_probs(self, buffer, chunk, q_flat, k_flat, kg):
+        """Softmax over band + global keys of the windows of chunk ``chunk``: [windows, block, W + G]."""
+        s0, s1 = self.chunks[chunk]
+        t0, t1 = s0 * self.nb, s1 * self.nb
+        probs = buffer[: t1 - t0]
+        probs.baddbmm_(self.windows(q_flat)[t0:t1], self.bands(k_flat, self.width)[t0:t1], beta=0.0)
+        if self.chunk_masks[chunk] is not None:
+            probs.transpose(1, 2)[self.chunk_masks[chunk]] = _masked_value(probs.dtype)
+        if self.G:
+            glob = self.glob(probs, s1 - s0)
+            glob.copy_(self.global_bias[s0:s1, None, :].expand(s1 - s0, self.L, self.G))
+            glob.baddbmm_(self.rows_of_flat(q_flat)[s0:s1], kg[s0:s1].transpose(1, 2))
+        torch.softmax(probs, -1, out=probs)  # row-wise, in place
+        return probs
+
+    def dense_probs(self, buffer, s0, s1, q_global, k_rows):
+        """Softmax of the global-block rows ``q_global`` [N, R, D] over all keys, heads s0:s1: [heads, R, L]."""
+        probs = buffer[: s1 - s0]
+        torch.bmm(q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
+        if self.padding is not None:
+            probs.masked_fill_(self.padding[s0:s1, None, :], _masked_value(probs.dtype))
+        torch.softmax(probs, -1, out=probs)
+        return probs
+
+
+class _Dropout:
+    """Attention dropout whose masks can be regenerated: each chunk draws from its own generator,
+    seeded from one number taken from torch's default generator in forward."""
+
+    def __init__(self, p: float, device: torch.device):
+        self.p, self.device = p, device
+        self.seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.keep = _dropout_drop_mask((1,), p, device)[1]
+
+    def mask(self, shape, stream: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed + stream)
+        return _dropout_drop_mask(shape, self.p, self.device, generator)[0]
+
+
+class _BandAttention(torch.autograd.Function):
+    """Block-sparse softmax attention, forward and backward written out (see ``_Plan`` for the layout).
+
+    Inputs: ``q, k, v`` [B, H, L, D] (any strides, ``q`` unscaled), the ``_Plan``, the softmax
+    ``scale``, dropout. Output [B, H, L, D] (zero on padding rows).
+
+    Band rows go through in chunks of heads: per chunk the scores are one batched matmul, normalised in
+    place by one fused softmax, then multiplied with the values; the rows of global blocks are a few
+    dense rows, done the same way. Nothing of the size of the scores is kept: backward recomputes each
+    chunk's probabilities (one more matmul, cheaper than writing them to memory and reading them
+    back, and a layer keeps only O(L D) memory) and regenerates the dropout masks from their seed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, dropout_p, training):
+        p = plan
+        N, G, D, W, block = p.N, p.G, p.D, p.W, p.block
+        dropout = _Dropout(dropout_p, q.device) if training and dropout_p > 0.0 else None
+        q_flat, k_flat, v_flat = p.to_flat(q, scale), p.to_flat(k), p.to_flat(v)
+        k_rows, v_rows = p.rows_of_flat(k_flat), p.rows_of_flat(v_flat)
+        kg, vg = p.gather_globals(k_rows), p.gather_globals(v_rows)
+        v_bands = p.bands(v_flat, W).transpose(1, 2)  # [T, W, D]
+        out = q.new_empty(p.T, block, D)
+        out_rows = out.view(N, p.L, D)
+        buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
+        for i, (s0, s1) in enumerate(p.chunks):
+            t0, t1 = s0 * p.nb, s1 * p.nb
+            probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
+            if dropout is not None:  # zero the dropped entries; the 1 / keep scale goes on the outputs
+                probs.masked_fill_(dropout.mask(probs.shape, i), 0.0)
+            torch.bmm(probs[..., :W], v_bands[t0:t1], out=out[t0:t1])
+            if G:
+                out_rows[s0:s1].baddbmm_(p.glob(probs, s1 - s0), vg[s0:s1])
+        _SCRATCH.give_back(buffer)
+        R = len(p.global_rows)
+        if R:
+            q_global = p.rows_of_flat(q_flat).index_select(1, p.global_rows)  # [N, R, D]
+            buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
+            for j, (s0, s1) in enumerate(p.dense_chunks):
+                probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
+                if dropout is not None:
+                    probs.masked_fill_(dropout.mask(probs.shape, len(p.chunks) + j), 0.0)
+                out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(probs, v_rows[s0:s1]))
+            _SCRATCH.give_back(buffer)
+        if dropout is not None:
+            out.mul_(1.0 / dropout.keep)
+        if p.padding is not None:
+            out_rows.masked_fill_(p.padding[:, :, None], 0.0)
+        _SCRATCH.give_back(q_flat, k_flat, v_flat)
+        ctx.save_for_backward(q, k, v)
+        ctx.plan, ctx.scale, ctx.dropout = plan, scale, dropout
+        return out_rows.view(p.B, p.H, p.L, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        p, scale, dropout = ctx.plan, ctx.scale, ctx.dropout
+        N, G, D, W, block = p.N, p.G, p.D, p.W, p.block
+        q_flat, k_flat, v_flat = p.to_flat(q, scale), p.to_flat(k), p.to_flat(v)
+        do_flat = p.to_flat(grad_out, None if dropout is None else 1.0 / dropout.keep)  # the forward's 1 / keep
+        q_rows, k_rows, v_rows, do_rows = (p.rows_of_flat(x) for x in (q_flat, k_flat, v_flat, do_flat))
+        kg, vg = p.gather_globals(k_rows), p.gather_globals(v_rows)
+        if p.padding is not None:  # padding rows' outputs are constant zeros
+            do_rows.masked_fill_(p.padding[:, :, None], 0.0)
+        R = len(p.global_rows)
+        if R:  # global-block rows come from the dense part: keep their dO for it, hide it from the band
+            do_global = do_rows.index_select(1, p.global_rows)
+            do_rows.index_fill_(1, p.global_rows, 0.0)
+        q_win, do_win = p.windows(q_flat), p.windows(do_flat)
+        k_bands = p.bands(k_flat, W).transpose(1, 2)  # [T, W, D]
+        v_bands = p.bands(v_flat, p.width)  # [T, D, W + G]
+        dq = q.new_empty(p.T, block, D)
+        dq_rows = dq.view(N, p.L, D)
+        dk_flat = q.new_zeros(p.flat_rows, D)
+        dv_flat = q.new_zeros(p.flat_rows, D)
+        dk_rows, dv_rows = p.rows_of_flat(dk_flat), p.rows_of_flat(dv_flat)
+        dkg, dvg = torch.empty_like(kg), torch.empty_like(vg)
+        buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
+        ds_buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
+        for i, (s0, s1) in enumerate(p.chunks):
+            t0, t1, heads = s0 * p.nb, s1 * p.nb, s1 - s0
+            probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
+            ds = ds_buffer[: t1 - t0]
+            ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
+            if G:
+                p.glob(ds, heads).baddbmm_(do_rows[s0:s1], vg[s0:s1].transpose(1, 2), beta=0.0)
+            drop = None if dropout is None else dropout.mask(probs.shape, i)
+            if drop is not None:
+                ds.masked_fill_(drop, 0.0)
+            torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)  # dS = P (dP - rowsum(P dP))
+            if drop is not None:
+                probs.masked_fill_(drop, 0.0)  # the dropped probabilities, for dV
+            # dV += P^T dO and dK += dS^T Q: band column block d of window t is key block t + d
+            for d in range(2 * p.half + 1):
+                columns = slice(d * block, (d + 1) * block)
+                keys = slice((t0 + d) * block, (t1 + d) * block)
+                dv_flat[keys].view(t1 - t0, block, D).baddbmm_(probs[..., columns].transpose(1, 2), do_win[t0:t1])
+                dk_flat[keys].view(t1 - t0, block, D).baddbmm_(ds[..., columns].transpose(1, 2), q_win[t0:t1])
+            torch.bmm(ds[..., :W], k_bands[t0:t1], out=dq[t0:t1])
+            if G:
+                torch.bmm(p.glob(probs, heads).transpose(1, 2), do_rows[s0:s1], out=dvg[s0:s1])
+                ds_glob = p.glob(ds, heads)
+                dq_rows[s0:s1].baddbmm_(ds_glob, kg[s0:s1])
+                torch.bmm(ds_glob.transpose(1, 2), q_rows[s0:s1], out=dkg[s0:s1])
+        _SCRATCH.give_back(buffer, ds_buffer)
+        if G:  # the global keys are rows of k and v
+            index = p.global_index[:, :, None].expand(N, G, D)
+            dk_rows.scatter_add_(1, index, dkg)
+            dv_rows.scatter_add_(1, index, dvg)
+        if R:
+            q_global = q_rows.index_select(1, p.global_rows)
+            buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
+            ds_buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
+            for j, (s0, s1) in enumerate(p.dense_chunks):
+                probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
+                ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2), out=ds_buffer[: s1 - s0])
+                drop = None if dropout is None else dropout.mask(probs.shape, len(p.chunks) + j)
+                if drop is not None:
+                    ds.masked_fill_(drop, 0.0)
+                torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
+                if drop is not None:
+                    probs.masked_fill_(drop, 0.0)
+                dq_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(ds, k_rows[s0:s1]))
+                dk_rows[s0:s1].baddbmm_(ds.transpose(1, 2), q_global[s0:s1])
+                dv_rows[s0:s1].baddbmm_(probs.transpose(1, 2), do_global[s0:s1])
+            _SCRATCH.give_back(buffer, ds_buffer)
+        dq.mul_(scale)
+        _SCRATCH.give_back(q_flat, k_flat, v_flat, do_flat)
+        shape = (p.B, p.H, p.L, D)
+        return dq_rows.view(shape), dk_rows.view(shape), dv_rows.view(shape), None, None, None, None
 
 
 def _dense_rows(q_rows, k, v, key_padding_mask, dropout_p, training):
@@ -387,6 +489,7 @@ def block_sparse_attention(
     token, with the regular key/value). The rows of global tokens are *not* recomputed here (that
     needs the global projections; ``BlockSparseSelfAttention`` does it). Equal, up to rounding, to
     ``scaled_dot_product_attention`` with ``dense_mask_from_layout(...)`` on non-padding rows.
+    The output may be a strided view.
     """
     B, H, L, D = q.shape
     if L % block_size:
@@ -397,32 +500,10 @@ def block_sparse_attention(
     if global_tokens is None:
         global_tokens = torch.zeros(B, L, dtype=torch.bool, device=device)
     global_tokens = global_tokens & ~key_padding_mask
-    nb = L // block_size
-    global_blocks = global_blocks_of(nb, global_block_indices, global_block_end_indices)
-    plan = _Plan(L, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens, q.dtype)
+    global_blocks = global_blocks_of(L // block_size, global_block_indices, global_block_end_indices)
+    plan = _Plan(q, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q = q * scale
-    index = plan.global_index[:, None, :, None].expand(B, H, plan.global_index.shape[1], D)
-    kg = k.gather(2, index)
-    vg = v.gather(2, index)
-    out = _BandAttention.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        kg,
-        vg,
-        plan.band_masked,
-        plan.global_bias,
-        block_size,
-        plan.half,
-        float(dropout_p),
-        bool(training),
-    )
-    rows = plan.global_block_rows
-    if rows.numel():
-        dense = _dense_rows(q[:, :, rows], k, v, key_padding_mask, dropout_p, training)
-        out = out.index_copy(2, rows, dense)
-    return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    return _BandAttention.apply(q, k, v, plan, scale, float(dropout_p), bool(training))
 
 
 # ---------------------------------------------------------------------------------------------- module
