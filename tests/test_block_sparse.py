@@ -366,15 +366,20 @@ def test_model_with_block_sparse_backend_trains_one_step():
     assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_cpu_dropout_mask_has_the_requested_rate_and_is_fresh_each_call():
-    from lfzh_ds.attention.block_sparse import _dropout_drop_mask
+def test_cpu_dropout_mask_has_the_requested_rate_is_fresh_each_call_and_repeats_from_a_seed():
+    from lfzh_ds.attention.block_sparse import _dropout_keep_mask
 
-    first, keep = _dropout_drop_mask((1000, 1000), 0.3, "cpu")
-    second, _ = _dropout_drop_mask((1000, 1000), 0.3, "cpu")
+    first, second, again = (torch.empty(1000, 1000) for _ in range(3))
+    keep = _dropout_keep_mask(first, 0.3)
+    _dropout_keep_mask(second, 0.3)
     assert abs(keep - 0.7) < 1e-4
-    assert abs(first.float().mean().item() - 0.3) < 0.003  # 1e6 draws: sd 0.00046
-    both = (first & second).float().mean().item()
-    assert abs(both - 0.09) < 0.003  # independent draws
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert abs(first.mean().item() - 0.7) < 0.003  # 1e6 draws: sd 0.00046
+    both_dropped = ((first == 0) & (second == 0)).float().mean().item()
+    assert abs(both_dropped - 0.09) < 0.003  # independent draws
+    _dropout_keep_mask(first, 0.3, torch.Generator().manual_seed(7))
+    _dropout_keep_mask(again, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
 
 
 def test_repeated_calls_reusing_scratch_buffers_give_identical_results():

@@ -7,30 +7,30 @@ come Longformer's token-level global tokens: every token also attends to them (r
 and their own outputs are recomputed with ``query_global/key_global/value_global`` over all
 non-padding tokens. Padding keys are never attended; padding queries get a zero output.
 
-How the kernel works (``_BandAttention``, forward and backward written out):
+How the kernel works (``_BandAttention``, forward and backward written out; ``_Plan`` the layout):
 
 * The keys a query block sees split into the *band* (its own block and ``w`` blocks each side:
   ``W = (2w + 1) * block`` keys, the same for every block row) and the *global keys* (tokens of the
   global blocks plus the token-level global tokens, ``G`` of them). A global key that also lies in
   a row's band is masked there, so it is counted once.
 * All heads sit end to end in one zero-padded buffer, so the band of every block row of every head
-  is one overlapping strided view (no copy) and the scores of the whole layer are one batched matmul
-  ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in one
-  buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax (exact, no
-  log-sum-exp bookkeeping).
-* Global query rows (the rows of global blocks) attend to every key; they are a few dense rows
-  computed with plain autograd ops and written over the band result.
-* Backward uses the saved probabilities and the fused softmax backward, a few heads at a time; the
-  key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
+  is one overlapping strided view (no copy), and the scores of a chunk of heads are one batched
+  matmul ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in
+  one buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax.
+* Chunks are sized to stay in the CPU's last-level cache from the scores to the output. Like
+  FlashAttention, nothing of the size of the scores is kept for backward: it recomputes each
+  chunk's probabilities (one more matmul), and regenerates the dropout masks from a seed.
+* Global query rows (the rows of global blocks) attend to every key: a few dense rows, chunked the
+  same way and written over the band result.
+* The key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
 * Call-local temporaries are recycled between calls (fresh large allocations are page-faulted in
   anew every time, which costs as much as a good part of the arithmetic on CPU).
 
-Nothing of size ``L x L`` is ever built: the band scores are ``L x W``, the global ones ``L x G``.
+Nothing of size ``L x L`` is ever built, and a layer keeps O(L D) memory for backward (its inputs).
 """
 from __future__ import annotations
 
 import math
-import sys
 import threading
 
 import torch
@@ -113,23 +113,26 @@ def _masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def _dropout_drop_mask(shape, p: float, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """A random mask of the attention probabilities to drop, and the keep probability.
+def _dropout_keep_mask(out: torch.Tensor, p: float, generator: torch.Generator | None = None) -> float:
+    """Fills the float tensor ``out`` with 1 (kept) or 0 (dropped) and returns the keep probability.
 
-    CPU's ``bernoulli_`` (behind ``F.dropout``) is slow enough to be a visible share of a training
-    step; instead each 63-bit random integer gives three 16-bit uniform numbers, dropped below
+    CPU's ``bernoulli_`` (behind ``F.dropout``) costs more than the attention's matmuls; instead
+    64-bit random integers are cut into four 16-bit uniform numbers each, dropped below
     ``round(p * 2**16)``: dropout with probability ``round(p * 2**16) / 2**16`` (p to within 1e-5).
     On GPUs plain ``bernoulli_`` is used. The same ``generator`` state gives the same mask.
     """
-    if torch.device(device).type != "cpu":
-        return torch.empty(shape, device=device).bernoulli_(p, generator=generator).bool(), 1.0 - p
-    numel = math.prod(shape)
-    threshold = round(p * 65536)
-    random = torch.empty((numel + 2) // 3, dtype=torch.int64, device=device).random_(generator=generator)
-    lanes = random.view(torch.int16).view(-1, 4)  # the 16-bit lanes; the top lane lacks the sign bit
-    lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
-    drop = (lanes < threshold - 32768).view(-1)[:numel].view(shape)
-    return drop, 1.0 - threshold / 65536
+    keep = _keep_probability(p, out.device)
+    if out.device.type != "cpu":
+        out.bernoulli_(keep, generator=generator)
+        return keep
+    bits = torch.empty((out.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    lanes = bits.view(torch.int16)[: out.numel()].view(out.shape)
+    out.copy_(lanes >= round(p * 65536) - 32768)
+    return keep
+
+
+def _keep_probability(p: float, device: torch.device) -> float:
+    return 1.0 - (p if device.type != "cpu" else round(p * 65536) / 65536)
 
 
 class _ScratchPool:
@@ -313,17 +316,21 @@ class _Plan:
 
 class _Dropout:
     """Attention dropout whose masks can be regenerated: each chunk draws from its own generator,
-    seeded from one number taken from torch's default generator in forward."""
+    seeded from one number taken from torch's default generator in forward. The masks hold 0 / 1;
+    the 1 / keep scale goes on the (narrow) outputs and output gradients instead."""
 
     def __init__(self, p: float, device: torch.device):
         self.p, self.device = p, device
         self.seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.keep = _dropout_drop_mask((1,), p, device)[1]
+        self.keep = _keep_probability(p, torch.device(device))
 
-    def mask(self, shape, stream: int) -> torch.Tensor:
+    def mask(self, like: torch.Tensor, stream: int) -> torch.Tensor:
+        """A scratch keep mask shaped and typed like ``like``; give it back to ``_SCRATCH`` after use."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed + stream)
-        return _dropout_drop_mask(shape, self.p, self.device, generator)[0]
+        mask = _SCRATCH.take(like.shape, like.dtype, like.device)
+        _dropout_keep_mask(mask, self.p, generator)
+        return mask
 
 
 class _BandAttention(torch.autograd.Function):
@@ -354,8 +361,10 @@ class _BandAttention(torch.autograd.Function):
         for i, (s0, s1) in enumerate(p.chunks):
             t0, t1 = s0 * p.nb, s1 * p.nb
             probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
-            if dropout is not None:  # zero the dropped entries; the 1 / keep scale goes on the outputs
-                probs.masked_fill_(dropout.mask(probs.shape, i), 0.0)
+            if dropout is not None:
+                keep = dropout.mask(probs, i)
+                probs.mul_(keep)
+                _SCRATCH.give_back(keep)
             torch.bmm(probs[..., :W], v_bands[t0:t1], out=out[t0:t1])
             if G:
                 out_rows[s0:s1].baddbmm_(p.glob(probs, s1 - s0), vg[s0:s1])
@@ -367,7 +376,9 @@ class _BandAttention(torch.autograd.Function):
             for j, (s0, s1) in enumerate(p.dense_chunks):
                 probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
                 if dropout is not None:
-                    probs.masked_fill_(dropout.mask(probs.shape, len(p.chunks) + j), 0.0)
+                    keep = dropout.mask(probs, len(p.chunks) + j)
+                    probs.mul_(keep)
+                    _SCRATCH.give_back(keep)
                 out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(probs, v_rows[s0:s1]))
             _SCRATCH.give_back(buffer)
         if dropout is not None:
@@ -412,12 +423,13 @@ class _BandAttention(torch.autograd.Function):
             ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
             if G:
                 p.glob(ds, heads).baddbmm_(do_rows[s0:s1], vg[s0:s1].transpose(1, 2), beta=0.0)
-            drop = None if dropout is None else dropout.mask(probs.shape, i)
-            if drop is not None:
-                ds.masked_fill_(drop, 0.0)
+            keep = None if dropout is None else dropout.mask(probs, i)
+            if keep is not None:
+                ds.mul_(keep)
             torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)  # dS = P (dP - rowsum(P dP))
-            if drop is not None:
-                probs.masked_fill_(drop, 0.0)  # the dropped probabilities, for dV
+            if keep is not None:
+                probs.mul_(keep)  # the dropped probabilities, for dV
+                _SCRATCH.give_back(keep)
             # dV += P^T dO and dK += dS^T Q: band column block d of window t is key block t + d
             for d in range(2 * p.half + 1):
                 columns = slice(d * block, (d + 1) * block)
@@ -442,12 +454,13 @@ class _BandAttention(torch.autograd.Function):
             for j, (s0, s1) in enumerate(p.dense_chunks):
                 probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
                 ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2), out=ds_buffer[: s1 - s0])
-                drop = None if dropout is None else dropout.mask(probs.shape, len(p.chunks) + j)
-                if drop is not None:
-                    ds.masked_fill_(drop, 0.0)
+                keep = None if dropout is None else dropout.mask(probs, len(p.chunks) + j)
+                if keep is not None:
+                    ds.mul_(keep)
                 torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
-                if drop is not None:
-                    probs.masked_fill_(drop, 0.0)
+                if keep is not None:
+                    probs.mul_(keep)
+                    _SCRATCH.give_back(keep)
                 dq_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(ds, k_rows[s0:s1]))
                 dk_rows[s0:s1].baddbmm_(ds.transpose(1, 2), q_global[s0:s1])
                 dv_rows[s0:s1].baddbmm_(probs.transpose(1, 2), do_global[s0:s1])
