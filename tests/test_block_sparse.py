@@ -118,6 +118,8 @@ CASES = [
     pytest.param(208, 16, 3, [0], [5, 80], [[], [1, 2, 150]], id="L208-padding-and-globals"),
     pytest.param(96, 16, 9, [], [0, 20], [[40], []], id="L96-window-wider-than-sequence"),
     pytest.param(192, 32, 3, [1, 4], [33, 0], [[0], [191, 64]], id="L192-two-global-blocks"),
+    # 6 global keys + 4 band keys: the global slots are padded to 12 (a row width that is a multiple of 8), more than L
+    pytest.param(8, 4, 1, [0], [0, 1], [[5, 6], []], id="L8-more-global-slots-than-tokens"),
 ]
 
 
