@@ -397,3 +397,19 @@ def test_repeated_calls_reusing_scratch_buffers_give_identical_results():
     assert torch.equal(first, kept[0])
     for g, saved in zip(first_grads, kept[1:]):
         assert torch.equal(g, saved)
+
+
+def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks():
+    # Backward regenerates the forward's dropout masks from a seed instead of keeping them.
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 128, 16, requires_grad=True) for _ in range(3))
+    global_tokens = torch.zeros(2, 128, dtype=torch.bool)
+    global_tokens[0, 50] = True
+    out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_tokens=global_tokens,
+                                 dropout_p=0.2, training=True)
+    weights = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), weights, retain_graph=True)
+    torch.randn(1000)  # draws from the default generator in between change nothing
+    second = torch.autograd.grad(out, (q, k, v), weights)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

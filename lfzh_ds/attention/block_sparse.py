@@ -393,6 +393,7 @@ class _BandAttention(torch.autograd.Function):
         return out_rows.view(p.B, p.H, p.L, D)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         p, scale, dropout = ctx.plan, ctx.scale, ctx.dropout
