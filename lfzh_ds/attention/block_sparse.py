@@ -220,7 +220,12 @@ class _Plan:
         slot_valid = torch.arange(G, device=device)[None, :] < counts[:, None]
         self.global_bias = torch.zeros(B, G, dtype=dtype, device=device).masked_fill_(~slot_valid, neg)
         self.global_bias = self.global_bias.repeat_interleave(H, 0)  # [N, G]
-        self.padding = key_padding_mask.repeat_interleave(H, 0) if bool(key_padding_mask.any()) else None  # [N, L]
+        # padding as float factors and biases: on CPU, masked_fill with a bool mask is several times slower
+        self.padding = None
+        if bool(key_padding_mask.any()):
+            self.padding = key_padding_mask.repeat_interleave(H, 0)  # [N, L]
+            self.padding_bias = torch.zeros(self.N, 1, L, dtype=dtype, device=device).masked_fill_(self.padding[:, None], neg)
+            self.valid_rows = (~self.padding).to(dtype)[:, :, None]  # [N, L, 1]
 
         self.width = self.W + G
         self.flat_rows = self.pad + self.N * L + self.pad + self.width
@@ -309,9 +314,10 @@ class _Plan:
     def dense_probs(self, buffer, s0, s1, q_global, k_rows):
         """Softmax of the global-block rows ``q_global`` [N, R, D] over all keys, heads s0:s1: [heads, R, L]."""
         probs = buffer[: s1 - s0]
-        torch.bmm(q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
-        if self.padding is not None:
-            probs.masked_fill_(self.padding[s0:s1, None, :], _masked_value(probs.dtype))
+        if self.padding is None:
+            torch.bmm(q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
+        else:
+            torch.baddbmm(self.padding_bias[s0:s1], q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
         torch.softmax(probs, -1, out=probs)
         return probs
 
@@ -386,7 +392,7 @@ class _BandAttention(torch.autograd.Function):
         if dropout is not None:
             out.mul_(1.0 / dropout.keep)
         if p.padding is not None:
-            out_rows.masked_fill_(p.padding[:, :, None], 0.0)
+            out_rows.mul_(p.valid_rows)
         _SCRATCH.give_back(q_flat, k_flat, v_flat)
         ctx.save_for_backward(q, k, v)
         ctx.plan, ctx.scale, ctx.dropout = plan, scale, dropout
@@ -403,7 +409,7 @@ class _BandAttention(torch.autograd.Function):
         q_rows, k_rows, v_rows, do_rows = (p.rows_of_flat(x) for x in (q_flat, k_flat, v_flat, do_flat))
         kg, vg = p.gather_globals(k_rows), p.gather_globals(v_rows)
         if p.padding is not None:  # padding rows' outputs are constant zeros
-            do_rows.masked_fill_(p.padding[:, :, None], 0.0)
+            do_rows.mul_(p.valid_rows)
         R = len(p.global_rows)
         if R:  # global-block rows come from the dense part: keep their dO for it, hide it from the band
             do_global = do_rows.index_select(1, p.global_rows)
