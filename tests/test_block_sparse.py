@@ -413,3 +413,32 @@ def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks():
     second = torch.autograd.grad(out, (q, k, v), weights)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", [CASES[1], CASES[3]])
+def test_kernel_is_the_same_when_heads_go_through_one_chunk_at_a_time(L, block, n, global_blocks, pads, globals_,
+                                                                      monkeypatch):
+    # Real lengths split the heads into several chunks (one head each at L=4096 on CPU); the masks of
+    # padding and global keys must follow each head into its chunk.
+    from lfzh_ds.attention import block_sparse
+
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
+    _check_kernel_against_sdpa(block_sparse_attention, L, block, n, global_blocks, pads, globals_, "cpu")
+
+
+def test_dropout_gradients_are_exact_with_one_head_per_chunk(monkeypatch):
+    from lfzh_ds.attention import block_sparse
+
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
+    torch.manual_seed(0)
+    B, H, L, D, block = 2, 2, 48, 4, 16
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [5, 0], [[20], [3, 40]])
+
+    def attention(q, k, v):
+        torch.manual_seed(99)
+        return block_sparse_attention(q, k, v, block_size=block, num_sliding_window_blocks=1,
+                                      key_padding_mask=key_padding_mask, global_tokens=global_tokens,
+                                      dropout_p=0.3, training=True)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
