@@ -221,11 +221,11 @@ class _Plan:
         self.global_bias = torch.zeros(B, G, dtype=dtype, device=device).masked_fill_(~slot_valid, neg)
         self.global_bias = self.global_bias.repeat_interleave(H, 0)  # [N, G]
         # padding as float factors and biases: on CPU, masked_fill with a bool mask is several times slower
-        self.padding = None
+        self.padding_bias = self.valid_rows = None
         if bool(key_padding_mask.any()):
-            self.padding = key_padding_mask.repeat_interleave(H, 0)  # [N, L]
-            self.padding_bias = torch.zeros(self.N, 1, L, dtype=dtype, device=device).masked_fill_(self.padding[:, None], neg)
-            self.valid_rows = (~self.padding).to(dtype)[:, :, None]  # [N, L, 1]
+            padding = key_padding_mask.repeat_interleave(H, 0)  # [N, L]
+            self.padding_bias = torch.zeros(self.N, 1, L, dtype=dtype, device=device).masked_fill_(padding[:, None], neg)
+            self.valid_rows = (~padding).to(dtype)[:, :, None]  # [N, L, 1]
 
         self.width = self.W + G
         self.flat_rows = self.pad + self.N * L + self.pad + self.width
@@ -314,7 +314,7 @@ class _Plan:
     def dense_probs(self, buffer, s0, s1, q_global, k_rows):
         """Softmax of the global-block rows ``q_global`` [N, R, D] over all keys, heads s0:s1: [heads, R, L]."""
         probs = buffer[: s1 - s0]
-        if self.padding is None:
+        if self.padding_bias is None:
             torch.bmm(q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
         else:
             torch.baddbmm(self.padding_bias[s0:s1], q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
@@ -339,6 +339,24 @@ class _Dropout:
         mask = _SCRATCH.take(like.shape, like.dtype, like.device)
         _dropout_keep_mask(mask, self.p, generator)
         return mask
+
+    def drop_(self, probs: torch.Tensor, stream: int) -> None:
+        """Zeroes the dropped entries of ``probs`` (forward)."""
+        keep = self.mask(probs, stream)
+        probs.mul_(keep)
+        _SCRATCH.give_back(keep)
+
+
+def _softmax_backward_(ds: torch.Tensor, probs: torch.Tensor, dropout: _Dropout | None, stream: int) -> None:
+    """In place: ``ds`` from dP to dS = P (dP' - rowsum(P dP')), dP' being dP with the forward's dropped
+    entries zeroed; ``probs`` becomes the dropped probabilities the forward multiplied the values with."""
+    keep = None if dropout is None else dropout.mask(probs, stream)
+    if keep is not None:
+        ds.mul_(keep)
+    torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
+    if keep is not None:
+        probs.mul_(keep)
+        _SCRATCH.give_back(keep)
 
 
 class _BandAttention(torch.autograd.Function):
@@ -370,9 +388,7 @@ class _BandAttention(torch.autograd.Function):
             t0, t1 = s0 * p.nb, s1 * p.nb
             probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
             if dropout is not None:
-                keep = dropout.mask(probs, i)
-                probs.mul_(keep)
-                _SCRATCH.give_back(keep)
+                dropout.drop_(probs, i)
             torch.bmm(probs[..., :W], v_bands[t0:t1], out=out[t0:t1])
             if G:
                 out_rows[s0:s1].baddbmm_(p.glob(probs, s1 - s0), vg[s0:s1])
@@ -384,14 +400,12 @@ class _BandAttention(torch.autograd.Function):
             for j, (s0, s1) in enumerate(p.dense_chunks):
                 probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
                 if dropout is not None:
-                    keep = dropout.mask(probs, len(p.chunks) + j)
-                    probs.mul_(keep)
-                    _SCRATCH.give_back(keep)
+                    dropout.drop_(probs, len(p.chunks) + j)
                 out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(probs, v_rows[s0:s1]))
             _SCRATCH.give_back(buffer)
         if dropout is not None:
             out.mul_(1.0 / dropout.keep)
-        if p.padding is not None:
+        if p.valid_rows is not None:
             out_rows.mul_(p.valid_rows)
         _SCRATCH.give_back(q_flat, k_flat, v_flat)
         ctx.save_for_backward(q, k, v)
@@ -408,7 +422,7 @@ class _BandAttention(torch.autograd.Function):
         do_flat = p.to_flat(grad_out, None if dropout is None else 1.0 / dropout.keep)  # the forward's 1 / keep
         q_rows, k_rows, v_rows, do_rows = (p.rows_of_flat(x) for x in (q_flat, k_flat, v_flat, do_flat))
         kg, vg = p.gather_globals(k_rows), p.gather_globals(v_rows)
-        if p.padding is not None:  # padding rows' outputs are constant zeros
+        if p.valid_rows is not None:  # padding rows' outputs are constant zeros
             do_rows.mul_(p.valid_rows)
         R = len(p.global_rows)
         if R:  # global-block rows come from the dense part: keep their dO for it, hide it from the band
@@ -432,13 +446,7 @@ class _BandAttention(torch.autograd.Function):
             ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
             if G:
                 p.glob(ds, heads).baddbmm_(do_rows[s0:s1], vg[s0:s1].transpose(1, 2), beta=0.0)
-            keep = None if dropout is None else dropout.mask(probs, i)
-            if keep is not None:
-                ds.mul_(keep)
-            torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)  # dS = P (dP - rowsum(P dP))
-            if keep is not None:
-                probs.mul_(keep)  # the dropped probabilities, for dV
-                _SCRATCH.give_back(keep)
+            _softmax_backward_(ds, probs, dropout, i)
             # dV += P^T dO and dK += dS^T Q: band column block d of window t is key block t + d
             for d in range(2 * p.half + 1):
                 columns = slice(d * block, (d + 1) * block)
@@ -463,13 +471,7 @@ class _BandAttention(torch.autograd.Function):
             for j, (s0, s1) in enumerate(p.dense_chunks):
                 probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
                 ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2), out=ds_buffer[: s1 - s0])
-                keep = None if dropout is None else dropout.mask(probs, len(p.chunks) + j)
-                if keep is not None:
-                    ds.mul_(keep)
-                torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
-                if keep is not None:
-                    probs.mul_(keep)
-                    _SCRATCH.give_back(keep)
+                _softmax_backward_(ds, probs, dropout, len(p.chunks) + j)
                 dq_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(ds, k_rows[s0:s1]))
                 dk_rows[s0:s1].baddbmm_(ds.transpose(1, 2), q_global[s0:s1])
                 dv_rows[s0:s1].baddbmm_(probs.transpose(1, 2), do_global[s0:s1])
