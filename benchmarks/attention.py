@@ -9,7 +9,8 @@ block 0), batch 1, fp32, dropout 0:
 * ``bs module+4g`` the module with 4 global tokens (adds the global-projection rows)
 * ``hf module``    transformers' ``LongformerSelfAttention`` (projections + sliding chunks), no globals
 * ``sdpa core``    dense ``scaled_dot_product_attention(q, k, v)`` (no mask: the quadratic baseline)
-* ``flex core``    compiled FlexAttention on the same block mask, forward only (CPU has no backward)
+* ``flex core``    compiled FlexAttention on the same block mask (built once, outside the timing), forward
+                   only (CPU has no backward)
 
 Times are medians over ``--rounds`` interleaved rounds (every implementation once per round, so drift
 of a shared machine hits all alike). Peak memory is measured in a fresh subprocess per

@@ -253,6 +253,24 @@ def test_flex_attention_path_builds_the_same_mask():
     assert (flex - ours).abs().max().item() <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_callable_reuses_its_block_mask_only_where_the_mask_cannot_differ():
+    from lfzh_ds.attention.flex import FlexBlockSparse
+
+    torch.manual_seed(2)
+    B, H, L, D, block = 2, 2, 96, 16, 16
+    flex = FlexBlockSparse(block, 3, [1], compiled=False)
+    kwargs = dict(block_size=block, num_sliding_window_blocks=3, global_block_indices=[1])
+    for n in (L, L, L // 2):  # the second call reuses the mask, the third needs its own
+        q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+        assert (flex(q, k, v) - block_sparse_attention(q, k, v, **kwargs)).abs().max().item() <= 1e-5
+    assert sorted(n for _, n, _ in flex.masks) == [L // 2, L]
+    key_padding_mask, global_tokens = masks_for(B, L // 2, [0, 20], [[3], []])  # per-call masks: never cached
+    ours = block_sparse_attention(q, k, v, key_padding_mask=key_padding_mask, global_tokens=global_tokens, **kwargs)
+    theirs = flex(q, k, v, key_padding_mask, global_tokens)
+    assert (theirs - ours).abs().max().item() <= 1e-5 and len(flex.masks) == 2
+
+
 # ------------------------------------------------------------------------------------------- module
 def _config(**overrides):
     settings = dict(

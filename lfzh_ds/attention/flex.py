@@ -25,7 +25,7 @@ try:  # torch >= 2.5
 except ImportError:  # pragma: no cover - old torch
     create_block_mask = flex_attention = None
 
-__all__ = ["flex_supported", "flex_block_sparse_attention", "FlexBlockSparse"]
+__all__ = ["flex_supported", "flex_block_sparse_attention", "block_mask_for", "FlexBlockSparse"]
 
 
 def flex_supported(device: torch.device, needs_backward: bool = True) -> bool:
@@ -45,8 +45,10 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _block_mask(L, block, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
-                key_padding_mask, global_tokens, device):
+def block_mask_for(L, block, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
+                   key_padding_mask, global_tokens, device):
+    """FlexAttention ``BlockMask`` of the layout plus token-level global keys minus padding keys
+    (``key_padding_mask``, ``global_tokens``: [B, L] bool)."""
     layout = block_sparse_layout(L // block, num_sliding_window_blocks, global_block_indices,
                                  global_block_end_indices)[0].to(device)
     B = key_padding_mask.shape[0]
@@ -72,10 +74,12 @@ def flex_block_sparse_attention(
     global_tokens: torch.Tensor | None = None,
     scale: float | None = None,
     compiled: bool = True,
+    block_mask=None,
 ) -> torch.Tensor:
     """``block_sparse_attention`` through FlexAttention: [B, H, L, D] -> [B, H, L, D].
 
     ``compiled=False`` runs FlexAttention's eager reference (materialises scores: small inputs only).
+    ``block_mask``: a mask made by ``block_mask_for`` with the same arguments, to skip rebuilding it.
     """
     if flex_attention is None:
         raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
@@ -86,22 +90,39 @@ def flex_block_sparse_attention(
         key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=q.device)
     if global_tokens is None:
         global_tokens = torch.zeros(B, L, dtype=torch.bool, device=q.device)
-    mask = _block_mask(L, block_size, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
-                       key_padding_mask, global_tokens, q.device)
+    if block_mask is None:
+        block_mask = block_mask_for(L, block_size, num_sliding_window_blocks, global_block_indices,
+                                    global_block_end_indices, key_padding_mask, global_tokens, q.device)
     attend = _compiled_flex() if compiled else flex_attention
-    out = attend(q, k, v, block_mask=mask, scale=scale)
+    out = attend(q, k, v, block_mask=block_mask, scale=scale)
     return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
 
 
 class FlexBlockSparse:
-    """A fixed layout, callable on ``(q, k, v, key_padding_mask=None, global_tokens=None)``."""
+    """A fixed layout, callable on ``(q, k, v, key_padding_mask=None, global_tokens=None)``.
+
+    Calls without padding or global tokens reuse one block mask per (batch, length, device): building
+    it costs more than the attention itself on CPU (``create_block_mask`` is not compiled there).
+    """
 
     def __init__(self, block_size, num_sliding_window_blocks, global_block_indices=(0,), global_block_end_indices=None,
                  compiled: bool = True):
-        self.kwargs = dict(block_size=block_size, num_sliding_window_blocks=num_sliding_window_blocks,
-                           global_block_indices=global_block_indices,
-                           global_block_end_indices=global_block_end_indices, compiled=compiled)
+        self.layout = (block_size, num_sliding_window_blocks, global_block_indices, global_block_end_indices)
+        self.compiled = compiled
+        self.masks = {}
 
     def __call__(self, q, k, v, key_padding_mask=None, global_tokens=None):
-        return flex_block_sparse_attention(q, k, v, key_padding_mask=key_padding_mask, global_tokens=global_tokens,
-                                           **self.kwargs)
+        block_size, windows, starts, ends = self.layout
+        block_mask = None
+        if key_padding_mask is None and global_tokens is None:
+            B, _, L, _ = q.shape
+            key = (B, L, q.device)
+            if key not in self.masks:
+                nothing = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+                self.masks[key] = block_mask_for(L, block_size, windows, starts, ends, nothing, nothing, q.device)
+            block_mask = self.masks[key]
+        return flex_block_sparse_attention(
+            q, k, v, block_size=block_size, num_sliding_window_blocks=windows, global_block_indices=starts,
+            global_block_end_indices=ends, key_padding_mask=key_padding_mask, global_tokens=global_tokens,
+            compiled=self.compiled, block_mask=block_mask,
+        )
