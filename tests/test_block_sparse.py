@@ -127,6 +127,17 @@ CASES = [
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def probabilities(request, monkeypatch):
+    """Runs a test both ways the kernel can get its probabilities in backward: kept from forward (signed
+    by dropout) or recomputed (dropout masks regenerated from their seed), on every device."""
+    from lfzh_ds.attention import block_sparse
+
+    for device in DEVICES:
+        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, device, request.param == "kept")
+    return request.param
+
+
 def _kernels_for(device):
     """The kernels to check on ``device``: the pure-PyTorch one, plus compiled FlexAttention on GPUs
     that support it (forward and backward)."""
@@ -141,7 +152,8 @@ def _kernels_for(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", CASES)
-def test_kernel_matches_dense_sdpa_outputs_and_gradients(L, block, n, global_blocks, pads, globals_, device):
+def test_kernel_matches_dense_sdpa_outputs_and_gradients(L, block, n, global_blocks, pads, globals_, device,
+                                                          probabilities):
     for kernel_name, kernel in _kernels_for(device):
         _check_kernel_against_sdpa(kernel, L, block, n, global_blocks, pads, globals_, device)
 
@@ -197,7 +209,7 @@ def test_kernel_runs_in_half_precision_close_to_fp32(dtype, device):
         assert x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all())
 
 
-def test_dropout_gradients_are_exact_for_a_fixed_random_stream():
+def test_dropout_gradients_are_exact_for_a_fixed_random_stream(probabilities):
     # With the RNG reseeded on each call the dropped entries are fixed, so the custom backward must
     # agree with finite differences (float64, tiny sizes).
     torch.manual_seed(0)
@@ -417,8 +429,8 @@ def test_repeated_calls_reusing_scratch_buffers_give_identical_results():
         assert torch.equal(g, saved)
 
 
-def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks():
-    # Backward regenerates the forward's dropout masks from a seed instead of keeping them.
+def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks(probabilities):
+    # Backward must not consume what forward kept, nor depend on the default generator's state.
     torch.manual_seed(11)
     q, k, v = (torch.randn(2, 3, 128, 16, requires_grad=True) for _ in range(3))
     global_tokens = torch.zeros(2, 128, dtype=torch.bool)
@@ -435,7 +447,7 @@ def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks():
 
 @pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", [CASES[1], CASES[3]])
 def test_kernel_is_the_same_when_heads_go_through_one_chunk_at_a_time(L, block, n, global_blocks, pads, globals_,
-                                                                      monkeypatch):
+                                                                      monkeypatch, probabilities):
     # Real lengths split the heads into several chunks (one head each at L=4096 on CPU); the masks of
     # padding and global keys must follow each head into its chunk.
     from lfzh_ds.attention import block_sparse
@@ -444,7 +456,7 @@ def test_kernel_is_the_same_when_heads_go_through_one_chunk_at_a_time(L, block, 
     _check_kernel_against_sdpa(block_sparse_attention, L, block, n, global_blocks, pads, globals_, "cpu")
 
 
-def test_dropout_gradients_are_exact_with_one_head_per_chunk(monkeypatch):
+def test_dropout_gradients_are_exact_with_one_head_per_chunk(monkeypatch, probabilities):
     from lfzh_ds.attention import block_sparse
 
     monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
@@ -460,3 +472,25 @@ def test_dropout_gradients_are_exact_with_one_head_per_chunk(monkeypatch):
                                       dropout_p=0.3, training=True)
 
     assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_with_dropout(monkeypatch):
+    # The two ways backward gets the (dropped) probabilities check each other: signed probabilities
+    # kept from forward vs recomputed scores and dropout masks regenerated from their seed.
+    from lfzh_ds.attention import block_sparse
+
+    torch.manual_seed(3)
+    B, H, L, D = 2, 3, 128, 16
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [0, 30], [[5, 77], [40]])
+    weights = torch.randn(B, H, L, D)
+    results = []
+    for keep in (True, False):
+        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, "cpu", keep)
+        torch.manual_seed(42)
+        out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[0, 3],
+                                     key_padding_mask=key_padding_mask, global_tokens=global_tokens,
+                                     dropout_p=0.25, training=True)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), weights)))
+    for kept, recomputed in zip(*results):
+        assert (kept - recomputed).abs().max().item() <= 1e-6

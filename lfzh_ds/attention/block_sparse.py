@@ -17,16 +17,18 @@ How the kernel works (``_BandAttention``, forward and backward written out; ``_P
   is one overlapping strided view (no copy), and the scores of a chunk of heads are one batched
   matmul ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in
   one buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax.
-* Chunks are sized to stay in the CPU's last-level cache from the scores to the output. Like
-  FlashAttention, nothing of the size of the scores is kept for backward: it recomputes each
-  chunk's probabilities (one more matmul), and regenerates the dropout masks from a seed.
+* Chunks are sized to stay in the CPU's last-level cache from the scores to the output. For
+  backward each chunk's probabilities are kept, signed by dropout (``P`` where kept, ``-P`` where
+  dropped: no mask to keep or regenerate), or, on GPUs, recomputed like FlashAttention (one more
+  matmul; dropout masks regenerated from a seed), keeping only q, k and v.
 * Global query rows (the rows of global blocks) attend to every key: a few dense rows, chunked the
   same way and written over the band result.
 * The key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
 * Call-local temporaries are recycled between calls (fresh large allocations are page-faulted in
   anew every time, which costs as much as a good part of the arithmetic on CPU).
 
-Nothing of size ``L x L`` is ever built, and a layer keeps O(L D) memory for backward (its inputs).
+Nothing of size ``L x L`` is ever built: a layer keeps O(L W) memory for backward (O(L D) when it
+recomputes), linear in the length.
 """
 from __future__ import annotations
 
@@ -173,6 +175,11 @@ _SCRATCH = _ScratchPool()
 # cache from the matmul through the softmax to the next matmul; on GPUs large, so few kernels launch.
 _CHUNK_BYTES = {"cpu": 16 << 20}
 _CHUNK_BYTES_ELSEWHERE = 512 << 20
+# Keep the probabilities for backward (device types listed True) or recompute them (FlashAttention
+# style). On CPU, where memory is plentiful and arithmetic scarce, keeping them makes a layer's
+# forward+backward about 1/6 faster (1/4 with dropout, whose masks need not be regenerated); on GPUs,
+# where memory is the scarce resource and a matmul is cheap, they are recomputed.
+_SAVE_PROBABILITIES = {"cpu": True}
 
 
 class _Plan:
@@ -332,31 +339,54 @@ class _Dropout:
         self.seed = int(torch.randint(0, 2**62, (1,)).item())
         self.keep = _keep_probability(p, torch.device(device))
 
-    def mask(self, like: torch.Tensor, stream: int) -> torch.Tensor:
-        """A scratch keep mask shaped and typed like ``like``; give it back to ``_SCRATCH`` after use."""
+    def dropped(self, probs: torch.Tensor, stream: int) -> torch.Tensor:
+        """A scratch copy of ``probs`` with the dropped entries zeroed; give it back to ``_SCRATCH``."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed + stream)
-        mask = _SCRATCH.take(like.shape, like.dtype, like.device)
+        mask = _SCRATCH.take(probs.shape, probs.dtype, probs.device)
         _dropout_keep_mask(mask, self.p, generator)
-        return mask
-
-    def drop_(self, probs: torch.Tensor, stream: int) -> None:
-        """Zeroes the dropped entries of ``probs`` (forward)."""
-        keep = self.mask(probs, stream)
-        probs.mul_(keep)
-        _SCRATCH.give_back(keep)
+        return mask.mul_(probs)
 
 
-def _softmax_backward_(ds: torch.Tensor, probs: torch.Tensor, dropout: _Dropout | None, stream: int) -> None:
-    """In place: ``ds`` from dP to dS = P (dP' - rowsum(P dP')), dP' being dP with the forward's dropped
-    entries zeroed; ``probs`` becomes the dropped probabilities the forward multiplied the values with."""
-    keep = None if dropout is None else dropout.mask(probs, stream)
-    if keep is not None:
-        ds.mul_(keep)
-    torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
-    if keep is not None:
-        probs.mul_(keep)
-        _SCRATCH.give_back(keep)
+def _forward_probs(probs, dropout, stream, saving):
+    """The probabilities to multiply the values with (``probs`` after dropout) and the scratch buffers
+    to give back. When ``probs`` is kept for backward it is turned into *signed* probabilities: ``P``
+    where kept, ``-P`` where dropped (one tensor holds both what backward needs: ``P = |S|``, the
+    dropped probabilities ``max(S, 0)``)."""
+    if dropout is None:
+        return probs, ()
+    dropped = dropout.dropped(probs, stream)
+    if saving:
+        probs.lerp_(dropped, 2.0)  # 2 * dropped - P: exactly P or -P
+    return dropped, (dropped,)
+
+
+def _backward_probs(saved, recompute, dropout, stream):
+    """``(P, P after dropout, scratch buffers to give back)`` in backward, from the signed
+    probabilities kept by forward (``saved``) or recomputed by ``recompute()`` (dropout masks
+    regenerated from their seed)."""
+    if saved is None:
+        probs = recompute()
+        if dropout is None:
+            return probs, probs, ()
+        dropped = dropout.dropped(probs, stream)
+        return probs, dropped, (dropped,)
+    if dropout is None:
+        return saved, saved, ()
+    probs = torch.abs(saved, out=_SCRATCH.take(saved.shape, saved.dtype, saved.device))
+    dropped = torch.clamp(saved, min=0.0, out=_SCRATCH.take(saved.shape, saved.dtype, saved.device))
+    return probs, dropped, (probs, dropped)
+
+
+def _softmax_backward_(ds: torch.Tensor, probs: torch.Tensor, dropped: torch.Tensor) -> None:
+    """In place: ``ds`` from dP to dS = P (dP' - rowsum(P dP')), where dP' is dP with the entries
+    dropout zeroed in forward zeroed too (``dropped``: the probabilities after dropout, ``probs`` itself
+    without dropout). With dropout: dS = dropped dP - P rowsum(dropped dP)."""
+    if dropped is probs:
+        torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
+        return
+    ds.mul_(dropped)
+    ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1.0)
 
 
 class _BandAttention(torch.autograd.Function):
@@ -367,9 +397,10 @@ class _BandAttention(torch.autograd.Function):
 
     Band rows go through in chunks of heads: per chunk the scores are one batched matmul, normalised in
     place by one fused softmax, then multiplied with the values; the rows of global blocks are a few
-    dense rows, done the same way. Nothing of the size of the scores is kept: backward recomputes each
-    chunk's probabilities (one more matmul, cheaper than writing them to memory and reading them
-    back, and a layer keeps only O(L D) memory) and regenerates the dropout masks from their seed.
+    dense rows, done the same way. For backward the probabilities are either kept (signed by dropout,
+    ``O(L W)`` memory: 126 MB per layer at L=4096, 12 heads, fp32) or, like FlashAttention, recomputed
+    per chunk (one more matmul and softmax; dropout masks regenerated from their seed), keeping only
+    q, k and v. ``_SAVE_PROBABILITIES`` chooses per device type.
     """
 
     @staticmethod
@@ -377,6 +408,8 @@ class _BandAttention(torch.autograd.Function):
         p = plan
         N, G, D, W, block = p.N, p.G, p.D, p.W, p.block
         dropout = _Dropout(dropout_p, q.device) if training and dropout_p > 0.0 else None
+        saving = any(ctx.needs_input_grad[:3]) and _SAVE_PROBABILITIES.get(q.device.type, False)
+        saved = []
         q_flat, k_flat, v_flat = p.to_flat(q, scale), p.to_flat(k), p.to_flat(v)
         k_rows, v_rows = p.rows_of_flat(k_flat), p.rows_of_flat(v_flat)
         kg, vg = p.gather_globals(k_rows), p.gather_globals(v_rows)
@@ -386,36 +419,39 @@ class _BandAttention(torch.autograd.Function):
         buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         for i, (s0, s1) in enumerate(p.chunks):
             t0, t1 = s0 * p.nb, s1 * p.nb
-            probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
-            if dropout is not None:
-                dropout.drop_(probs, i)
-            torch.bmm(probs[..., :W], v_bands[t0:t1], out=out[t0:t1])
+            probs = p.band_probs(q.new_empty(buffer[: t1 - t0].shape) if saving else buffer, i, q_flat, k_flat, kg)
+            dropped, scratch = _forward_probs(probs, dropout, i, saving)
+            torch.bmm(dropped[..., :W], v_bands[t0:t1], out=out[t0:t1])
             if G:
-                out_rows[s0:s1].baddbmm_(p.glob(probs, s1 - s0), vg[s0:s1])
+                out_rows[s0:s1].baddbmm_(p.glob(dropped, s1 - s0), vg[s0:s1])
+            _SCRATCH.give_back(*scratch)
+            saved += [probs] if saving else []
         _SCRATCH.give_back(buffer)
         R = len(p.global_rows)
         if R:
             q_global = p.rows_of_flat(q_flat).index_select(1, p.global_rows)  # [N, R, D]
             buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             for j, (s0, s1) in enumerate(p.dense_chunks):
-                probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
-                if dropout is not None:
-                    dropout.drop_(probs, len(p.chunks) + j)
-                out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(probs, v_rows[s0:s1]))
+                probs = p.dense_probs(q.new_empty(buffer[: s1 - s0].shape) if saving else buffer,
+                                      s0, s1, q_global, k_rows)
+                dropped, scratch = _forward_probs(probs, dropout, len(p.chunks) + j, saving)
+                out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(dropped, v_rows[s0:s1]))
+                _SCRATCH.give_back(*scratch)
+                saved += [probs] if saving else []
             _SCRATCH.give_back(buffer)
         if dropout is not None:
             out.mul_(1.0 / dropout.keep)
         if p.valid_rows is not None:
             out_rows.mul_(p.valid_rows)
         _SCRATCH.give_back(q_flat, k_flat, v_flat)
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, *saved)
         ctx.plan, ctx.scale, ctx.dropout = plan, scale, dropout
         return out_rows.view(p.B, p.H, p.L, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+        q, k, v, *saved = ctx.saved_tensors
         p, scale, dropout = ctx.plan, ctx.scale, ctx.dropout
         N, G, D, W, block = p.N, p.G, p.D, p.W, p.block
         q_flat, k_flat, v_flat = p.to_flat(q, scale), p.to_flat(k), p.to_flat(v)
@@ -437,45 +473,52 @@ class _BandAttention(torch.autograd.Function):
         dv_flat = q.new_zeros(p.flat_rows, D)
         dk_rows, dv_rows = p.rows_of_flat(dk_flat), p.rows_of_flat(dv_flat)
         dkg, dvg = torch.empty_like(kg), torch.empty_like(vg)
-        buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
+        buffer = None if saved else _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         ds_buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         for i, (s0, s1) in enumerate(p.chunks):
             t0, t1, heads = s0 * p.nb, s1 * p.nb, s1 - s0
-            probs = p.band_probs(buffer, i, q_flat, k_flat, kg)
+            probs, dropped, scratch = _backward_probs(
+                saved[i] if saved else None, lambda: p.band_probs(buffer, i, q_flat, k_flat, kg), dropout, i
+            )
             ds = ds_buffer[: t1 - t0]
             ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
             if G:
                 p.glob(ds, heads).baddbmm_(do_rows[s0:s1], vg[s0:s1].transpose(1, 2), beta=0.0)
-            _softmax_backward_(ds, probs, dropout, i)
-            # dV += P^T dO and dK += dS^T Q: band column block d of window t is key block t + d
+            _softmax_backward_(ds, probs, dropped)
+            # dV += P'^T dO and dK += dS^T Q: band column block d of window t is key block t + d
             for d in range(2 * p.half + 1):
                 columns = slice(d * block, (d + 1) * block)
                 keys = slice((t0 + d) * block, (t1 + d) * block)
-                dv_flat[keys].view(t1 - t0, block, D).baddbmm_(probs[..., columns].transpose(1, 2), do_win[t0:t1])
+                dv_flat[keys].view(t1 - t0, block, D).baddbmm_(dropped[..., columns].transpose(1, 2), do_win[t0:t1])
                 dk_flat[keys].view(t1 - t0, block, D).baddbmm_(ds[..., columns].transpose(1, 2), q_win[t0:t1])
             torch.bmm(ds[..., :W], k_bands[t0:t1], out=dq[t0:t1])
             if G:
-                torch.bmm(p.glob(probs, heads).transpose(1, 2), do_rows[s0:s1], out=dvg[s0:s1])
+                torch.bmm(p.glob(dropped, heads).transpose(1, 2), do_rows[s0:s1], out=dvg[s0:s1])
                 ds_glob = p.glob(ds, heads)
                 dq_rows[s0:s1].baddbmm_(ds_glob, kg[s0:s1])
                 torch.bmm(ds_glob.transpose(1, 2), q_rows[s0:s1], out=dkg[s0:s1])
-        _SCRATCH.give_back(buffer, ds_buffer)
+            _SCRATCH.give_back(*scratch)
+        _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
         if G:  # the global keys are rows of k and v
             index = p.global_index[:, :, None].expand(N, G, D)
             dk_rows.scatter_add_(1, index, dkg)
             dv_rows.scatter_add_(1, index, dvg)
         if R:
             q_global = q_rows.index_select(1, p.global_rows)
-            buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
+            buffer = None if saved else _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             ds_buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             for j, (s0, s1) in enumerate(p.dense_chunks):
-                probs = p.dense_probs(buffer, s0, s1, q_global, k_rows)
+                probs, dropped, scratch = _backward_probs(
+                    saved[len(p.chunks) + j] if saved else None,
+                    lambda: p.dense_probs(buffer, s0, s1, q_global, k_rows), dropout, len(p.chunks) + j,
+                )
                 ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2), out=ds_buffer[: s1 - s0])
-                _softmax_backward_(ds, probs, dropout, len(p.chunks) + j)
+                _softmax_backward_(ds, probs, dropped)
                 dq_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(ds, k_rows[s0:s1]))
                 dk_rows[s0:s1].baddbmm_(ds.transpose(1, 2), q_global[s0:s1])
-                dv_rows[s0:s1].baddbmm_(probs.transpose(1, 2), do_global[s0:s1])
-            _SCRATCH.give_back(buffer, ds_buffer)
+                dv_rows[s0:s1].baddbmm_(dropped.transpose(1, 2), do_global[s0:s1])
+                _SCRATCH.give_back(*scratch)
+            _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
         dq.mul_(scale)
         _SCRATCH.give_back(q_flat, k_flat, v_flat, do_flat)
         shape = (p.B, p.H, p.L, D)
