@@ -393,7 +393,7 @@ class _BandAttention(torch.autograd.Function):
     """Block-sparse softmax attention, forward and backward written out (see ``_Plan`` for the layout).
 
     Inputs: ``q, k, v`` [B, H, L, D] (any strides, ``q`` unscaled), the ``_Plan``, the softmax
-    ``scale``, dropout. Output [B, H, L, D] (zero on padding rows).
+    ``scale``, dropout, whether to keep the probabilities. Output [B, H, L, D] (zero on padding rows).
 
     Band rows go through in chunks of heads: per chunk the scores are one batched matmul, normalised in
     place by one fused softmax, then multiplied with the values; the rows of global blocks are a few
@@ -404,11 +404,10 @@ class _BandAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, dropout_p, training):
+    def forward(ctx, q, k, v, plan, scale, dropout_p, training, saving):
         p = plan
         N, G, D, W, block = p.N, p.G, p.D, p.W, p.block
         dropout = _Dropout(dropout_p, q.device) if training and dropout_p > 0.0 else None
-        saving = any(ctx.needs_input_grad[:3]) and _SAVE_PROBABILITIES.get(q.device.type, False)
         saved = []
         q_flat, k_flat, v_flat = p.to_flat(q, scale), p.to_flat(k), p.to_flat(v)
         k_rows, v_rows = p.rows_of_flat(k_flat), p.rows_of_flat(v_flat)
@@ -522,7 +521,7 @@ class _BandAttention(torch.autograd.Function):
         dq.mul_(scale)
         _SCRATCH.give_back(q_flat, k_flat, v_flat, do_flat)
         shape = (p.B, p.H, p.L, D)
-        return dq_rows.view(shape), dk_rows.view(shape), dv_rows.view(shape), None, None, None, None
+        return dq_rows.view(shape), dk_rows.view(shape), dv_rows.view(shape), None, None, None, None, None
 
 
 def _dense_rows(q_rows, k, v, key_padding_mask, dropout_p, training):
@@ -570,7 +569,10 @@ def block_sparse_attention(
     global_blocks = global_blocks_of(L // block_size, global_block_indices, global_block_end_indices)
     plan = _Plan(q, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    return _BandAttention.apply(q, k, v, plan, scale, float(dropout_p), bool(training))
+    # (inside autograd.Function.forward grad mode is always off and needs_input_grad ignores no_grad)
+    saving = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    saving = saving and _SAVE_PROBABILITIES.get(device.type, False)
+    return _BandAttention.apply(q, k, v, plan, scale, float(dropout_p), bool(training), saving)
 
 
 # ---------------------------------------------------------------------------------------------- module
