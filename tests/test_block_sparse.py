@@ -427,6 +427,15 @@ def test_repeated_calls_reusing_scratch_buffers_give_identical_results():
     assert torch.equal(first, kept[0])
     for g, saved in zip(first_grads, kept[1:]):
         assert torch.equal(g, saved)
+    from lfzh_ds.attention.block_sparse import _SCRATCH, empty_cache
+
+    assert _SCRATCH.free  # the buffers of both calls, kept probabilities included, wait for the next call
+    empty_cache()
+    assert not _SCRATCH.free
+    again = block_sparse_attention(q, k, v, **kwargs)
+    assert torch.equal(again, kept[0]) and all(
+        torch.equal(g, saved) for g, saved in zip(torch.autograd.grad(again.sum(), (q, k, v)), kept[1:])
+    )
 
 
 def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks(probabilities):
@@ -445,21 +454,40 @@ def test_a_retained_graph_backpropagates_twice_through_the_same_dropout_masks(pr
         assert torch.equal(a, b)
 
 
+# Chunk budgets (bytes of scores) that split these small cases like real lengths split real heads:
+# 1 = one window per chunk; 20_000 / 50_000 = runs of 1-10 windows of one head, the last run shorter.
+BUDGETS = [1, 20_000, 50_000]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("L, block, n, global_blocks, pads, globals_", [CASES[1], CASES[3]])
-def test_kernel_is_the_same_when_heads_go_through_one_chunk_at_a_time(L, block, n, global_blocks, pads, globals_,
-                                                                      monkeypatch, probabilities):
-    # Real lengths split the heads into several chunks (one head each at L=4096 on CPU); the masks of
-    # padding and global keys must follow each head into its chunk.
+def test_kernel_is_the_same_when_heads_go_through_in_parts(L, block, n, global_blocks, pads, globals_, budget,
+                                                            monkeypatch, probabilities):
+    # Long sequences split each head into runs of windows (a head per chunk and more at L >= 4096 on CPU);
+    # the masks of padding and global keys must follow each part, the global keys' gradients add up.
     from lfzh_ds.attention import block_sparse
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
     _check_kernel_against_sdpa(block_sparse_attention, L, block, n, global_blocks, pads, globals_, "cpu")
 
 
-def test_dropout_gradients_are_exact_with_one_head_per_chunk(monkeypatch, probabilities):
+def test_heads_are_split_into_parts_only_when_one_does_not_fit(monkeypatch):
     from lfzh_ds.attention import block_sparse
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
+    q = torch.zeros(2, 3, 208, 8)
+    no_padding = torch.zeros(2, 208, dtype=torch.bool)
+    for budget, heads, windows in [(1 << 20, 6, 13), (60_000, 1, 13), (20_000, 1, 4), (1, 1, 1)]:
+        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+        plan = block_sparse._Plan(q, 16, 3, [0], no_padding, no_padding)  # score rows 64 wide: 53,248 B a head
+        assert {(c.s1 - c.s0, c.w1 - c.w0) for c in plan.chunks[:1]} == {(heads, windows)}
+        assert sum((c.s1 - c.s0) * (c.w1 - c.w0) for c in plan.chunks) == 6 * 13  # every window exactly once
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_dropout_gradients_are_exact_when_heads_go_through_in_parts(budget, monkeypatch, probabilities):
+    from lfzh_ds.attention import block_sparse
+
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(0)
     B, H, L, D, block = 2, 2, 48, 4, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -494,3 +522,24 @@ def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_w
         results.append((out, *torch.autograd.grad(out, (q, k, v), weights)))
     for kept, recomputed in zip(*results):
         assert (kept - recomputed).abs().max().item() <= 1e-6
+
+
+def test_activation_checkpointing_recomputes_the_kept_probabilities_and_gives_the_same_gradients():
+    # Non-reentrant checkpointing drops what forward saved (through saved-tensor hooks) and reruns forward
+    # in backward; the kept probabilities must go through those hooks and come back identical.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 3, 128, 16, requires_grad=True) for _ in range(3))
+    kwargs = dict(block_size=16, num_sliding_window_blocks=3, global_block_indices=[0], dropout_p=0.2, training=True)
+    weights = torch.randn(2, 3, 128, 16)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(123)
+        if checkpointed:
+            out = checkpoint(lambda *x: block_sparse_attention(*x, **kwargs), q, k, v, use_reentrant=False)
+        else:
+            out = block_sparse_attention(q, k, v, **kwargs)
+        results.append(torch.autograd.grad(out, (q, k, v), weights))
+    for plain, checkpointed in zip(*results):
+        assert torch.equal(plain, checkpointed)

@@ -44,6 +44,7 @@ __all__ = [
     "dense_mask_from_layout",
     "block_sparse_attention",
     "BlockSparseSelfAttention",
+    "empty_cache",
 ]
 
 
@@ -138,15 +139,16 @@ def _keep_probability(p: float, device: torch.device) -> float:
 
 
 class _ScratchPool:
-    """Reusable scratch buffers for temporaries that live within one forward or one backward call.
+    """Reusable buffers: the temporaries of one forward or backward call, and the probabilities kept
+    from forward to backward (given back once backward has used them, unless the graph is retained).
 
-    Large fresh allocations come straight from the OS on every call (glibc serves them with mmap) and
-    page-faulting them in costs as much as a good part of the arithmetic; keeping a few buffers per
-    (size, dtype, device) avoids that. Only call-local temporaries go here, never tensors saved for
-    backward or returned.
+    Large fresh allocations come straight from the OS on every call (glibc serves them with mmap, or
+    trims them off the heap when freed) and page-faulting them in costs as much as a good part of the
+    arithmetic; keeping buffers per (size, dtype, device), up to ``max_bytes`` in all, avoids that.
+    Returned tensors never come from here. ``empty_cache()`` hands the buffers back to the allocator.
     """
 
-    def __init__(self, max_bytes: int = 512 << 20):
+    def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
@@ -171,6 +173,18 @@ class _ScratchPool:
 
 _SCRATCH = _ScratchPool()
 
+
+def empty_cache() -> None:
+    """Frees the kernel's reusable buffers (up to 1 GB held between calls, like torch's CUDA cache)."""
+    with _SCRATCH.lock:
+        _SCRATCH.free.clear()
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True if torch cannot tell."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keeps is None else bool(keeps())
+
 # Bytes of scores per chunk of heads: on CPU small enough that a chunk's scores stay in the last-level
 # cache from the matmul through the softmax to the next matmul; on GPUs large, so few kernels launch.
 _CHUNK_BYTES = {"cpu": 16 << 20}
@@ -180,6 +194,16 @@ _CHUNK_BYTES_ELSEWHERE = 512 << 20
 # forward+backward about 1/6 faster (1/4 with dropout, whose masks need not be regenerated); on GPUs,
 # where memory is the scarce resource and a matmul is cheap, they are recomputed.
 _SAVE_PROBABILITIES = {"cpu": True}
+
+
+class _Chunk:
+    """Heads ``s0:s1``, block rows ``w0:w1`` of each (all of them unless the chunk is part of one head):
+    token rows ``r0:r1`` of those heads, windows ``t0:t1`` of the flat layout."""
+
+    def __init__(self, s0: int, s1: int, w0: int, w1: int, nb: int, block: int):
+        self.s0, self.s1, self.w0, self.w1 = s0, s1, w0, w1
+        self.r0, self.r1 = w0 * block, w1 * block
+        self.t0, self.t1 = s0 * nb + w0, (s1 - 1) * nb + w1
 
 
 class _Plan:
@@ -238,9 +262,18 @@ class _Plan:
         self.flat_rows = self.pad + self.N * L + self.pad + self.width
         budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES_ELSEWHERE)
         element = torch.finfo(dtype).bits // 8
-        self.heads_per_chunk = max(1, min(self.N, budget // (L * self.width * element)))
-        self.chunks = [(s0, min(self.N, s0 + self.heads_per_chunk)) for s0 in range(0, self.N, self.heads_per_chunk)]
-        self.chunk_windows = self.heads_per_chunk * self.nb
+        # a chunk is several whole heads or, when one head's scores exceed the budget (long sequences), a
+        # run of one head's windows: its scores stay bounded whatever the length
+        head_bytes = L * self.width * element
+        self.heads_per_chunk = max(1, min(self.N, budget // head_bytes))
+        self.windows_per_part = self.nb if head_bytes <= budget else max(1, budget // (block * self.width * element))
+        if self.windows_per_part == self.nb:
+            self.chunks = [_Chunk(s0, min(self.N, s0 + self.heads_per_chunk), 0, self.nb, self.nb, block)
+                           for s0 in range(0, self.N, self.heads_per_chunk)]
+        else:
+            self.chunks = [_Chunk(s, s + 1, w0, min(self.nb, w0 + self.windows_per_part), self.nb, block)
+                           for s in range(self.N) for w0 in range(0, self.nb, self.windows_per_part)]
+        self.chunk_windows = max(c.t1 - c.t0 for c in self.chunks)
         self.heads_per_dense_chunk = max(1, min(self.N, budget // (max(1, len(self.global_rows)) * L * element)))
         self.dense_chunks = [
             (s0, min(self.N, s0 + self.heads_per_dense_chunk)) for s0 in range(0, self.N, self.heads_per_dense_chunk)
@@ -258,15 +291,18 @@ class _Plan:
             return [None] * len(self.chunks)
         b, row, col = band_masked.unbind(1)
         heads = (b[:, None] * self.H + torch.arange(self.H, device=b.device)[None, :]).reshape(-1)
-        order = torch.argsort(heads, stable=True)
-        heads = heads[order]
-        windows = heads * self.nb + row.repeat_interleave(self.H)[order]
-        columns = col.repeat_interleave(self.H)[order]
-        chunk = torch.div(heads, self.heads_per_chunk, rounding_mode="floor")
+        rows = row.repeat_interleave(self.H)
+        if self.windows_per_part == self.nb:
+            chunk = torch.div(heads, self.heads_per_chunk, rounding_mode="floor")
+        else:
+            parts = len(self.chunks) // self.N
+            chunk = heads * parts + torch.div(rows, self.windows_per_part, rounding_mode="floor")
+        order = torch.argsort(chunk, stable=True)
+        chunk, windows, columns = chunk[order], (heads * self.nb + rows)[order], col.repeat_interleave(self.H)[order]
         counts = torch.bincount(chunk, minlength=len(self.chunks)).tolist()
         return [
-            (w - s0 * self.nb, c) if w.numel() else None
-            for (s0, _), w, c in zip(self.chunks, windows.split(counts), columns.split(counts))
+            (w - c.t0, cols) if w.numel() else None
+            for c, w, cols in zip(self.chunks, windows.split(counts), columns.split(counts))
         ]
 
     # views of the layouts
@@ -294,9 +330,9 @@ class _Plan:
         """The keys of every window, [T, D, width] (overlapping strided view, no copy)."""
         return flat.unfold(0, width, self.block)[: self.T]
 
-    def glob(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """The [heads, L, G] global-key columns of a [heads * nb, block, W + G] slice."""
-        return x.view(heads, self.L, self.width)[..., self.W :]
+    def glob(self, x: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
+        """The [heads, rows, G] global-key columns of a chunk's [windows, block, W + G] scores."""
+        return x.view(chunk.s1 - chunk.s0, chunk.r1 - chunk.r0, self.width)[..., self.W :]
 
     def gather_globals(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, G, D]: the global keys (or values) of [N, L, D] ``rows``."""
@@ -305,16 +341,15 @@ class _Plan:
     # probabilities, identical in forward and backward
     def band_probs(self, buffer, chunk, q_flat, k_flat, kg):
         """Softmax over band + global keys of the windows of chunk ``chunk``: [windows, block, W + G]."""
-        s0, s1 = self.chunks[chunk]
-        t0, t1 = s0 * self.nb, s1 * self.nb
-        probs = buffer[: t1 - t0]
-        probs.baddbmm_(self.windows(q_flat)[t0:t1], self.bands(k_flat, self.width)[t0:t1], beta=0.0)
+        c = self.chunks[chunk]
+        probs = buffer[: c.t1 - c.t0]
+        probs.baddbmm_(self.windows(q_flat)[c.t0 : c.t1], self.bands(k_flat, self.width)[c.t0 : c.t1], beta=0.0)
         if self.chunk_masks[chunk] is not None:
             probs.transpose(1, 2)[self.chunk_masks[chunk]] = _masked_value(probs.dtype)
         if self.G:
-            glob = self.glob(probs, s1 - s0)
-            glob.copy_(self.global_bias[s0:s1, None, :].expand(s1 - s0, self.L, self.G))
-            glob.baddbmm_(self.rows_of_flat(q_flat)[s0:s1], kg[s0:s1].transpose(1, 2))
+            glob = self.glob(probs, c)
+            glob.copy_(self.global_bias[c.s0 : c.s1, None, :].expand(glob.shape))
+            glob.baddbmm_(self.rows_of_flat(q_flat)[c.s0 : c.s1, c.r0 : c.r1], kg[c.s0 : c.s1].transpose(1, 2))
         torch.softmax(probs, -1, out=probs)  # row-wise, in place
         return probs
 
@@ -416,13 +451,13 @@ class _BandAttention(torch.autograd.Function):
         out = q.new_empty(p.T, block, D)
         out_rows = out.view(N, p.L, D)
         buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
-        for i, (s0, s1) in enumerate(p.chunks):
-            t0, t1 = s0 * p.nb, s1 * p.nb
-            probs = p.band_probs(q.new_empty(buffer[: t1 - t0].shape) if saving else buffer, i, q_flat, k_flat, kg)
+        for i, c in enumerate(p.chunks):
+            probs = p.band_probs(_SCRATCH.take(buffer[: c.t1 - c.t0].shape, q.dtype, q.device) if saving else buffer,
+                                 i, q_flat, k_flat, kg)
             dropped, scratch = _forward_probs(probs, dropout, i, saving)
-            torch.bmm(dropped[..., :W], v_bands[t0:t1], out=out[t0:t1])
+            torch.bmm(dropped[..., :W], v_bands[c.t0 : c.t1], out=out[c.t0 : c.t1])
             if G:
-                out_rows[s0:s1].baddbmm_(p.glob(dropped, s1 - s0), vg[s0:s1])
+                out_rows[c.s0 : c.s1, c.r0 : c.r1].baddbmm_(p.glob(dropped, c), vg[c.s0 : c.s1])
             _SCRATCH.give_back(*scratch)
             saved += [probs] if saving else []
         _SCRATCH.give_back(buffer)
@@ -431,7 +466,7 @@ class _BandAttention(torch.autograd.Function):
             q_global = p.rows_of_flat(q_flat).index_select(1, p.global_rows)  # [N, R, D]
             buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             for j, (s0, s1) in enumerate(p.dense_chunks):
-                probs = p.dense_probs(q.new_empty(buffer[: s1 - s0].shape) if saving else buffer,
+                probs = p.dense_probs(_SCRATCH.take(buffer[: s1 - s0].shape, q.dtype, q.device) if saving else buffer,
                                       s0, s1, q_global, k_rows)
                 dropped, scratch = _forward_probs(probs, dropout, len(p.chunks) + j, saving)
                 out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(dropped, v_rows[s0:s1]))
@@ -471,18 +506,18 @@ class _BandAttention(torch.autograd.Function):
         dk_flat = q.new_zeros(p.flat_rows, D)
         dv_flat = q.new_zeros(p.flat_rows, D)
         dk_rows, dv_rows = p.rows_of_flat(dk_flat), p.rows_of_flat(dv_flat)
-        dkg, dvg = torch.empty_like(kg), torch.empty_like(vg)
+        dkg, dvg = torch.zeros_like(kg), torch.zeros_like(vg)  # sums over the chunks of a head
         buffer = None if saved else _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         ds_buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
-        for i, (s0, s1) in enumerate(p.chunks):
-            t0, t1, heads = s0 * p.nb, s1 * p.nb, s1 - s0
+        for i, c in enumerate(p.chunks):
+            t0, t1, heads, rows = c.t0, c.t1, slice(c.s0, c.s1), slice(c.r0, c.r1)
             probs, dropped, scratch = _backward_probs(
                 saved[i] if saved else None, lambda: p.band_probs(buffer, i, q_flat, k_flat, kg), dropout, i
             )
             ds = ds_buffer[: t1 - t0]
             ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
             if G:
-                p.glob(ds, heads).baddbmm_(do_rows[s0:s1], vg[s0:s1].transpose(1, 2), beta=0.0)
+                p.glob(ds, c).baddbmm_(do_rows[heads, rows], vg[heads].transpose(1, 2), beta=0.0)
             _softmax_backward_(ds, probs, dropped)
             # dV += P'^T dO and dK += dS^T Q: band column block d of window t is key block t + d
             for d in range(2 * p.half + 1):
@@ -492,10 +527,10 @@ class _BandAttention(torch.autograd.Function):
                 dk_flat[keys].view(t1 - t0, block, D).baddbmm_(ds[..., columns].transpose(1, 2), q_win[t0:t1])
             torch.bmm(ds[..., :W], k_bands[t0:t1], out=dq[t0:t1])
             if G:
-                torch.bmm(p.glob(dropped, heads).transpose(1, 2), do_rows[s0:s1], out=dvg[s0:s1])
-                ds_glob = p.glob(ds, heads)
-                dq_rows[s0:s1].baddbmm_(ds_glob, kg[s0:s1])
-                torch.bmm(ds_glob.transpose(1, 2), q_rows[s0:s1], out=dkg[s0:s1])
+                dvg[heads].baddbmm_(p.glob(dropped, c).transpose(1, 2), do_rows[heads, rows])
+                ds_glob = p.glob(ds, c)
+                dq_rows[heads, rows].baddbmm_(ds_glob, kg[heads])
+                dkg[heads].baddbmm_(ds_glob.transpose(1, 2), q_rows[heads, rows])
             _SCRATCH.give_back(*scratch)
         _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
         if G:  # the global keys are rows of k and v
@@ -520,6 +555,8 @@ class _BandAttention(torch.autograd.Function):
             _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
         dq.mul_(scale)
         _SCRATCH.give_back(q_flat, k_flat, v_flat, do_flat)
+        if not _graph_is_kept():  # the kept probabilities are used up: recycle them for the next forward
+            _SCRATCH.give_back(*saved)
         shape = (p.B, p.H, p.L, D)
         return dq_rows.view(shape), dk_rows.view(shape), dv_rows.view(shape), None, None, None, None, None
 
