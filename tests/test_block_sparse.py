@@ -543,3 +543,21 @@ def test_activation_checkpointing_recomputes_the_kept_probabilities_and_gives_th
         results.append(torch.autograd.grad(out, (q, k, v), weights))
     for plain, checkpointed in zip(*results):
         assert torch.equal(plain, checkpointed)
+
+
+def test_buffer_pool_stays_under_its_limit_by_dropping_the_sizes_returned_longest_ago():
+    # Variable lengths (fine-tuning batches) return buffers of many sizes; stale sizes must not crowd out
+    # the current ones.
+    from lfzh_ds.attention.block_sparse import _ScratchPool
+
+    pool = _ScratchPool(max_bytes=4000)
+    old, current = torch.empty(500), torch.empty(300)  # 2000 and 1200 bytes
+    pool.give_back(old, current)
+    pool.give_back(torch.empty(2000))  # 8000 bytes: more than the whole pool, never kept
+    assert pool.held == 3200
+    again = pool.take((300,), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == current.data_ptr() and pool.held == 2000
+    pool.give_back(again, torch.empty(400))  # 1200 + 1600 more: the 500-float size, returned first, goes
+    assert pool.held == 2800 and sorted(key[0] for key in pool.free) == [300, 400]
+    assert pool.take((20, 15), torch.float32, torch.device("cpu")).data_ptr() == current.data_ptr()
+    assert pool.take((300,), torch.float64, torch.device("cpu")).data_ptr() != current.data_ptr()  # dtype matters

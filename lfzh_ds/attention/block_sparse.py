@@ -150,25 +150,42 @@ class _ScratchPool:
 
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
-        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.free: dict[tuple, list[torch.Tensor]] = {}  # least recently returned sizes first
+        self.held = 0
         self.lock = threading.Lock()
 
     def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
+        key = (math.prod(shape), dtype, device)
         with self.lock:
-            stack = self.free.get((numel, dtype, device))
+            stack = self.free.get(key)
             if stack:
-                return stack.pop().view(shape)
+                buffer = stack.pop()
+                self.held -= buffer.numel() * buffer.element_size()
+                if not stack:
+                    del self.free[key]
+                return buffer.view(shape)
         return torch.empty(shape, dtype=dtype, device=device)
 
     def give_back(self, *buffers: torch.Tensor) -> None:
         with self.lock:
-            held = sum(t.numel() * t.element_size() for stack in self.free.values() for t in stack)
             for t in buffers:
                 size = t.numel() * t.element_size()
-                if held + size <= self.max_bytes:
-                    self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t.view(-1))
-                    held += size
+                if size > self.max_bytes:
+                    continue
+                key = (t.numel(), t.dtype, t.device)
+                self.free[key] = self.free.pop(key, []) + [t.view(-1)]  # (re)inserted as the most recent size
+                self.held += size
+            while self.held > self.max_bytes:  # sizes no longer used (another length) go first
+                key = next(iter(self.free))
+                evicted = self.free[key].pop(0)
+                self.held -= evicted.numel() * evicted.element_size()
+                if not self.free[key]:
+                    del self.free[key]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+            self.held = 0
 
 
 _SCRATCH = _ScratchPool()
@@ -176,8 +193,7 @@ _SCRATCH = _ScratchPool()
 
 def empty_cache() -> None:
     """Frees the kernel's reusable buffers (up to 1 GB held between calls, like torch's CUDA cache)."""
-    with _SCRATCH.lock:
-        _SCRATCH.free.clear()
+    _SCRATCH.clear()
 
 
 def _graph_is_kept() -> bool:
