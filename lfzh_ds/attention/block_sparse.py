@@ -430,9 +430,9 @@ def _backward_probs(saved, recompute, dropout, stream):
 
 
 def _softmax_backward_(ds: torch.Tensor, probs: torch.Tensor, dropped: torch.Tensor) -> None:
-    """In place: ``ds`` from dP to dS = P (dP' - rowsum(P dP')), where dP' is dP with the entries
-    dropout zeroed in forward zeroed too (``dropped``: the probabilities after dropout, ``probs`` itself
-    without dropout). With dropout: dS = dropped dP - P rowsum(dropped dP)."""
+    """In place: ``ds`` from dP to dS. Without dropout (``dropped is probs``): dS = P (dP - rowsum(P dP)).
+    With dropout, whose ``dropped`` probabilities forward multiplied the values with:
+    dS = dropped dP - P rowsum(dropped dP)."""
     if dropped is probs:
         torch._softmax_backward_data(ds, probs, -1, probs.dtype, grad_input=ds)
         return
@@ -446,9 +446,9 @@ class _BandAttention(torch.autograd.Function):
     Inputs: ``q, k, v`` [B, H, L, D] (any strides, ``q`` unscaled), the ``_Plan``, the softmax
     ``scale``, dropout, whether to keep the probabilities. Output [B, H, L, D] (zero on padding rows).
 
-    Band rows go through in chunks of heads: per chunk the scores are one batched matmul, normalised in
-    place by one fused softmax, then multiplied with the values; the rows of global blocks are a few
-    dense rows, done the same way. For backward the probabilities are either kept (signed by dropout,
+    Band rows go through in chunks (whole heads, or runs of one head's windows at long lengths): per
+    chunk the scores are one batched matmul, normalised in place by one fused softmax, then multiplied
+    with the values; the rows of global blocks are a few dense rows, done the same way. For backward the probabilities are either kept (signed by dropout,
     ``O(L W)`` memory: 126 MB per layer at L=4096, 12 heads, fp32) or, like FlashAttention, recomputed
     per chunk (one more matmul and softmax; dropout masks regenerated from their seed), keeping only
     q, k and v. ``_SAVE_PROBABILITIES`` chooses per device type.
