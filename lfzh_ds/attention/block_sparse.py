@@ -17,15 +17,17 @@ How the kernel works (``_BandAttention``, forward and backward written out; ``_P
   is one overlapping strided view (no copy), and the scores of a chunk of heads are one batched
   matmul ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in
   one buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax.
-* Chunks are sized to stay in the CPU's last-level cache from the scores to the output. For
+* Chunks (whole heads, or runs of one head's windows when a head alone is too big) are sized to stay
+  in the CPU's last-level cache from the scores to the output. For
   backward each chunk's probabilities are kept, signed by dropout (``P`` where kept, ``-P`` where
   dropped: no mask to keep or regenerate), or, on GPUs, recomputed like FlashAttention (one more
   matmul; dropout masks regenerated from a seed), keeping only q, k and v.
 * Global query rows (the rows of global blocks) attend to every key: a few dense rows, chunked the
   same way and written over the band result.
 * The key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
-* Call-local temporaries are recycled between calls (fresh large allocations are page-faulted in
-  anew every time, which costs as much as a good part of the arithmetic on CPU).
+* Temporaries, and the kept probabilities once backward has used them, are recycled between calls
+  (fresh large allocations are page-faulted in anew every time, which costs as much as a good part
+  of the arithmetic on CPU).
 
 Nothing of size ``L x L`` is ever built: a layer keeps O(L W) memory for backward (O(L D) when it
 recomputes), linear in the length.
