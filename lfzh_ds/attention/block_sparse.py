@@ -18,10 +18,10 @@ How the kernel works (``_BandAttention``, forward and backward written out; ``_P
   matmul ``[windows, block, D] @ [windows, D, W]``, written next to the global scores ``[L, G]`` in
   one buffer ``[windows, block, W + G]`` and normalised in place by one fused softmax.
 * Chunks (whole heads, or runs of one head's windows when a head alone is too big) are sized to stay
-  in the CPU's last-level cache from the scores to the output. For
-  backward each chunk's probabilities are kept, signed by dropout (``P`` where kept, ``-P`` where
-  dropped: no mask to keep or regenerate), or, on GPUs, recomputed like FlashAttention (one more
-  matmul; dropout masks regenerated from a seed), keeping only q, k and v.
+  in the CPU's last-level cache from the scores to the output. For backward each chunk's
+  probabilities are kept, signed by dropout (``P`` where kept, ``-P`` where dropped: no mask to keep
+  or regenerate), or, on GPUs, recomputed like FlashAttention (one more matmul; dropout masks
+  regenerated from a seed), keeping only q, k and v.
 * Global query rows (the rows of global blocks) attend to every key: a few dense rows, chunked the
   same way and written over the band result.
 * The key/value gradients of the overlapping windows are accumulated diagonal by diagonal.
@@ -203,14 +203,14 @@ def _graph_is_kept() -> bool:
     keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if keeps is None else bool(keeps())
 
-# Bytes of scores per chunk of heads: on CPU small enough that a chunk's scores stay in the last-level
+# Bytes of scores per chunk: on CPU small enough that a chunk's scores stay in the last-level
 # cache from the matmul through the softmax to the next matmul; on GPUs large, so few kernels launch.
 _CHUNK_BYTES = {"cpu": 16 << 20}
 _CHUNK_BYTES_ELSEWHERE = 512 << 20
 # Keep the probabilities for backward (device types listed True) or recompute them (FlashAttention
 # style). On CPU, where memory is plentiful and arithmetic scarce, keeping them makes a layer's
-# forward+backward about 1/6 faster (1/4 with dropout, whose masks need not be regenerated); on GPUs,
-# where memory is the scarce resource and a matmul is cheap, they are recomputed.
+# forward+backward about 1.2x faster, with or without dropout (whose masks need not be regenerated); on
+# GPUs, where memory is the scarce resource and a matmul is cheap, they are recomputed.
 _SAVE_PROBABILITIES = {"cpu": True}
 
 
@@ -283,18 +283,16 @@ class _Plan:
         # a chunk is several whole heads or, when one head's scores exceed the budget (long sequences), a
         # run of one head's windows: its scores stay bounded whatever the length
         head_bytes = L * self.width * element
-        self.heads_per_chunk = max(1, min(self.N, budget // head_bytes))
-        self.windows_per_part = self.nb if head_bytes <= budget else max(1, budget // (block * self.width * element))
-        if self.windows_per_part == self.nb:
-            self.chunks = [_Chunk(s0, min(self.N, s0 + self.heads_per_chunk), 0, self.nb, self.nb, block)
-                           for s0 in range(0, self.N, self.heads_per_chunk)]
-        else:
-            self.chunks = [_Chunk(s, s + 1, w0, min(self.nb, w0 + self.windows_per_part), self.nb, block)
-                           for s in range(self.N) for w0 in range(0, self.nb, self.windows_per_part)]
-        self.chunk_windows = max(c.t1 - c.t0 for c in self.chunks)
-        self.heads_per_dense_chunk = max(1, min(self.N, budget // (max(1, len(self.global_rows)) * L * element)))
+        heads_per_chunk = max(1, min(self.N, budget // head_bytes))
+        windows_per_chunk = self.nb if head_bytes <= budget else max(1, budget // (block * self.width * element))
+        self.chunks = [
+            _Chunk(s0, min(self.N, s0 + heads_per_chunk), w0, min(self.nb, w0 + windows_per_chunk), self.nb, block)
+            for s0 in range(0, self.N, heads_per_chunk)
+            for w0 in range(0, self.nb, windows_per_chunk)
+        ]
+        heads_per_dense_chunk = max(1, min(self.N, budget // (max(1, len(self.global_rows)) * L * element)))
         self.dense_chunks = [
-            (s0, min(self.N, s0 + self.heads_per_dense_chunk)) for s0 in range(0, self.N, self.heads_per_dense_chunk)
+            (s0, min(self.N, s0 + heads_per_dense_chunk)) for s0 in range(0, self.N, heads_per_dense_chunk)
         ]
 
         excluded = torch.ones(B, L + 2 * self.pad, dtype=torch.bool, device=device)
@@ -303,20 +301,17 @@ class _Plan:
         self.chunk_masks = self._chunk_masks(band_masked)
 
     def _chunk_masks(self, band_masked: torch.Tensor) -> list:
-        """Per chunk of heads, the (window in chunk, band column) pairs to mask (the same for every
-        head of a batch element)."""
+        """Per chunk, the (window in chunk, band column) pairs to mask (the same for every head of a
+        batch element)."""
         if not band_masked.shape[0]:
             return [None] * len(self.chunks)
         b, row, col = band_masked.unbind(1)
         heads = (b[:, None] * self.H + torch.arange(self.H, device=b.device)[None, :]).reshape(-1)
-        rows = row.repeat_interleave(self.H)
-        if self.windows_per_part == self.nb:
-            chunk = torch.div(heads, self.heads_per_chunk, rounding_mode="floor")
-        else:
-            parts = len(self.chunks) // self.N
-            chunk = heads * parts + torch.div(rows, self.windows_per_part, rounding_mode="floor")
+        windows = heads * self.nb + row.repeat_interleave(self.H)
+        sizes = torch.tensor([c.t1 - c.t0 for c in self.chunks], device=b.device)  # chunks cover the windows in order
+        chunk = torch.repeat_interleave(torch.arange(len(self.chunks), device=b.device), sizes)[windows]
         order = torch.argsort(chunk, stable=True)
-        chunk, windows, columns = chunk[order], (heads * self.nb + rows)[order], col.repeat_interleave(self.H)[order]
+        chunk, windows, columns = chunk[order], windows[order], col.repeat_interleave(self.H)[order]
         counts = torch.bincount(chunk, minlength=len(self.chunks)).tolist()
         return [
             (w - c.t0, cols) if w.numel() else None
@@ -357,10 +352,11 @@ class _Plan:
         return rows.gather(1, self.global_index[:, :, None].expand(self.N, self.G, self.D))
 
     # probabilities, identical in forward and backward
-    def band_probs(self, buffer, chunk, q_flat, k_flat, kg):
-        """Softmax over band + global keys of the windows of chunk ``chunk``: [windows, block, W + G]."""
+    def band_probs(self, chunk, q_flat, k_flat, kg):
+        """Softmax over band + global keys of the windows of chunk ``chunk``: [windows, block, W + G],
+        in a buffer from ``_SCRATCH``."""
         c = self.chunks[chunk]
-        probs = buffer[: c.t1 - c.t0]
+        probs = _SCRATCH.take((c.t1 - c.t0, self.block, self.width), q_flat.dtype, q_flat.device)
         probs.baddbmm_(self.windows(q_flat)[c.t0 : c.t1], self.bands(k_flat, self.width)[c.t0 : c.t1], beta=0.0)
         if self.chunk_masks[chunk] is not None:
             probs.transpose(1, 2)[self.chunk_masks[chunk]] = _masked_value(probs.dtype)
@@ -371,9 +367,10 @@ class _Plan:
         torch.softmax(probs, -1, out=probs)  # row-wise, in place
         return probs
 
-    def dense_probs(self, buffer, s0, s1, q_global, k_rows):
-        """Softmax of the global-block rows ``q_global`` [N, R, D] over all keys, heads s0:s1: [heads, R, L]."""
-        probs = buffer[: s1 - s0]
+    def dense_probs(self, s0, s1, q_global, k_rows):
+        """Softmax of the global-block rows ``q_global`` [N, R, D] over all keys, heads s0:s1: [heads, R, L],
+        in a buffer from ``_SCRATCH``."""
+        probs = _SCRATCH.take((s1 - s0, q_global.shape[1], self.L), q_global.dtype, q_global.device)
         if self.padding_bias is None:
             torch.bmm(q_global[s0:s1], k_rows[s0:s1].transpose(1, 2), out=probs)
         else:
@@ -403,15 +400,16 @@ class _Dropout:
 
 def _forward_probs(probs, dropout, stream, saving):
     """The probabilities to multiply the values with (``probs`` after dropout) and the scratch buffers
-    to give back. When ``probs`` is kept for backward it is turned into *signed* probabilities: ``P``
-    where kept, ``-P`` where dropped (one tensor holds both what backward needs: ``P = |S|``, the
-    dropped probabilities ``max(S, 0)``)."""
+    to give back after that. When ``probs`` is kept for backward it is turned into *signed*
+    probabilities: ``P`` where kept, ``-P`` where dropped (one tensor holds both what backward needs:
+    ``P = |S|``, the dropped probabilities ``max(S, 0)``)."""
+    scratch = () if saving else (probs,)
     if dropout is None:
-        return probs, ()
+        return probs, scratch
     dropped = dropout.dropped(probs, stream)
     if saving:
         probs.lerp_(dropped, 2.0)  # 2 * dropped - P: exactly P or -P
-    return dropped, (dropped,)
+    return dropped, scratch + (dropped,)
 
 
 def _backward_probs(saved, recompute, dropout, stream):
@@ -421,9 +419,9 @@ def _backward_probs(saved, recompute, dropout, stream):
     if saved is None:
         probs = recompute()
         if dropout is None:
-            return probs, probs, ()
+            return probs, probs, (probs,)
         dropped = dropout.dropped(probs, stream)
-        return probs, dropped, (dropped,)
+        return probs, dropped, (probs, dropped)
     if dropout is None:
         return saved, saved, ()
     probs = torch.abs(saved, out=_SCRATCH.take(saved.shape, saved.dtype, saved.device))
@@ -450,10 +448,11 @@ class _BandAttention(torch.autograd.Function):
 
     Band rows go through in chunks (whole heads, or runs of one head's windows at long lengths): per
     chunk the scores are one batched matmul, normalised in place by one fused softmax, then multiplied
-    with the values; the rows of global blocks are a few dense rows, done the same way. For backward the probabilities are either kept (signed by dropout,
-    ``O(L W)`` memory: 126 MB per layer at L=4096, 12 heads, fp32) or, like FlashAttention, recomputed
-    per chunk (one more matmul and softmax; dropout masks regenerated from their seed), keeping only
-    q, k and v. ``_SAVE_PROBABILITIES`` chooses per device type.
+    with the values; the rows of global blocks are a few dense rows, done the same way. For backward
+    the probabilities are either kept (signed by dropout, ``O(L W)`` memory: 126 MB per layer at
+    L=4096, 12 heads, fp32) or, like FlashAttention, recomputed per chunk (one more matmul and softmax;
+    dropout masks regenerated from their seed), keeping only q, k and v. ``_SAVE_PROBABILITIES``
+    chooses per device type.
     """
 
     @staticmethod
@@ -468,29 +467,22 @@ class _BandAttention(torch.autograd.Function):
         v_bands = p.bands(v_flat, W).transpose(1, 2)  # [T, W, D]
         out = q.new_empty(p.T, block, D)
         out_rows = out.view(N, p.L, D)
-        buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         for i, c in enumerate(p.chunks):
-            probs = p.band_probs(_SCRATCH.take(buffer[: c.t1 - c.t0].shape, q.dtype, q.device) if saving else buffer,
-                                 i, q_flat, k_flat, kg)
+            probs = p.band_probs(i, q_flat, k_flat, kg)
             dropped, scratch = _forward_probs(probs, dropout, i, saving)
             torch.bmm(dropped[..., :W], v_bands[c.t0 : c.t1], out=out[c.t0 : c.t1])
             if G:
                 out_rows[c.s0 : c.s1, c.r0 : c.r1].baddbmm_(p.glob(dropped, c), vg[c.s0 : c.s1])
             _SCRATCH.give_back(*scratch)
             saved += [probs] if saving else []
-        _SCRATCH.give_back(buffer)
-        R = len(p.global_rows)
-        if R:
+        if len(p.global_rows):
             q_global = p.rows_of_flat(q_flat).index_select(1, p.global_rows)  # [N, R, D]
-            buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             for j, (s0, s1) in enumerate(p.dense_chunks):
-                probs = p.dense_probs(_SCRATCH.take(buffer[: s1 - s0].shape, q.dtype, q.device) if saving else buffer,
-                                      s0, s1, q_global, k_rows)
+                probs = p.dense_probs(s0, s1, q_global, k_rows)
                 dropped, scratch = _forward_probs(probs, dropout, len(p.chunks) + j, saving)
                 out_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(dropped, v_rows[s0:s1]))
                 _SCRATCH.give_back(*scratch)
                 saved += [probs] if saving else []
-            _SCRATCH.give_back(buffer)
         if dropout is not None:
             out.mul_(1.0 / dropout.keep)
         if p.valid_rows is not None:
@@ -525,14 +517,12 @@ class _BandAttention(torch.autograd.Function):
         dv_flat = q.new_zeros(p.flat_rows, D)
         dk_rows, dv_rows = p.rows_of_flat(dk_flat), p.rows_of_flat(dv_flat)
         dkg, dvg = torch.zeros_like(kg), torch.zeros_like(vg)  # sums over the chunks of a head
-        buffer = None if saved else _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
-        ds_buffer = _SCRATCH.take((p.chunk_windows, block, p.width), q.dtype, q.device)
         for i, c in enumerate(p.chunks):
             t0, t1, heads, rows = c.t0, c.t1, slice(c.s0, c.s1), slice(c.r0, c.r1)
             probs, dropped, scratch = _backward_probs(
-                saved[i] if saved else None, lambda: p.band_probs(buffer, i, q_flat, k_flat, kg), dropout, i
+                saved[i] if saved else None, lambda: p.band_probs(i, q_flat, k_flat, kg), dropout, i
             )
-            ds = ds_buffer[: t1 - t0]
+            ds = _SCRATCH.take(probs.shape, q.dtype, q.device)
             ds.baddbmm_(do_win[t0:t1], v_bands[t0:t1], beta=0.0)  # dP = dO V^T
             if G:
                 p.glob(ds, c).baddbmm_(do_rows[heads, rows], vg[heads].transpose(1, 2), beta=0.0)
@@ -549,28 +539,25 @@ class _BandAttention(torch.autograd.Function):
                 ds_glob = p.glob(ds, c)
                 dq_rows[heads, rows].baddbmm_(ds_glob, kg[heads])
                 dkg[heads].baddbmm_(ds_glob.transpose(1, 2), q_rows[heads, rows])
-            _SCRATCH.give_back(*scratch)
-        _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
+            _SCRATCH.give_back(ds, *scratch)
         if G:  # the global keys are rows of k and v
             index = p.global_index[:, :, None].expand(N, G, D)
             dk_rows.scatter_add_(1, index, dkg)
             dv_rows.scatter_add_(1, index, dvg)
         if R:
             q_global = q_rows.index_select(1, p.global_rows)
-            buffer = None if saved else _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
-            ds_buffer = _SCRATCH.take((p.heads_per_dense_chunk, R, p.L), q.dtype, q.device)
             for j, (s0, s1) in enumerate(p.dense_chunks):
                 probs, dropped, scratch = _backward_probs(
                     saved[len(p.chunks) + j] if saved else None,
-                    lambda: p.dense_probs(buffer, s0, s1, q_global, k_rows), dropout, len(p.chunks) + j,
+                    lambda: p.dense_probs(s0, s1, q_global, k_rows), dropout, len(p.chunks) + j,
                 )
-                ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2), out=ds_buffer[: s1 - s0])
+                ds = torch.bmm(do_global[s0:s1], v_rows[s0:s1].transpose(1, 2),
+                               out=_SCRATCH.take(probs.shape, q.dtype, q.device))
                 _softmax_backward_(ds, probs, dropped)
                 dq_rows[s0:s1].index_copy_(1, p.global_rows, torch.bmm(ds, k_rows[s0:s1]))
                 dk_rows[s0:s1].baddbmm_(ds.transpose(1, 2), q_global[s0:s1])
                 dv_rows[s0:s1].baddbmm_(dropped.transpose(1, 2), do_global[s0:s1])
-                _SCRATCH.give_back(*scratch)
-            _SCRATCH.give_back(ds_buffer, *([buffer] if buffer is not None else []))
+                _SCRATCH.give_back(ds, *scratch)
         dq.mul_(scale)
         _SCRATCH.give_back(q_flat, k_flat, v_flat, do_flat)
         if not _graph_is_kept():  # the kept probabilities are used up: recycle them for the next forward
