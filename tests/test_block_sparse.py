@@ -561,3 +561,34 @@ def test_buffer_pool_stays_under_its_limit_by_dropping_the_sizes_returned_longes
     assert pool.held == 2800 and sorted(key[0] for key in pool.free) == [300, 400]
     assert pool.take((20, 15), torch.float32, torch.device("cpu")).data_ptr() == current.data_ptr()
     assert pool.take((300,), torch.float64, torch.device("cpu")).data_ptr() != current.data_ptr()  # dtype matters
+
+
+def _pooled_chunk_buffers(free):
+    # one window per chunk below: 16 rows x 48 keys (window of 3 blocks of 16, no global keys)
+    return len(free.get((16 * 48, torch.float32, torch.device("cpu")), []))
+
+
+def test_kept_probabilities_go_back_to_the_pool_after_backward_unless_the_graph_is_retained(monkeypatch):
+    from lfzh_ds.attention import block_sparse
+
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)  # 2 heads x 8 windows = 16 chunks
+    block_sparse.empty_cache()
+    q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
+    weights = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), weights, retain_graph=True)
+    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) < 16  # still needed by the retained graph
+    second = torch.autograd.grad(out, (q, k, v), weights)
+    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 16  # all 16 kept chunks recycled
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_inference_keeps_no_probabilities_even_for_inputs_that_require_grad(monkeypatch):
+    from lfzh_ds.attention import block_sparse
+
+    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
+    block_sparse.empty_cache()
+    q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
+    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
