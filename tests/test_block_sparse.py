@@ -4,6 +4,7 @@ with padding, global blocks and token-level global tokens, in linear memory."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -281,6 +282,29 @@ def test_flex_callable_reuses_its_block_mask_only_where_the_mask_cannot_differ()
     ours = block_sparse_attention(q, k, v, key_padding_mask=key_padding_mask, global_tokens=global_tokens, **kwargs)
     theirs = flex(q, k, v, key_padding_mask, global_tokens)
     assert (theirs - ours).abs().max().item() <= 1e-5 and len(flex.masks) == 2
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs a C++ compiler")
+def test_compiled_flex_attention_serves_new_lengths_without_recompiling_each():
+    # Compiled FlexAttention (inductor, forward on CPU) against the kernel; padded lengths vary by the block, and
+    # a compilation per length (tens of seconds, then eager L x L scores after 8 of them) is the trap: the second
+    # length compiles a kernel for any length, the third reuses it.
+    from torch._dynamo.utils import counters
+
+    from lfzh_ds.attention import flex
+
+    torch._dynamo.reset()
+    flex._compiled_flex.cache_clear()
+    counters.clear()
+    torch.manual_seed(3)
+    for L in (128, 192, 320):
+        q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))
+        key_padding_mask, global_tokens = masks_for(2, L, [0, 40], [[5], []])
+        kwargs = dict(block_size=32, num_sliding_window_blocks=3, global_block_indices=[0],
+                      key_padding_mask=key_padding_mask, global_tokens=global_tokens)
+        compiled = flex.flex_block_sparse_attention(q, k, v, **kwargs)
+        assert (compiled - block_sparse_attention(q, k, v, **kwargs)).abs().max().item() <= 1e-5
+    assert counters["stats"]["unique_graphs"] <= 2
 
 
 # ------------------------------------------------------------------------------------------- module

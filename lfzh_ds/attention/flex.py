@@ -9,8 +9,9 @@ Where it runs: compiled FlexAttention needs a CUDA GPU of compute capability 8.0
 Hopper, ...) for forward and backward. It has no attention dropout, so ``BlockSparseSelfAttention``
 uses it only on such GPUs when no dropout is applied (eval mode, or ``attention_probs_dropout_prob``
 0); everywhere else (CPU, Turing/Titan RTX class GPUs, training with dropout) the pure-PyTorch kernel
-runs. On CPU compiled FlexAttention has a forward only and compiles for every new length (tens of
-seconds), so it is not used automatically there; ``benchmarks/attention.py`` measures it.
+runs. On CPU compiled FlexAttention has a forward only and its first two lengths compile for tens of
+seconds each (the second compiles a kernel for any length), so it is not used automatically there;
+``benchmarks/attention.py`` measures it.
 """
 from __future__ import annotations
 
@@ -42,7 +43,11 @@ def flex_supported(device: torch.device, needs_backward: bool = True) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes (torch.compile's default): the first length compiles a specialised kernel,
+    # the second one a kernel for any length. ``dynamic=False`` recompiled for every new length (10-16 s
+    # each on CPU, padded lengths are multiples of the block) and after 8 of them torch falls back to
+    # eager FlexAttention, which materialises the L x L scores.
+    return torch.compile(flex_attention)
 
 
 def block_mask_for(L, block, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
