@@ -32,6 +32,8 @@ def main(argv=None):
     print(f"  attention window {config.attention_window}, backend {config.attention_backend}; "
           "query/key/value_global copied from query/key/value")
     print(f"  MLM head: {'kept' if result.head_kept else 'freshly initialised (no head in the short checkpoint)'}")
+    if result.pooler_kept:
+        print("  pooler (bert.pooler.*): kept for LongformerZhForSequenceClassification; the MLM model ignores it")
     if result.dropped_keys:
         print(f"  dropped (unused by the MLM model): {', '.join(result.dropped_keys)}")
     for warning in result.warnings:

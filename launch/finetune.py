@@ -69,20 +69,28 @@ def default_deepspeed_config() -> Path:
     return REPO_ROOT / "ds_configs" / name
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return value
+
+
 def parse_args(argv=None):
     from lfzh_ds.classification import DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
-                        help="from_pretrained directory of a LongformerZh model (pretrained MLM or converted checkpoint)")
+                        help="from_pretrained directory of a LongformerZh model (pretrained MLM, converted, released "
+                             "longformer_zh layout, exported to transformers' Longformer, or an earlier run's best)")
     parser.add_argument("--output-dir", required=True, type=Path)
     add_task_arguments(parser)
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--max-len", type=int, default=4096, help="tokens per document, [CLS] and [SEP]s included")
     group.add_argument("--truncation", choices=TRUNCATION_STRATEGIES, default="head",
                        help="longer documents keep their beginning (head) or their beginning and end (head+tail)")
-    group.add_argument("--head-fraction", type=float, default=DEFAULT_HEAD_FRACTION,
-                       help="head+tail: share of --max-len taken from the beginning")
+    group.add_argument("--head-fraction", type=fraction, default=DEFAULT_HEAD_FRACTION,
+                       help="head+tail: share of --max-len taken from the beginning (0 to 1)")
     group.add_argument("--epochs", type=int, default=3)
     group.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (linear warmup, then linear decay)")
     group.add_argument("--warmup-ratio", type=float, default=0.1)

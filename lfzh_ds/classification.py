@@ -341,6 +341,8 @@ def truncate_ids(ids: list[int], max_len: int, strategy: str = "head", head_frac
         raise ValueError(f"truncation {strategy!r}: choose one of {TRUNCATION_STRATEGIES}")
     if max_len < 3:
         raise ValueError(f"max_len={max_len} leaves no room for text between [CLS] and [SEP]")
+    if not 0 <= head_fraction <= 1:
+        raise ValueError(f"head_fraction (--head-fraction) {head_fraction} is not between 0 and 1 (the share of the budget kept from the start)")
     if len(ids) <= max_len:
         return list(ids)
     body = ids[1:-1]

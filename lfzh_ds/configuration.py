@@ -8,6 +8,18 @@ from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_SI
 ATTENTION_BACKENDS = ("sliding_chunks", "block_sparse")
 
 
+def check_windows_nest(windows: list[int]) -> None:
+    """Inputs are padded to a multiple of the largest window (as in transformers' Longformer), and every
+    sliding-chunks layer needs a multiple of its own: each window must divide the largest."""
+    largest = max(windows)
+    for i, w in enumerate(windows):
+        if largest % w:
+            raise ValueError(
+                f"attention_window[{i}]={w} does not divide the largest window {largest}: inputs are padded to a "
+                "multiple of the largest window, so every per-layer window must divide it (e.g. [256, 512], not [384, 512])"
+            )
+
+
 class LongformerZhConfig(BertConfig):
     """Configuration of a Chinese Longformer.
 
@@ -48,6 +60,14 @@ class LongformerZhConfig(BertConfig):
         self.global_block_end_indices = None if global_block_end_indices is None else list(global_block_end_indices)
         self.validate_longformer()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """transformers sets keyword overrides (``from_pretrained(dir, attention_window=...)``) after
+        ``__init__``: validate the config they make."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate_longformer()
+        return result
+
     # ------------------------------------------------------------------ validation
     def validate_longformer(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -64,6 +84,8 @@ class LongformerZhConfig(BertConfig):
         for i, w in enumerate(windows):
             if not isinstance(w, int) or w <= 0 or w % 2:
                 raise ValueError(f"attention_window[{i}]={w!r} must be a positive even int (the full window, half each side)")
+        if self.attention_backend == "sliding_chunks":
+            check_windows_nest(windows)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}")
         block = self.sparse_block_size

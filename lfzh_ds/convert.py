@@ -2,12 +2,14 @@
 
 * ``convert_bert_to_longformer``: a short BERT / roberta_zh checkpoint (HF format, ``BertForMaskedLM``,
   ``BertForPreTraining`` or ``BertModel`` weights) -> a long ``LongformerZhForMaskedLM``: position rows
-  tiled to the new length, global projections copied from the local ones, MLM head kept.
+  tiled to the new length, global projections copied from the local ones, MLM head kept, BERT's pooler
+  saved beside it (the MLM model ignores it; ``LongformerZhForSequenceClassification`` loads it).
 * ``load_hf_longformer``: a directory saved by transformers' ``LongformerForMaskedLM`` / ``LongformerModel``
   (prefix ``longformer.``, head ``lm_head.*``, RoBERTa-style positions) -> our model. Reached through
   ``LongformerZh*.from_pretrained(dir)``.
 * ``export_to_hf_longformer``: our model -> a directory that stock ``transformers.LongformerForMaskedLM``
-  loads without this package and that gives the same logits.
+  (or ``LongformerForSequenceClassification``, for our classifier) loads without this package and that
+  gives the same logits.
 
 The released ``ValkyriaLenneth/longformer_zh`` layout (``bert.`` prefix, ``cls.predictions.*``,
 ``query_global``/``key_global``/``value_global``, 0-based positions) is our own parameter layout, so it
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from .configuration import LongformerZhConfig
+from .configuration import LongformerZhConfig, check_windows_nest
 from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_MD5, VOCAB_SIZE
 from .tokenization import load_tokenizer, vocab_md5
 
@@ -38,7 +40,9 @@ logger = logging.getLogger(__name__)
 # Rows transformers' Longformer/RoBERTa keeps beyond the positions it can use (padding row + one spare).
 HF_EXTRA_POSITION_ROWS = 2
 
-# Our MLM head (BERT's) <-> transformers' LongformerLMHead (RoBERTa's).
+# Our heads (BERT's) <-> transformers' Longformer heads (RoBERTa's): the MLM head <-> LongformerLMHead, and the
+# classifier (BERT's pooler, dense + tanh over [CLS], then a linear layer) <-> LongformerClassificationHead
+# (dense + tanh over the first token, then out_proj; the same in eval mode, its dropout sits elsewhere).
 _HEAD_OURS_TO_HF = {
     "cls.predictions.transform.dense.weight": "lm_head.dense.weight",
     "cls.predictions.transform.dense.bias": "lm_head.dense.bias",
@@ -47,6 +51,10 @@ _HEAD_OURS_TO_HF = {
     "cls.predictions.decoder.weight": "lm_head.decoder.weight",
     "cls.predictions.decoder.bias": "lm_head.decoder.bias",
     "cls.predictions.bias": "lm_head.bias",
+    "bert.pooler.dense.weight": "classifier.dense.weight",
+    "bert.pooler.dense.bias": "classifier.dense.bias",
+    "classifier.weight": "classifier.out_proj.weight",
+    "classifier.bias": "classifier.out_proj.bias",
 }
 _HEAD_HF_TO_OURS = {hf: ours for ours, hf in _HEAD_OURS_TO_HF.items()}
 
@@ -109,6 +117,7 @@ class ConversionResult:
     short_max_positions: int
     dropped_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pooler_kept: bool = False  # bert.pooler.* saved beside the MLM model, for LongformerZhForSequenceClassification
 
 
 def _canonical_bert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,12 +175,11 @@ def convert_bert_to_longformer(
     config.architectures = ["LongformerZhForMaskedLM"]
 
     state = _canonical_bert_state(read_state_dict(short_dir))
-    dropped = sorted(
-        k for k in state
-        if k.startswith(("bert.pooler.", "cls.seq_relationship.")) or k == "bert.embeddings.position_ids"
-    )
+    dropped = sorted(k for k in state if k.startswith("cls.seq_relationship.") or k == "bert.embeddings.position_ids")
     for key in dropped:
         del state[key]
+    # BERT's pooler: not part of the MLM model, but saved beside it for the classifier (which pools [CLS] with it).
+    pooler = {k: state.pop(k) for k in sorted(state) if k.startswith("bert.pooler.")}
 
     position_key = "bert.embeddings.position_embeddings.weight"
     if position_key not in state:
@@ -201,9 +209,9 @@ def convert_bert_to_longformer(
 
     if long_dir is not None:
         long_dir = Path(long_dir)
-        model.save_pretrained(long_dir)
+        model.save_pretrained(long_dir, state_dict={**model.state_dict(), **pooler})
         load_tokenizer().save_pretrained(long_dir)
-    return ConversionResult(model, head_kept, short_positions, dropped, warnings)
+    return ConversionResult(model, head_kept, short_positions, dropped, warnings, pooler_kept=bool(pooler))
 
 
 # ---------------------------------------------------------------------------------------------- HF Longformer -> ours
@@ -254,6 +262,8 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
         for name in ("bos_token_id", "eos_token_id", "sep_token_id", "id2label", "label2id", "problem_type"):
             if name in hf:
                 setattr(config, name, hf[name])
+        if "id2label" in hf:  # JSON keys are strings; class indices are ints
+            config.id2label = {int(i): label for i, label in hf["id2label"].items()}
     for name in list(kwargs):
         if hasattr(config, name):
             setattr(config, name, kwargs.pop(name))
@@ -296,29 +306,35 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- ours -> HF Longformer
-def hf_longformer_config(config: LongformerZhConfig):
-    """The stock ``LongformerConfig`` describing the same network."""
+def hf_longformer_config(config: LongformerZhConfig, architecture: str = "LongformerForMaskedLM"):
+    """The stock ``LongformerConfig`` describing the same network (``architecture``: the stock class)."""
     from transformers import LongformerConfig
 
-    if config.hidden_act != "gelu":
+    if architecture == "LongformerForMaskedLM" and config.hidden_act != "gelu":
         raise ValueError(
             f"hidden_act={config.hidden_act!r}: transformers' Longformer LM head always uses gelu, so only "
             "hidden_act='gelu' exports exactly"
         )
+    windows = [config.layer_attention_window(i) for i in range(config.num_hidden_layers)]
+    check_windows_nest(windows)  # stock Longformer pads to the largest window too (a block_sparse model may not nest)
     fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
     return LongformerConfig(
         **fields,
         max_position_embeddings=config.max_position_embeddings + max(hf_position_offset(config.pad_token_id), HF_EXTRA_POSITION_ROWS),
-        attention_window=[config.layer_attention_window(i) for i in range(config.num_hidden_layers)],
+        attention_window=windows,
         bos_token_id=getattr(config, "bos_token_id", None),
         eos_token_id=getattr(config, "eos_token_id", None),
         sep_token_id=getattr(config, "sep_token_id", None),
-        architectures=["LongformerForMaskedLM"],
+        id2label=config.id2label,
+        label2id=config.label2id,
+        problem_type=config.problem_type,
+        architectures=[architecture],
     )
 
 
 def hf_longformer_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our MLM model's weights renamed (and positions shifted) for ``transformers.LongformerForMaskedLM``."""
+    """Our MLM model's (classifier's) weights renamed (and positions shifted) for ``transformers.LongformerForMaskedLM``
+    (``LongformerForSequenceClassification``)."""
     config = model.config
     offset = hf_position_offset(config.pad_token_id)
     rows = config.max_position_embeddings + max(offset, HF_EXTRA_POSITION_ROWS)
@@ -336,31 +352,39 @@ def hf_longformer_state_dict(model) -> dict[str, torch.Tensor]:
         elif key.startswith("bert."):
             out["longformer." + key.removeprefix("bert.")] = value
         else:
-            raise KeyError(f"{key}: no counterpart in transformers.LongformerForMaskedLM")
+            raise KeyError(f"{key}: no counterpart in transformers' Longformer")
     return out
 
 
 def export_to_hf_longformer(model, out_dir, write_tokenizer: bool = True) -> Path:
-    """Write ``model`` (a ``LongformerZhForMaskedLM``) as a stock ``transformers.LongformerForMaskedLM``.
+    """Write ``model`` as a stock transformers model: a ``LongformerZhForMaskedLM`` as ``LongformerForMaskedLM``,
+    a ``LongformerZhForSequenceClassification`` as ``LongformerForSequenceClassification`` (weights, labels).
 
     The block-sparse backend has no stock counterpart: its model is exported with Longformer's token-level
     window of the same size, which is not the same computation (a warning says so).
     """
-    from transformers import LongformerForMaskedLM
+    from transformers import LongformerForMaskedLM, LongformerForSequenceClassification
 
-    from .modeling import LongformerZhForMaskedLM
+    from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 
-    if not isinstance(model, LongformerZhForMaskedLM):
-        raise TypeError(f"export_to_hf_longformer exports a LongformerZhForMaskedLM, got {type(model).__name__}")
+    if isinstance(model, LongformerZhForMaskedLM):
+        hf_class = LongformerForMaskedLM
+    elif isinstance(model, LongformerZhForSequenceClassification):
+        hf_class = LongformerForSequenceClassification
+    else:
+        raise TypeError(
+            "export_to_hf_longformer exports a LongformerZhForMaskedLM or LongformerZhForSequenceClassification, "
+            f"got {type(model).__name__}"
+        )
     if model.config.attention_backend != "sliding_chunks":
         logger.warning(
             "exporting a %s model: stock Longformer uses a token-level sliding window, so its outputs will differ "
             "from this model's block layout", model.config.attention_backend,
         )
-    hf_model = LongformerForMaskedLM(hf_longformer_config(model.config))
+    hf_model = hf_class(hf_longformer_config(model.config, hf_class.__name__))
     missing, unexpected = hf_model.load_state_dict(hf_longformer_state_dict(model), strict=False)
     if missing or unexpected:
-        raise KeyError(f"export does not fit transformers.LongformerForMaskedLM: missing {missing}, unexpected {unexpected}")
+        raise KeyError(f"export does not fit transformers.{hf_class.__name__}: missing {missing}, unexpected {unexpected}")
     hf_model.to(next(model.parameters()).dtype)
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)

@@ -161,10 +161,11 @@ def predict(model, encoded: EncodedSplit, batch_size: int, device) -> tuple[list
 
 # ---------------------------------------------------------------------------------- model and engine
 def load_classifier(model_dir, label_names: list[str]):
-    """``LongformerZhForSequenceClassification`` from an HF directory (an MLM checkpoint gets a new
-    classification head; a classifier with another number of classes is refused)."""
-    from transformers import AutoConfig
-
+    """``LongformerZhForSequenceClassification`` from an HF directory in any layout its ``from_pretrained``
+    reads: ours (``longformer_zh``), the released ``ValkyriaLenneth/longformer_zh`` one (``bert`` with
+    ``attention_window``) or an export to transformers' Longformer (``longformer``). An MLM checkpoint gets a
+    new classification head; a classifier with another number of classes is refused."""
+    from .convert import read_config_dict
     from .modeling import LongformerZhForSequenceClassification
 
     model_dir = Path(model_dir)
@@ -173,20 +174,27 @@ def load_classifier(model_dir, label_names: list[str]):
             f"{model_dir} has no config.json: --model must be a from_pretrained directory (a converted or exported "
             "checkpoint, or the 'best' folder of an earlier fine-tuning run) or a pretraining run directory"
         )
-    config = AutoConfig.from_pretrained(model_dir)
-    if getattr(config, "model_type", None) != "longformer_zh":
-        raise ValueError(f"{model_dir}/config.json has model_type {config.model_type!r}; expected 'longformer_zh'")
-    architectures = config.architectures or []
-    if "LongformerZhForSequenceClassification" in architectures and config.num_labels != len(label_names):
+    config = read_config_dict(model_dir)
+    model_type = config.get("model_type")
+    if model_type not in ("longformer_zh", "longformer") and not (model_type == "bert" and "attention_window" in config):
         raise ValueError(
-            f"{model_dir} is a classifier with {config.num_labels} classes but the task has {len(label_names)}; "
+            f"{model_dir}/config.json has model_type {model_type!r}"
+            + (" and no attention_window: a short BERT, convert it first (launch/convert.py)" if model_type == "bert" else "")
+            + "; expected 'longformer_zh', 'longformer' (an export) or the released 'bert' layout with attention_window"
+        )
+    architectures = config.get("architectures") or []
+    num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if any(name.endswith("ForSequenceClassification") for name in architectures) and num_labels != len(label_names):
+        raise ValueError(
+            f"{model_dir} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
             "start from the pretrained (MLM) checkpoint instead"
         )
-    config.num_labels = len(label_names)
-    config.id2label = {i: name for i, name in enumerate(label_names)}
-    config.label2id = {name: i for i, name in enumerate(label_names)}
+    labels = {
+        "id2label": {i: name for i, name in enumerate(label_names)},
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
     with quiet_transformers():
-        model, info = LongformerZhForSequenceClassification.from_pretrained(model_dir, config=config, output_loading_info=True)
+        model, info = LongformerZhForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **labels)
     return model, info
 
 

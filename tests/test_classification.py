@@ -138,6 +138,23 @@ def test_head_tail_truncation_keeps_both_ends():
         cls.truncate_ids(ids, 10, "tail")
 
 
+def test_head_fraction_outside_zero_to_one_is_refused_naming_the_flag(capsys):
+    from launch import finetune as finetune_cli
+
+    ids = [CLS_ID] + list(range(1000, 1020)) + [SEP_ID]
+    for fraction in (0.0, 1.0):  # the ends of the range: all from the tail, all from the head
+        kept = cls.truncate_ids(ids, 10, "head+tail", head_fraction=fraction)
+        assert len(kept) == 10 and len(set(kept)) == 10
+    for fraction in (1.5, -0.25):  # were sequences longer than max_len, with tokens twice
+        with pytest.raises(ValueError, match="--head-fraction"):
+            cls.truncate_ids(ids, 10, "head+tail", head_fraction=fraction)
+    required = ["--model", "m", "--output-dir", "o", "--task", "ccf-sentiment"]
+    assert finetune_cli.parse_args(required + ["--head-fraction", "1"]).head_fraction == 1.0
+    with pytest.raises(SystemExit):
+        finetune_cli.parse_args(required + ["--head-fraction", "1.5"])
+    assert "argument --head-fraction: 1.5 is not between 0 and 1" in capsys.readouterr().err
+
+
 def test_encoding_is_a_title_content_pair_normalised_and_truncation_is_counted():
     tok = load_tokenizer()
     examples = [

@@ -8,14 +8,25 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, LongformerConfig, LongformerForMaskedLM
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+    LongformerConfig,
+    LongformerForMaskedLM,
+    LongformerForSequenceClassification,
+)
 
 from launch import convert as convert_cli
 from launch import export as export_cli
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.constants import VOCAB_SIZE
-from lfzh_ds.convert import convert_bert_to_longformer
-from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhModel
+from lfzh_ds.convert import convert_bert_to_longformer, export_to_hf_longformer
+from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.tokenization import load_tokenizer
 
 TOL = 1e-5
@@ -74,7 +85,7 @@ def test_converting_bertmodel_weights_initialises_the_head_and_keeps_the_encoder
     short.save_pretrained(tmp_path / "short")
     result = convert_bert_to_longformer(tmp_path / "short", tmp_path / "long", max_pos=64, attention_window=32)
     assert not result.head_kept and any("freshly initialised" in w for w in result.warnings)
-    assert "bert.pooler.dense.weight" in result.dropped_keys
+    assert result.pooler_kept and not any("pooler" in k for k in result.dropped_keys)
 
     encoder = LongformerZhModel.from_pretrained(tmp_path / "long")
     input_ids, attention_mask = padded_batch(seq_len=15, pad_from=9)
@@ -82,6 +93,29 @@ def test_converting_bertmodel_weights_initialises_the_head_and_keeps_the_encoder
     got = encoder(input_ids, attention_mask=attention_mask).last_hidden_state
     real = attention_mask.bool()
     assert max_diff(expected[real], got[real]) <= TOL
+
+
+def test_the_classifier_of_a_converted_checkpoint_starts_from_berts_pooler(tmp_path, capsys):
+    """BertForPreTraining weights (pooler + NSP head, as chinese-roberta-wwm-ext ships them): the MLM model ignores
+    the pooler, the classifier loads it and equals transformers' BertForSequenceClassification on the short weights."""
+    short = BertForPreTraining(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, **SMALL)).eval()
+    short.save_pretrained(tmp_path / "short")
+    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "64", "--attention-window", "32"])
+    printed = capsys.readouterr().out
+    assert "pooler (bert.pooler.*): kept" in printed and "dropped (unused by the MLM model): cls.seq_relationship.bias" in printed
+
+    mlm, info = LongformerZhForMaskedLM.from_pretrained(tmp_path / "long", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours, info = LongformerZhForSequenceClassification.from_pretrained(tmp_path / "long", num_labels=3, output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}  # only the new head; the pooler loaded
+    ours.eval()
+    oracle = BertForSequenceClassification(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, num_labels=3, **SMALL)).eval()
+    oracle.bert.load_state_dict(short.bert.state_dict())
+    oracle.classifier.load_state_dict(ours.classifier.state_dict())
+    # one-sided window 16 >= 15 - 1: [CLS] global or not, every token sees the whole input, as in BERT
+    input_ids, attention_mask = padded_batch(seq_len=15, pad_from=9)
+    expected = oracle(input_ids, attention_mask=attention_mask).logits
+    assert max_diff(ours(input_ids, attention_mask=attention_mask).logits, expected) <= TOL
 
 
 def test_converting_a_model_with_another_vocab_is_refused(tmp_path):
@@ -195,3 +229,41 @@ def test_export_gives_a_stock_longformer_with_the_same_logits_loaded_without_thi
     ids = load_tokenizer()(text, return_tensors="pt")["input_ids"]
     assert torch.equal(stock["ids"], ids)
     assert max_diff(model(ids).logits, stock["logits"]) <= TOL
+
+
+def test_export_of_a_finetuned_classifier_gives_transformers_longformer_for_sequence_classification(tmp_path, capsys):
+    config = LongformerZhConfig(max_position_embeddings=128, attention_window=16, num_labels=3, **SMALL)
+    config.id2label = {0: "positive", 1: "neutral", 2: "negative"}
+    config.label2id = {name: i for i, name in config.id2label.items()}
+    model = LongformerZhForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "best")  # what fine-tuning saves
+    export_cli.main(["--from", str(tmp_path / "best"), "--to", str(tmp_path / "stock")])
+    assert "transformers.LongformerForSequenceClassification" in capsys.readouterr().out
+    exported_config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert exported_config["architectures"] == ["LongformerForSequenceClassification"]
+    assert exported_config["id2label"] == {"0": "positive", "1": "neutral", "2": "negative"}
+
+    hf, info = LongformerForSequenceClassification.from_pretrained(tmp_path / "stock", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf.eval()
+    input_ids, attention_mask = padded_batch(seq_len=37, pad_from=30)
+    global_attention_mask = torch.zeros_like(input_ids)
+    global_attention_mask[:, [0, 9]] = 1
+    for extra in ({}, {"global_attention_mask": global_attention_mask}):  # [CLS] global by default in both
+        expected = model(input_ids, attention_mask=attention_mask, **extra).logits
+        assert max_diff(hf(input_ids, attention_mask=attention_mask, **extra).logits, expected) <= TOL
+    # and back: the stock classifier loads into ours with its head
+    back = LongformerZhForSequenceClassification.from_pretrained(tmp_path / "stock")
+    assert back.config.id2label[2] == "negative"
+    assert max_diff(back(input_ids, attention_mask=attention_mask).logits, model(input_ids, attention_mask=attention_mask).logits) <= TOL
+
+
+def test_export_refuses_a_directory_lacking_the_weights_it_would_export(tmp_path):
+    LongformerZhModel(LongformerZhConfig(max_position_embeddings=64, attention_window=16, **SMALL)).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ValueError, match=r"encoder: its config.json says architectures=\['LongformerZhModel'\].*cls\.predictions"):
+        export_cli.main(["--from", str(tmp_path / "encoder"), "--to", str(tmp_path / "stock")])
+    assert not (tmp_path / "stock").exists()
+    # a block-sparse model whose per-layer windows do not nest: stock Longformer could never run it
+    config = LongformerZhConfig(max_position_embeddings=64, attention_window=[16, 24], attention_backend="block_sparse", sparse_block_size=8, **SMALL)
+    with pytest.raises(ValueError, match="does not divide the largest window 24"):
+        export_to_hf_longformer(LongformerZhForMaskedLM(config), tmp_path / "stock")

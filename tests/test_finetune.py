@@ -12,7 +12,8 @@ import torch
 
 from lfzh_ds import classification as cls
 from lfzh_ds.configuration import LongformerZhConfig
-from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR
+from lfzh_ds.convert import export_to_hf_longformer
+from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR, load_classifier
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from lfzh_ds.tokenization import load_tokenizer
 
@@ -118,3 +119,39 @@ def test_own_jsonl_task_in_one_process_with_string_labels(tmp_path):
     assert not (out / "metrics_test.json").exists()  # no --test file, no test metrics
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["id2label"] == {"0": "晴", "1": "雨", "2": "雪"}
+
+
+@pytest.mark.usefixtures("frugal_torch")
+def test_load_classifier_takes_the_released_layout_and_an_export_to_transformers(tmp_path):
+    """--model may be the released ValkyriaLenneth/longformer_zh layout (model_type bert + attention_window,
+    bert.* keys) or an export to stock transformers (model_type longformer); both keep their encoder."""
+    from transformers import BertConfig, BertModel, LongformerForMaskedLM
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    source = LongformerZhForMaskedLM(LongformerZhConfig(max_position_embeddings=128, attention_window=[16, 16], **small)).eval()
+    released = tmp_path / "released"
+    released.mkdir()
+    torch.save(source.state_dict(), released / "pytorch_model.bin")
+    (released / "config.json").write_text(json.dumps({
+        "architectures": ["BertLongForMaskedLM"], "model_type": "bert", "attention_window": [16, 16], "hidden_act": "gelu",
+        "max_position_embeddings": 128, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 21128, **small,
+    }))
+    exported = export_to_hf_longformer(source, tmp_path / "exported", write_tokenizer=False)
+    stock = LongformerForMaskedLM.from_pretrained(exported).eval()
+
+    input_ids = torch.randint(104, 21128, (2, 23))
+    input_ids[:, 0] = 101
+    global_attention_mask = torch.zeros_like(input_ids)
+    global_attention_mask[:, 0] = 1
+    expected = stock.longformer(input_ids, global_attention_mask=global_attention_mask).last_hidden_state  # the oracle
+    for model_dir in (released, exported):
+        model, info = load_classifier(model_dir, ["晴", "雨", "雪"])
+        assert type(model) is LongformerZhForSequenceClassification and model.config.id2label == {0: "晴", 1: "雨", 2: "雪"}
+        assert model.classifier.out_features == 3
+        assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+        hidden = model.eval().bert(input_ids, global_attention_mask=global_attention_mask).last_hidden_state
+        assert (hidden - expected).abs().max().item() <= 1e-5, model_dir
+
+    BertModel(BertConfig(vocab_size=21128, max_position_embeddings=32, **small)).save_pretrained(tmp_path / "short")
+    with pytest.raises(ValueError, match="short/config.json has model_type 'bert' and no attention_window: a short BERT, convert it"):
+        load_classifier(tmp_path / "short", ["a", "b"])

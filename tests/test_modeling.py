@@ -189,6 +189,33 @@ def test_inputs_of_any_length_are_padded_inside_and_cut_back():
     assert max_diff(out.logits, by_hand.logits[:, :13]) <= TOL
 
 
+def test_per_layer_windows_must_divide_the_largest_as_in_transformers_longformer():
+    # [4, 8]: inputs padded to 8 suit both layers; equal to the oracle
+    model = LongformerZhForMaskedLM(small_config(attention_window=[4, 8])).eval()
+    input_ids, attention_mask, global_attention_mask = batch(seq_len=13, pad_from=10)
+    positions = torch.arange(13).expand_as(input_ids)
+    expected = hf_twin_of(model)(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, position_ids=positions)
+    got = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    assert max_diff(expected.logits, got.logits) <= TOL
+    # [6, 8]: padded to 8, layer 0 needs a multiple of 6; every forward failed, in transformers' Longformer too
+    with pytest.raises(ValueError, match=r"attention_window\[0\]=6 does not divide the largest window 8"):
+        small_config(attention_window=[6, 8])
+
+
+def test_keyword_overrides_in_from_pretrained_are_validated(tmp_path):
+    LongformerZhForMaskedLM(small_config()).save_pretrained(tmp_path)  # window 8, sliding_chunks
+    # block_sparse with 64-token blocks cannot hold a window of 8: refused on direct construction, and now here too
+    with pytest.raises(ValueError, match="sparse_block_size=64"):
+        LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse")
+    with pytest.raises(ValueError, match=r"attention_window\[0\]=7 must be a positive even int"):
+        LongformerZhConfig.from_pretrained(tmp_path, attention_window=7)
+    with pytest.raises(ValueError, match="does not divide the largest"):
+        AutoModelForMaskedLM.from_pretrained(tmp_path, attention_window=[6, 8])
+    # valid overrides still apply
+    model = LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse", sparse_block_size=8)
+    assert model.config.attention_backend == "block_sparse" and model.config.padding_multiple() == 8
+
+
 def test_input_longer_than_the_position_table_is_refused_with_a_clear_error():
     model = LongformerZhModel(small_config(max_position_embeddings=16)).eval()
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
