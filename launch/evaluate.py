@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpc.add_argument("--data", required=True, help="shards folder written by launch/preprocess.py")
     bpc.add_argument("--split", choices=("validation", "train"), default="validation")
     bpc.add_argument("--batch-size", type=int, default=4)
-    bpc.add_argument("--max-sequences", type=int, default=None, help="only the first N sequences")
+    bpc.add_argument("--max-sequences", type=int, default=None, help="only the first N >= 1 sequences")
     bpc.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     fill = sub.add_parser("fill-mask", help="top candidates for every [MASK] in a text")
     fill.add_argument("--model", required=True)
@@ -44,8 +44,13 @@ def run_bpc(args) -> None:
     from lfzh_ds.shards import ShardDataset
     from lfzh_ds.training.evaluation import evaluate_model_bpc, load_masked_lm
 
+    if args.max_sequences is not None and args.max_sequences <= 0:
+        raise ValueError(f"--max-sequences {args.max_sequences}: evaluate at least 1 sequence (leave it out for all)")
     model = load_masked_lm(args.model)
     data = ShardDataset(args.data, split=args.split, masking="static")
+    if not data.num_rows:
+        raise ValueError(f"--data {args.data}: the {args.split} split is empty (its manifest.json lists no "
+                         f"{args.split} sequences; preprocessed with --val-fraction 0?)")
     with torch.no_grad():
         result = evaluate_model_bpc(model, data, batch_size=args.batch_size, max_sequences=args.max_sequences)
     if args.json:
@@ -77,9 +82,11 @@ def run_curves(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from lfzh_ds.shards import ShardError
+
     try:
         {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves}[args.command](args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -39,12 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-interval", type=int, default=1000,
                    help="validation BPC at the start, every M steps and at the end; 0: never (default 1000)")
     p.add_argument("--eval-sequences", type=int, default=None,
-                   help="validate on the first N validation sequences (default: all)")
+                   help="validate on the first N >= 1 validation sequences (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: the micro-batch size")
     p.add_argument("--log-interval", type=int, default=10, help="console line every N steps (default 10)")
-    p.add_argument("--seed", type=int, default=42, help="model init, data order, dropout (default 42)")
-    p.add_argument("--masking", choices=("static", "dynamic"), default="static",
-                   help="static (default): the data service's stored masks; dynamic: re-mask every epoch from the seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="model init, data order, dropout (default 42; with --resume: the checkpoint's)")
+    p.add_argument("--masking", choices=("static", "dynamic"), default=None,
+                   help="static (default): the data service's stored masks; dynamic: re-mask every epoch from the "
+                        "seed (with --resume: the checkpoint's)")
     p.add_argument("--max-nonfinite-steps", type=int, default=50,
                    help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

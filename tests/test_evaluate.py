@@ -46,6 +46,52 @@ def test_bpc_of_a_missing_model_names_the_path(tmp_path, capsys):
     assert f"{tmp_path / 'm'} does not exist" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from lfzh_ds.configuration import LongformerZhConfig
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    config = LongformerZhConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=128, attention_window=64)
+    LongformerZhForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+def shards_without_validation(data_dir: Path) -> Path:
+    """A manifest as launch/preprocess.py --val-fraction 0 writes it (the train split is not read here)."""
+    from lfzh_ds.constants import SCHEMA_VERSION, VOCAB_MD5
+
+    data_dir.mkdir()
+    empty = {"shards": [], "rows": 0, "tokens": 0, "documents": 0}
+    (data_dir / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "vocab_md5": VOCAB_MD5, "config": {"seq_len": 128, "dupe_factor": 2},
+        "splits": {"train": empty, "validation": empty}}))
+    return data_dir
+
+
+def test_bpc_of_no_tokens_is_nan_not_zero():
+    from lfzh_ds.training.evaluation import BpcResult
+
+    result = BpcResult(cross_entropy_sum=0.0, masked_tokens=0, sequences=0)
+    assert math.isnan(result.loss) and math.isnan(result.bpc)
+    assert f"{result.bpc:.3f}" == "nan"
+    assert BpcResult(cross_entropy_sum=2 * math.log(2), masked_tokens=2, sequences=1).bpc == 1.0
+
+
+def test_bpc_of_zero_sequences_or_an_empty_split_is_refused(tiny_model, tmp_path, capsys):
+    data = shards_without_validation(tmp_path / "shards")
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(data), "--max-sequences", "0"]) == 2
+    assert "--max-sequences 0: evaluate at least 1 sequence" in capsys.readouterr().err
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(data)]) == 2
+    assert f"--data {data}: the validation split is empty" in capsys.readouterr().err
+
+
+def test_bpc_of_missing_shards_names_the_folder(tiny_model, tmp_path, capsys):
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(tmp_path / "nothing")]) == 2
+    assert f"no manifest.json in {tmp_path / 'nothing'}" in capsys.readouterr().err
+
+
 def test_read_metrics_splits_train_and_val_lines_sorted_by_step(tmp_path):
     write_metrics(tmp_path / "run", steps=20)
     train, val = read_metrics(tmp_path / "run")

@@ -98,6 +98,39 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train}
 
 
+def in_process_env(monkeypatch) -> None:
+    """What the launcher gives one process; torch.distributed then stays up in this pytest process (world size 1)."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LFZH_FAULT", raising=False)
+
+
+def pretrain_in_process(shards, files, run_dir, *extra, ds_config=None) -> int:
+    """launch/pretrain.py's main() in this process, one process, no validation: seconds instead of a launcher run."""
+    from launch.pretrain import main
+
+    return main(["--deepspeed_config", str(ds_config or files / "ds.json"), "--data", str(shards),
+                 "--output-dir", str(run_dir), "--model-config", str(files / "tiny.json"), "--max-steps", str(STEPS),
+                 "--save-interval", "2", "--keep-checkpoints", "2", "--eval-interval", "0", "--log-interval", "1",
+                 *extra])
+
+
+@pytest.fixture
+def in_process(monkeypatch, frugal_torch):
+    in_process_env(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def reference_seed_7(shards, files, tmp_path_factory):
+    """An uninterrupted one-process run with a seed other than the default."""
+    run_dir = tmp_path_factory.mktemp("reference_seed_7") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        in_process_env(monkeypatch)
+        assert pretrain_in_process(shards, files, run_dir, "--seed", "7") == 0
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def reference(shards, files, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
@@ -205,6 +238,64 @@ def test_resume_on_one_process_through_a_universal_checkpoint(reference, shards,
     # fresh Adam moments moves the step-6 loss by ~1e-2.)
     for step in (5, 6):
         assert abs(ours[step] - theirs[step]) < 1e-5, (step, ours[step], theirs[step])
+
+
+def test_resume_keeps_the_checkpoints_seed_and_masking(reference_seed_7, shards, files, tmp_path, in_process,
+                                                       capsys):
+    """The README's resume command has no --seed: a --seed 7 run stopped at step 4 goes on with seed 7."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_seed_7, run_dir, ignore=shutil.ignore_patterns("step_6", "tensorboard"))
+    (run_dir / "checkpoints" / "latest").write_text("step_4\n")  # as if the run had been killed in step 5
+    for flag, value in (("--seed", "8"), ("--masking", "dynamic")):
+        assert pretrain_in_process(shards, files, run_dir, "--resume", flag, value) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value} differs from the {flag} " in err and "step_4/training_state.json" in err
+    assert pretrain_in_process(shards, files, run_dir, "--resume") == 0
+    assert train_losses(run_dir) == train_losses(reference_seed_7)  # bit for bit, all six steps
+    state = json.loads((run_dir / "checkpoints" / "step_6" / "training_state.json").read_text())
+    assert state["seed"] == 7 and state["masking"] == "static"
+    assert json.loads((run_dir / "args.json").read_text())["seed"] == 7
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(reference_seed_7, shards, files,
+                                                                              tmp_path, in_process, capsys):
+    """total_num_steps "auto": a 4-step run continued to 6 steps equals the 6-step run from step 5 on, the rate of
+    step 5 included (DeepSpeed's scheduler restores only its counter; the optimizer kept the 4-step rate)."""
+    run_dir = tmp_path / "run"
+    assert pretrain_in_process(shards, files, run_dir, "--seed", "7", "--max-steps", "4") == 0
+    assert json.loads((run_dir / "checkpoints" / "step_4" / "training_state.json").read_text())["total_num_steps"] == 4
+    capsys.readouterr()
+    assert pretrain_in_process(shards, files, run_dir, "--resume") == 0
+    assert ("note: the learning-rate schedule's total_num_steps changes from 4 (the checkpoint's) to 6"
+            in capsys.readouterr().out)
+    ours, theirs = read_metrics(run_dir)[0], read_metrics(reference_seed_7)[0]
+    assert [r["lr"] for r in ours] == [r["lr"] for r in theirs]
+    assert train_losses(run_dir) == train_losses(reference_seed_7)
+    assert json.loads((run_dir / "checkpoints" / "step_6" / "training_state.json").read_text())["total_num_steps"] == 6
+
+
+def test_empty_or_zero_validation_is_refused_before_any_compute(shards, files, tmp_path, in_process, capsys):
+    no_val = tmp_path / "no_val"
+    shutil.copytree(shards, no_val)
+    manifest = json.loads((no_val / "manifest.json").read_text())
+    manifest["splits"]["validation"] = {"shards": [], "rows": 0, "tokens": 0, "documents": 0}  # --val-fraction 0
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    (no_val / "validation-00000.arrow").unlink()
+    assert pretrain_in_process(no_val, files, tmp_path / "a", "--eval-interval", "3") == 2
+    assert f"--data {no_val}: the validation split is empty" in capsys.readouterr().err
+    assert pretrain_in_process(shards, files, tmp_path / "b", "--eval-interval", "3", "--eval-sequences", "0") == 2
+    assert "--eval-sequences 0: validate on at least 1 sequence" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_missing_shard_is_a_config_error_naming_it(shards, files, tmp_path, in_process, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    (broken / "validation-00000.arrow").unlink()  # listed in the manifest, deleted since
+    assert pretrain_in_process(broken, files, tmp_path / "run") == 2
+    out = capsys.readouterr()
+    assert f"error: --data {broken}: shard {broken / 'validation-00000.arrow'} listed in" in out.err
+    assert "model:" not in out.out  # stopped before the model was built
 
 
 def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(shards, files, tmp_path):

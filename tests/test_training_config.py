@@ -122,3 +122,64 @@ def test_launcher_processes_on_one_cpu_machine_split_its_cores(monkeypatch):
         assert share_cpu_threads() is None and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("key, value", [("log_level", "info"), ("use_data_before_expert_parallelism", False),
+                                        ("managed_gradient_accumulation", False), ("vocabulary_size", 21128)])
+def test_top_level_keys_deepspeed_reads_are_accepted(tmp_path, key, value):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    resolved = load_deepspeed_config(write(tmp_path, base(**{key: value})), world_size=1)
+    assert resolved.config[key] == value
+    DeepSpeedConfig(resolved.config)  # and DeepSpeed itself takes it
+
+
+def test_the_old_misspelling_of_a_top_level_key_is_rejected(tmp_path):
+    path = write(tmp_path, base(use_data_before_expert_parallel_=True))
+    with pytest.raises(ConfigError, match=r'"use_data_before_expert_parallel_" \(did you mean '
+                                          r'"use_data_before_expert_parallelism"\?\)'):
+        load_deepspeed_config(path, world_size=1)
+
+
+def cpu_config_with(change) -> dict:
+    config = json.loads((CONFIGS / "cpu.json").read_text())
+    change(config)
+    return config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["scheduler"]["params"].update(warmup_num_step=10),
+     r'unknown key "scheduler\.params\.warmup_num_step" \(did you mean "warmup_num_steps"\?\)'),
+    (lambda c: c["scheduler"]["params"].pop("total_num_steps"),
+     r'"scheduler\.params" lacks "total_num_steps", which has no default'),
+    (lambda c: c["scheduler"].update(type="WarmupDecayLr"),
+     r'"scheduler\.type": "WarmupDecayLr" is not a scheduler DeepSpeed knows \(did you mean "WarmupDecayLR"\?\)'),
+    (lambda c: c["optimizer"]["params"].update(lrr=1e-3),
+     r'unknown key "optimizer\.params\.lrr" \(did you mean "lr"\?\)'),
+    (lambda c: c["optimizer"].update(type="AdamWW"),
+     r'"optimizer\.type": "AdamWW" is not an optimizer DeepSpeed knows \(did you mean "AdamW"\?\)'),
+    (lambda c: c["optimizer"]["params"].update(max_grad_norm=1.0), r'use the top-level "gradient_clipping"'),
+])
+def test_unknown_optimizer_or_scheduler_names_and_params_name_the_key(tmp_path, change, message):
+    path = write(tmp_path, cpu_config_with(change))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_deepspeed_config(path, world_size=1, max_steps=10)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_torch_optimizers_and_schedulers_are_checked_against_their_signatures(tmp_path):
+    config = base(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+                  scheduler={"type": "StepLR", "params": {"step_size": 10, "gamma": 0.5}})
+    load_deepspeed_config(write(tmp_path, config), world_size=1)
+    config["scheduler"]["params"]["step"] = 10
+    with pytest.raises(ConfigError, match=r'unknown key "scheduler\.params\.step" \(did you mean "step_size"\?\)'):
+        load_deepspeed_config(write(tmp_path, config), world_size=1)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero2_bf16.json", "zero3_offload.json"])
+def test_max_steps_beyond_a_fixed_total_num_steps_is_refused(name):
+    assert load_deepspeed_config(CONFIGS / name, world_size=2, max_steps=15000).total_num_steps == 15000
+    with pytest.raises(ConfigError) as err:
+        load_deepspeed_config(CONFIGS / name, world_size=2, max_steps=30000)
+    assert str(err.value).startswith(f"{CONFIGS / name}: scheduler.params.total_num_steps is 15000 but --max-steps "
+                                     "is 30000: the learning rate would reach its minimum at step 15000")

@@ -52,6 +52,8 @@ class TrainingState:
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
     zero_stage: int = 0
+    masking: str | None = None  # None: a checkpoint from before these were recorded
+    total_num_steps: int | None = None  # the learning-rate schedule's, after "auto" was resolved
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingState":

@@ -6,8 +6,10 @@ keys). The checks, in order:
 
 1. the file exists and is JSON;
 2. no removed feature (``sparse_attention`` and the rest of DeepSpeed's removed blocks) and no unknown top-level
-   key (a typo such as ``train_batch_szie`` would otherwise be ignored);
-3. the batch sizes divide: ``train_batch_size = micro_batch x gradient_accumulation x processes``;
+   key (a typo such as ``train_batch_szie`` would otherwise be ignored); an optimizer or scheduler ``type``
+   DeepSpeed knows, with only the ``params`` its constructor takes;
+3. ``total_num_steps: "auto"`` becomes --max-steps, and a fixed one below --max-steps is refused;
+   the batch sizes divide: ``train_batch_size = micro_batch x gradient_accumulation x processes``;
 4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line; on the
    CPU accelerator, offloading to CPU is dropped and AdamW uses torch's implementation;
 5. DeepSpeed's own validation of every block (after torch.distributed is up, so the world size is right).
@@ -16,26 +18,46 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import importlib
+import inspect
 import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The top-level keys DeepSpeed 0.19 reads (from its config documentation and deepspeed/runtime/config.py).
-DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "data_types",
-    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
-    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients",
-    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio",
-    "activation_checkpointing", "checkpoint", "steps_per_print", "wall_clock_breakdown", "memory_breakdown",
-    "dump_state", "disable_allgather", "disable_python_gc", "dataloader_drop_last",
-    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "flops_profiler", "timers",
-    "data_efficiency", "curriculum_learning", "compression_training", "autotuning", "pipeline", "compile",
-    "hybrid_engine", "weight_quantization", "tensor_parallel", "sequence_parallel_size",
-    "use_data_before_expert_parallel_", "zero_allow_comm_data_type_fp32",
-})
+# Top-level keys DeepSpeed reads under a literal name rather than a constant (deepspeed/runtime/config.py,
+# deepspeed/monitor/config.py, deepspeed/runtime/tensor_parallel/config.py).
+_LITERAL_TOP_LEVEL_KEYS = ("tensorboard", "wandb", "csv_monitor", "comet", "compile", "hybrid_engine", "pipeline",
+                           "sequence_parallel_size", "tensor_parallel", "weight_quantization")
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """The top-level keys the installed DeepSpeed reads, spelled by DeepSpeed's own constants."""
+    from deepspeed.autotuning.constants import AUTOTUNING
+    from deepspeed.comm.constants import COMMS_LOGGER
+    from deepspeed.profiling.constants import FLOPS_PROFILER
+    from deepspeed.runtime import constants as c
+    from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT
+    from deepspeed.runtime.config import EXPERT_PARALLEL
+    from deepspeed.runtime.data_pipeline.constants import CURRICULUM_LEARNING, DATA_EFFICIENCY
+    from deepspeed.runtime.swap_tensor.constants import AIO
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+    from deepspeed.utils.config import TIMERS
+
+    names = ("TRAIN_BATCH_SIZE", "TRAIN_MICRO_BATCH_SIZE_PER_GPU", "GRADIENT_ACCUMULATION_STEPS",
+             "MANAGED_GRADIENT_ACCUMULATION", "OPTIMIZER", "SCHEDULER", "ZERO_ALLOW_UNTESTED_OPTIMIZER",
+             "ZERO_FORCE_DS_CPU_OPTIMIZER", "STEPS_PER_PRINT", "FP16", "BFLOAT16", "TORCH_AUTOCAST",
+             "GRADIENT_CLIPPING", "COMMUNICATION_DATA_TYPE", "SEQ_PARALLEL_COMMUNICATION_DATA_TYPE",
+             "PRESCALE_GRADIENTS", "GRADIENT_PREDIVIDE_FACTOR", "GRADIENT_ALLREDUCE_OP", "DISABLE_ALLGATHER",
+             "DUMP_STATE", "DISABLE_PYTHON_GC", "VOCABULARY_SIZE", "WALL_CLOCK_BREAKDOWN", "MEMORY_BREAKDOWN",
+             "CHECKPOINT", "DATA_TYPES", "DATALOADER_DROP_LAST", "USE_DATA_BEFORE_EXPERT_PARALLEL", "LOG_LEVEL")
+    return frozenset({getattr(c, name) for name in names} | set(_LITERAL_TOP_LEVEL_KEYS) | {
+        AUTOTUNING, COMMS_LOGGER, FLOPS_PROFILER, ACT_CHKPT, EXPERT_PARALLEL, CURRICULUM_LEARNING, DATA_EFFICIENCY,
+        AIO, ZERO_OPTIMIZATION, TIMERS})
+
 
 # Values our loader resolves itself (HF-style "auto"); DeepSpeed never sees them.
 AUTO = "auto"
@@ -73,6 +95,10 @@ class ResolvedConfig:
         if self.config.get("bf16", {}).get("enabled"):
             return "bf16"
         return "fp32"
+
+    @property
+    def total_num_steps(self) -> int | None:
+        return self.config.get("scheduler", {}).get("params", {}).get("total_num_steps")
 
     @property
     def zero_stage(self) -> int:
@@ -113,11 +139,123 @@ def check_top_level_keys(config: dict, source: str) -> None:
                         "in the model config JSON instead.")
             raise ConfigError(f"{source}: the \"{key}\" block is not supported by DeepSpeed "
                               f"{_deepspeed_version()}: {removed[key]}{hint} Remove the block.")
-        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_LEVEL_KEYS), n=1)
+        if key not in deepspeed_top_level_keys():
+            close = difflib.get_close_matches(key, sorted(deepspeed_top_level_keys()), n=1)
             suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
             raise ConfigError(f"{source}: unknown top-level key \"{key}\"{suggestion}. DeepSpeed would silently "
                               "ignore it; fix the spelling or remove it.")
+
+
+# The classes DeepSpeed may build for each of its optimizer names (which one depends on torch_adam, CPU offload and
+# the accelerator), as "module:attribute"; any other name is looked up in torch.optim, as DeepSpeed does.
+_DEEPSPEED_OPTIMIZER_CLASSES = {
+    "adam": ("torch.optim:Adam", "deepspeed.ops.adam:FusedAdam", "deepspeed.ops.adam:DeepSpeedCPUAdam"),
+    "adamw": ("torch.optim:AdamW", "deepspeed.ops.adam:FusedAdam", "deepspeed.ops.adam:DeepSpeedCPUAdam"),
+    "adagrad": ("torch.optim:Adagrad", "deepspeed.ops.adagrad:DeepSpeedCPUAdagrad"),
+    "lamb": ("deepspeed.ops.lamb:FusedLamb",),
+    "lion": ("deepspeed.ops.lion:FusedLion", "deepspeed.ops.lion:DeepSpeedCPULion"),
+    "muadam": ("mup:MuAdam",), "muadamw": ("mup:MuAdamW",), "musgd": ("mup:MuSGD",),
+    "muon": (),  # its parameters are split between Muon and an auxiliary Adam; left to DeepSpeed
+}
+# Parameters DeepSpeed itself takes out of an Adam/AdamW "params" block before building the optimizer.
+_DEEPSPEED_ADAM_EXTRA_PARAMS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
+
+
+def _import(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _constructor_params(cls) -> dict[str, inspect.Parameter] | None:
+    """Keyword parameters of ``cls(first, **params)`` (DeepSpeed gives the first: the model's parameters or the
+    optimizer); None when the constructor takes any ``**kwargs``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_params(params, allowed: dict, where: str, source: str, required=()) -> None:
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: \"{where}\" must be a JSON object of parameters")
+    for key in params:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            raise ConfigError(f"{source}: unknown key \"{where}.{key}\"{suggestion}; it accepts "
+                              f"{', '.join(sorted(allowed))}")
+    missing = [name for name in required if name not in params]
+    if missing:
+        raise ConfigError(f"{source}: \"{where}\" lacks \"{missing[0]}\", which has no default")
+
+
+def _check_block_keys(block, name: str, allowed: tuple, source: str) -> None:
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: \"{name}\" must be a JSON object with \"type\" and \"params\"")
+    for key in block:
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key \"{name}.{key}\"; it accepts {', '.join(allowed)}")
+    if "type" not in block:
+        raise ConfigError(f"{source}: \"{name}\" has no \"type\"")
+
+
+def check_optimizer_and_scheduler(config: dict, source: str) -> None:
+    """The optimizer and scheduler names DeepSpeed knows, and only the parameters their constructors take:
+    DeepSpeed would otherwise fail with a bare TypeError or AssertionError once the model is built."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if "optimizer" in config:
+        block = config["optimizer"]
+        _check_block_keys(block, "optimizer", ("type", "params", "legacy_fusion"), source)
+        name = block["type"]
+        torch_names = sorted(n for n, v in vars(torch.optim).items()
+                             if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and n != "Optimizer")
+        if str(name).lower() in DEEPSPEED_OPTIMIZERS:
+            classes = [_import(spec) for spec in _DEEPSPEED_OPTIMIZER_CLASSES.get(str(name).lower(), ())]
+        elif name in torch_names:
+            classes = [getattr(torch.optim, name)]
+        else:
+            close = difflib.get_close_matches(str(name), torch_names + DEEPSPEED_OPTIMIZERS, n=1)
+            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            raise ConfigError(f"{source}: \"optimizer.type\": \"{name}\" is not an optimizer DeepSpeed "
+                              f"knows{suggestion}; use one of DeepSpeed's ({', '.join(DEEPSPEED_OPTIMIZERS)}, any "
+                              "case) or a torch.optim class name")
+        params = block.get("params", {})
+        if isinstance(params, dict) and "max_grad_norm" in params:
+            raise ConfigError(f"{source}: \"optimizer.params.max_grad_norm\" is not supported by DeepSpeed; "
+                              "use the top-level \"gradient_clipping\" instead")
+        signatures = [_constructor_params(c) for c in classes if c is not None]
+        if signatures and None not in signatures:
+            allowed = dict.fromkeys(_DEEPSPEED_ADAM_EXTRA_PARAMS) if str(name).lower() in ("adam", "adamw") else {}
+            for signature in signatures:
+                allowed.update(signature)
+            _check_params(params, allowed, "optimizer.params", source)
+    if "scheduler" in config:
+        block = config["scheduler"]
+        _check_block_keys(block, "scheduler", ("type", "params"), source)
+        name = block["type"]
+        torch_names = sorted(n for n, v in vars(torch.optim.lr_scheduler).items()
+                             if isinstance(v, type) and issubclass(v, torch.optim.lr_scheduler.LRScheduler)
+                             and n not in ("LRScheduler", "_LRScheduler"))
+        if name in lr_schedules.VALID_LR_SCHEDULES:
+            cls = getattr(lr_schedules, name)
+        elif name in torch_names:
+            cls = getattr(torch.optim.lr_scheduler, name)
+        else:
+            close = difflib.get_close_matches(str(name), list(lr_schedules.VALID_LR_SCHEDULES) + torch_names, n=1)
+            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            raise ConfigError(f"{source}: \"scheduler.type\": \"{name}\" is not a scheduler DeepSpeed "
+                              f"knows{suggestion}; use one of {', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a "
+                              "torch.optim.lr_scheduler class name")
+        allowed = _constructor_params(cls)
+        if allowed is not None:
+            required = [n for n, p in allowed.items() if p.default is inspect.Parameter.empty]
+            _check_params(block.get("params", {}), allowed, "scheduler.params", source, required)
 
 
 def _removed_deepspeed_keys() -> dict[str, str]:
@@ -206,11 +344,19 @@ def adapt_to_accelerator(config: dict, source: str, notes: list[str]) -> None:
 
 
 def resolve_auto_values(config: dict, max_steps: int | None, source: str) -> None:
+    """``total_num_steps: "auto"`` becomes --max-steps; a fixed one below --max-steps is refused (the schedule
+    would sit at its minimum rate, 0 for the shipped configs, from that step on)."""
     params = config.get("scheduler", {}).get("params", {})
-    if params.get("total_num_steps") == AUTO:
+    total = params.get("total_num_steps")
+    if total == AUTO:
         if max_steps is None:
             raise ConfigError(f"{source}: scheduler.params.total_num_steps is \"auto\" but no --max-steps was given")
         params["total_num_steps"] = max_steps
+    elif isinstance(total, int) and max_steps is not None and max_steps > total:
+        raise ConfigError(f"{source}: scheduler.params.total_num_steps is {total} but --max-steps is {max_steps}: "
+                          f"the learning rate would reach its minimum at step {total} and stay there for the last "
+                          f"{max_steps - total} steps. Set total_num_steps "
+                          f"to at least {max_steps} (\"auto\" follows --max-steps), or lower --max-steps.")
     for key, value in _walk(config):
         if value == AUTO:
             raise ConfigError(f"{source}: \"{key}\": \"auto\" is only understood for scheduler.params.total_num_steps; "
@@ -243,6 +389,7 @@ def load_deepspeed_config(path, world_size: int, *, max_steps: int | None = None
     config = copy.deepcopy(config)
     for key, value in (overrides or {}).items():
         config[key] = value
+    check_optimizer_and_scheduler(config, source)
     resolve_auto_values(config, max_steps, source)
     resolve_batch_sizes(config, world_size, source)
     notes: list[str] = []

@@ -21,7 +21,8 @@ class BpcResult:
 
     @property
     def loss(self) -> float:
-        return self.cross_entropy_sum / max(self.masked_tokens, 1)
+        """Mean cross-entropy per masked token; NaN when no token was evaluated (not a perfect 0)."""
+        return self.cross_entropy_sum / self.masked_tokens if self.masked_tokens else math.nan
 
     @property
     def bpc(self) -> float:

@@ -30,6 +30,7 @@ from .metrics import MetricsLogger, Throughput, format_step, plot_curves
 from .sampler import ResumableDistributedSampler
 
 PRETRAINING_DEFAULT_BACKEND = "block_sparse"
+DEFAULT_SEED, DEFAULT_MASKING = 42, "static"  # a resumed run takes its checkpoint's instead
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,6 +176,40 @@ def evaluate(engine, dataset, indices, batch_size: int, rank: int, world_size: i
     return all_reduce_result(result, engine.device)
 
 
+def continue_checkpoint_settings(args: Namespace, resume, resolved: ResolvedConfig, run_dir, say) -> None:
+    """A resumed run keeps its checkpoint's --seed and --masking (a flag that disagrees is refused) and says so
+    when its learning-rate schedule now ends at another step (total_num_steps "auto" follows --max-steps)."""
+    saved = resume.state
+    where = ckpt.checkpoints_dir(run_dir) / resume.tag / ckpt.STATE_FILENAME
+    for flag, name in (("--seed", "seed"), ("--masking", "masking")):
+        kept = getattr(saved, name)
+        given = getattr(args, name)
+        if kept is None:  # a checkpoint from before masking was recorded
+            continue
+        if given is not None and given != kept:
+            raise ConfigError(f"{flag} {given} differs from the {flag} {kept} of the run being resumed ({where}): "
+                              f"a resumed run continues with its own {name}. Drop {flag} (or pass {kept}), or "
+                              "start a new run in another --output-dir")
+        setattr(args, name, kept)
+    if saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps:
+        say(f"note: the learning-rate schedule's total_num_steps changes from {saved.total_num_steps} (the "
+            f"checkpoint's) to {resolved.total_num_steps} ({resolved.source} with --max-steps {args.max_steps}): "
+            f"from step {saved.step + 1} on the learning rate follows the new schedule")
+
+
+def check_validation_request(args: Namespace, manifest: dict) -> None:
+    """Validation BPC needs at least one validation sequence; --eval-interval 0 trains without it."""
+    if args.eval_interval <= 0:
+        return
+    if args.eval_sequences is not None and args.eval_sequences <= 0:
+        raise ConfigError(f"--eval-sequences {args.eval_sequences}: validate on at least 1 sequence, or pass "
+                          "--eval-interval 0 to train without validation")
+    if not sum(int(entry["rows"]) for entry in manifest["splits"]["validation"]["shards"]):
+        raise ConfigError(f"--data {args.data}: the validation split is empty (its manifest.json lists no "
+                          "validation sequences; preprocessed with --val-fraction 0?). Pass --eval-interval 0 to "
+                          "train without validation, or preprocess with a validation split")
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 def run(args: Namespace) -> RunSummary:
@@ -192,6 +227,8 @@ def run(args: Namespace) -> RunSummary:
 
     # 1. Everything that can be checked before any compute.
     from ..shards import read_manifest
+
+    args = Namespace(**vars(args))  # --seed and --masking may come from the checkpoint below
 
     resolved: ResolvedConfig = load_deepspeed_config(args.deepspeed_config, world_size, max_steps=args.max_steps,
                                                      run_dir=run_dir)
@@ -212,6 +249,11 @@ def run(args: Namespace) -> RunSummary:
                           "run or choose another --output-dir")
     if resume is not None and args.start_step:
         raise ConfigError("--start-step is for a new run from --init-from; a resumed run continues at its checkpoint")
+    if resume is not None:
+        continue_checkpoint_settings(args, resume, resolved, run_dir, say)
+    args.seed = DEFAULT_SEED if args.seed is None else args.seed
+    args.masking = args.masking or DEFAULT_MASKING
+    check_validation_request(args, manifest)
     universal = resume is not None and resume.state.world_size != world_size
     if universal:
         resolved.config.setdefault("checkpoint", {})["load_universal"] = True
@@ -236,11 +278,17 @@ def run(args: Namespace) -> RunSummary:
     dist.barrier()
 
     # 3. Data: memory-mapped shards (checksums verified by rank 0 while the others wait).
-    from ..shards import ShardDataset
+    from ..shards import ShardDataset, ShardError
 
+    problem = [None]
     if main:
-        ShardDataset(args.data, "train", verify=True), ShardDataset(args.data, "validation", verify=True)
-    dist.barrier()
+        try:
+            ShardDataset(args.data, "train", verify=True), ShardDataset(args.data, "validation", verify=True)
+        except ShardError as err:
+            problem = [f"--data {args.data}: {err}"]
+    dist.broadcast_object_list(problem, src=0)  # every process stops with the same message
+    if problem[0]:
+        raise ConfigError(problem[0])
     train_data = ShardDataset(args.data, "train", masking=args.masking, seed=args.seed, verify=False)
     val_data = ShardDataset(args.data, "validation", masking="static", seed=args.seed, verify=False)
     val_indices = validation_indices(val_data, args.eval_sequences)
@@ -261,7 +309,8 @@ def run(args: Namespace) -> RunSummary:
 
     # 5. Counters, RNG and data position: from the checkpoint, from --start-step, or fresh.
     state = ckpt.TrainingState(global_batch_size=resolved.global_batch_size, world_size=world_size, seed=args.seed,
-                               zero_stage=resolved.zero_stage)
+                               zero_stage=resolved.zero_stage, masking=args.masking,
+                               total_num_steps=resolved.total_num_steps)
     seed_everything(args.seed * 1000 + rank + 1)  # dropout differs across processes, reproducibly
     if resume is not None:
         tag = resume.universal_tag if universal else resume.tag
@@ -269,6 +318,11 @@ def run(args: Namespace) -> RunSummary:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt.checkpoints_dir(run_dir) / tag}")
         saved, rng_states = ckpt.client_training_state(client_state, load_path)
+        scheduler = engine.lr_scheduler
+        if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
+            # DeepSpeed's schedulers restore only their counter and the optimizer keeps the rate it saved, which is
+            # the old schedule's when total_num_steps changed: set the rate of this schedule at this point.
+            scheduler.step(scheduler.last_batch_iteration)
         if len(rng_states) == world_size:
             ckpt.restore_rng_state(rng_states[rank])
         else:
@@ -277,7 +331,8 @@ def run(args: Namespace) -> RunSummary:
             say(f"note: the global batch changes from {saved.global_batch_size} to {resolved.global_batch_size} "
                 "sequences; the data stream continues at the same sample")
         state = ckpt.TrainingState(**{**asdict(saved), "global_batch_size": resolved.global_batch_size,
-                                      "world_size": world_size, "zero_stage": resolved.zero_stage})
+                                      "world_size": world_size, "zero_stage": resolved.zero_stage,
+                                      "masking": args.masking, "total_num_steps": resolved.total_num_steps})
         say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
     elif args.start_step:
         state.step = args.start_step
