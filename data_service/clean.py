@@ -3,8 +3,11 @@
 Defaults differ from jionlp's where jionlp deletes real content or changes what the released
 model saw: brackets are kept (news puts real content in them), full-width punctuation is kept
 (the vocab has ``，``; ``normalize_text`` maps only what the vocab lacks), repeated characters
-are kept (``哈哈哈`` is text). HTML tags, URLs, e-mail addresses, phone numbers and characters
-jionlp treats as exceptions (emoji, control characters) are removed.
+are kept (``哈哈哈`` is text). HTML tags, URLs, e-mail addresses and phone numbers are removed.
+``remove_exception_char`` replaces only ``EXCEPTION_CHARS`` by a space: emoji (U+1F000-U+1FAFF,
+variation selectors, joiners, tags), control characters other than whitespace, private-use
+characters and lone surrogates. jionlp's own option of that name is never used: it deletes every
+character outside a short allow-list (``café`` -> ``caf``, Greek, Cyrillic, kana, Hangul, ``²``).
 """
 from __future__ import annotations
 
@@ -12,8 +15,14 @@ import contextlib
 import dataclasses
 import functools
 import io
+import re
 
 from lfzh_ds.tokenization import normalize_text
+
+EXCEPTION_CHARS = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x9f"  # control characters; \t \n \v \f \r are kept
+    "\ud800-\udfff\ue000-\uf8ff\U000f0000-\U0010ffff"  # lone surrogates, private use
+    "\U0001f000-\U0001faff\ufe0e\ufe0f\u200d\U000e0000-\U000e007f]")  # emoji and their modifiers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +59,13 @@ def clean_document(text: str, options: CleanOptions = CleanOptions()) -> str:
             text,
             remove_html_tag=options.remove_html_tag,
             convert_full2half=options.convert_full2half,
-            remove_exception_char=options.remove_exception_char,
+            remove_exception_char=False,  # deletes real letters; EXCEPTION_CHARS below instead
             remove_url=options.remove_url,
             remove_redundant_char=options.remove_redundant_char,
             remove_parentheses=options.remove_parentheses,
             remove_email=options.remove_email,
             remove_phone_number=options.remove_phone_number,
         )
+        if options.remove_exception_char:
+            text = EXCEPTION_CHARS.sub(" ", text)
     return normalize_text(text).strip()

@@ -8,8 +8,9 @@ In-process use::
 
 ``run(config: PipelineConfig) -> RunResult``. With ``config.ray_address=None`` it starts a local
 Ray (dashboard off, ``num_workers`` CPUs) and shuts it down at the end; with ``"auto"`` or
-``"HOST:PORT"`` it joins that cluster; if the calling process is already connected to Ray
-(``ray.is_initialized()``) it uses that connection and leaves it open.
+``"HOST:PORT"`` it joins that cluster (``RayUnavailable`` if none answers there); if the calling
+process is already connected to Ray (``ray.is_initialized()``) it uses that connection and leaves
+it open. ``num_workers`` caps the tasks in flight on a cluster or an existing connection.
 
 What runs where:
 1. driver: list the inputs, hash them, detect formats, cut them into chunks (byte ranges ending on
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -62,6 +64,10 @@ _CHUNK_META = b"lfzh_ds.chunk"
 
 class JobConflict(RuntimeError):
     """The output folder holds a job with another configuration or other inputs."""
+
+
+class RayUnavailable(RuntimeError):
+    """No Ray cluster answers at ``--ray-address``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +144,7 @@ class RunResult:
     shards_reused: int = 0
     seconds: float = 0.0
     characters_processed: int = 0  # characters of the documents segmented in this run
+    max_in_flight: int = 0  # the most Ray tasks submitted and not yet finished at one time
 
 
 # ---------------------------------------------------------------- progress
@@ -182,10 +189,11 @@ class Progress:
 # ---------------------------------------------------------------- Ray plumbing
 
 class _RaySession:
-    """Ray is started (or joined) only when there is work for it; shut down only if we started it."""
+    """Ray is started (or joined) only when there is work for it; shut down (or left) only if we
+    started (or joined) it. ``local``: we started a local Ray with ``num_workers`` CPUs."""
 
     def __init__(self, config: PipelineConfig):
-        self.config, self.ready, self.owned = config, False, False
+        self.config, self.ready, self.owned, self.local = config, False, False, False
 
     def ensure(self) -> None:
         import ray
@@ -196,11 +204,21 @@ class _RaySession:
         if ray.is_initialized():
             return
         runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-        if self.config.ray_address:
-            ray.init(address=self.config.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        address = self.config.ray_address
+        if address:
+            try:  # Ray itself retries an address where nothing answers for many minutes
+                if address != "auto":
+                    host, _, port = address.split("://")[-1].rpartition(":")
+                    socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+                ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            except (OSError, ValueError) as err:  # ConnectionError is an OSError
+                raise RayUnavailable(f"--ray-address {address}: no Ray cluster answers there "
+                                     f"({type(err).__name__}: {err}); check the address, or start one with "
+                                     f"`ray start --head`") from None
         else:
             ray.init(address="local", num_cpus=self.config.num_workers or os.cpu_count(), include_dashboard=False,
                      runtime_env=runtime_env, logging_level=logging.WARNING)
+            self.local = True
         self.owned = True
 
     def close(self) -> None:
@@ -219,10 +237,11 @@ def _remote(fn, **options):
 
 def _max_in_flight(config: PipelineConfig, ray_session: "_RaySession") -> int:
     """Tasks submitted at once. Twice the CPUs, so a worker never waits for the driver's next
-    submission, unless ``num_workers`` caps a Ray we did not start (then exactly that many)."""
+    submission, unless ``num_workers`` caps a Ray that we did not start locally with that many CPUs
+    (a cluster joined by ``ray_address`` or an existing connection): then exactly that many."""
     import ray
 
-    if config.num_workers and not ray_session.owned:
+    if config.num_workers and not ray_session.local:
         return config.num_workers
     return 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -230,11 +249,12 @@ def _max_in_flight(config: PipelineConfig, ray_session: "_RaySession") -> int:
 class _Window:
     """Submit tasks with at most ``limit`` in flight; hand back results as they finish."""
 
-    def __init__(self, limit: int):
-        self.limit, self.pending = limit, {}
+    def __init__(self, limit: int, result: RunResult):
+        self.limit, self.pending, self.result = limit, {}, result
 
     def submit(self, ref, key):
         self.pending[ref] = key
+        self.result.max_in_flight = max(self.result.max_in_flight, len(self.pending))
 
     def full(self) -> bool:
         return len(self.pending) >= self.limit
@@ -338,13 +358,15 @@ def _clear_output(output: Path) -> None:
 def _finished_and_valid(output: Path, manifest_config: dict, inputs: list[dict]) -> dict | None:
     """The existing manifest if the output is complete for this exact job and every shard checks out."""
     path = output / MANIFEST_NAME
-    if not path.is_file() or not (output / REJECTS_NAME).is_file():
+    if not path.is_file():
         return None
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("config") != manifest_config or \
             [{k: i.get(k) for k in ("path", "bytes", "sha256")} for i in manifest.get("inputs", [])] != inputs:
         raise _conflict(output, "a finished dataset", manifest.get("config", {}), manifest_config,
                         manifest.get("inputs"), inputs)
+    if not (output / REJECTS_NAME).is_file():
+        return None
     for split in SPLITS:
         for entry in manifest["splits"][split]["shards"]:
             shard = output / entry["file"]
@@ -370,7 +392,8 @@ def run(config: PipelineConfig) -> RunResult:
     manifest_config = config.output_config()
     done = _finished_and_valid(output, manifest_config, inputs)
     if done is not None:
-        shutil.rmtree(work, ignore_errors=True)
+        if not config.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
         rejects = json.loads((output / REJECTS_NAME).read_text(encoding="utf-8"))
         return RunResult(output, done, rejects, up_to_date=True, seconds=time.monotonic() - t0)
     job = {"config": manifest_config, "inputs": inputs}
@@ -445,7 +468,7 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config, ray_session)), _remote(process_chunk)
+                window, task = _Window(_max_in_flight(config, ray_session), result), _remote(process_chunk)
             while window.full():
                 finish_one()
             window.submit(task.remote(chunk, options), (key, str(path)))
@@ -518,6 +541,10 @@ def _gather(docs, keys, work, cache: OrderedDict):
     return np.concatenate(tokens), np.concatenate(starts), np.array(lengths, dtype=np.int64)
 
 
+# the options a shard's bytes depend on besides its documents; part of a written shard's record
+_SHARD_CONFIG = ("seq_len", "dupe_factor", "seed", "mask_prob", "max_predictions", "wwm_max_word_len")
+
+
 def _reopen_finished_output(output: Path, work: Path) -> None:
     """A finished output with a bad shard is being redone: its manifest entries become the records
     of the shards written so far, and the manifest goes (its presence means "complete")."""
@@ -525,18 +552,19 @@ def _reopen_finished_output(output: Path, work: Path) -> None:
     if not path.is_file():
         return
     manifest = json.loads(path.read_text(encoding="utf-8"))
+    shard_config = {k: manifest.get("config", {}).get(k) for k in _SHARD_CONFIG}
     for split in SPLITS:
         for entry in manifest.get("splits", {}).get(split, {}).get("shards", []):
             sidecar = work / "shards" / f"{entry['file']}.json"
             if not sidecar.is_file():
-                write_json_atomic(sidecar, entry)
+                write_json_atomic(sidecar, {**entry, "shard_config": shard_config})
     path.unlink()
 
 
 def _build_all_shards(config, plan, work, output, progress, result, ray_session):
-    """Stage 4 for every shard that is missing or does not match what was recorded when it was written."""
-    shard_config = {k: getattr(config, k) for k in ("seq_len", "dupe_factor", "seed", "mask_prob",
-                                                   "max_predictions", "wwm_max_word_len")}
+    """Stage 4 for every shard that is missing or does not match what was recorded when it was written
+    (its documents, its masking options and its sha256)."""
+    shard_config = {k: getattr(config, k) for k in _SHARD_CONFIG}
     entries = {s: [None] * len(plan["shards"][s]) for s in SPLITS}
     window, task, cache = None, None, OrderedDict()
     progress.show("packing and masking", force=True)
@@ -548,7 +576,7 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
         entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"],
                  "documents": len(plan["shards"][split][index]), "predictions": stats["predictions"],
                  "sha256": stats["sha256"], "documents_sha256": docs_sha}
-        write_json_atomic(work / "shards" / f"{name}.json", entry)
+        write_json_atomic(work / "shards" / f"{name}.json", {**entry, "shard_config": shard_config})
         entries[split][index] = entry
         result.shards_built += 1
 
@@ -560,14 +588,15 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
             sidecar = work / "shards" / f"{name}.json"
             if sidecar.is_file():
                 recorded = json.loads(sidecar.read_text(encoding="utf-8"))
-            if recorded and recorded.get("documents_sha256") == docs_sha and (output / name).is_file() \
+            if recorded and recorded.pop("shard_config", None) == shard_config \
+                    and recorded.get("documents_sha256") == docs_sha and (output / name).is_file() \
                     and file_sha256(output / name) == recorded["sha256"]:
                 entries[split][index] = recorded
                 result.shards_reused += 1
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config, ray_session)), _remote(build_shard)
+                window, task = _Window(_max_in_flight(config, ray_session), result), _remote(build_shard)
             while window.full():
                 finish_one()
             tokens, starts, lengths = _gather(docs, plan["keys"], work, cache)

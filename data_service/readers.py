@@ -12,11 +12,12 @@ Formats (one JSON object per line unless noted):
 | ``text`` | one document per line, or per blank-line separated block (``text_docs="blocks"``) | |
 
 Inputs compressed with gzip, bzip2 or xz are recognised by their magic bytes and read
-transparently. The driver cuts every (decompressed) input into chunks of about ``chunk_bytes``
-that end on a record boundary; chunk ``k`` of a file covers bytes ``[start, start + len(data))``,
-so one big file is processed in parallel and every record keeps its file, line and byte offset.
-Chunks are shipped to the workers as bytes: only the machine that runs the driver needs to see
-the input files.
+transparently; a compressed stream that breaks (a truncated or corrupt file) ends the file there:
+the records before the break are used and the break is one ``bad_compression`` reject. The driver
+cuts every (decompressed) input into chunks of about ``chunk_bytes`` that end on a record boundary;
+chunk ``k`` of a file covers bytes ``[start, start + len(data))``, so one big file is processed in
+parallel and every record keeps its file, line and byte offset. Chunks are shipped to the workers
+as bytes: only the machine that runs the driver needs to see the input files.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import dataclasses
 import gzip
 import json
 import lzma
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -42,10 +44,13 @@ TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 DUPLICATE = "duplicate"
 PROCESSING_ERROR = "processing_error"
+BAD_COMPRESSION = "bad_compression"
 
 _BODY_FIELD = {"wiki2019zh": "text", "news2016zh": "content", "webtext2019zh": "content",
                "baike2018qa": "answer"}
 _MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+# what reading a truncated or corrupt compressed file raises (gzip.BadGzipFile is an OSError)
+STREAM_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
 class InputError(ValueError):
@@ -62,6 +67,7 @@ class Chunk:
     start_offset: int  # byte offset of data[0] in the decompressed file
     start_line: int  # 1-based number of the first line in data
     data: bytes
+    stream_error: str = ""  # the input breaks right after data (its last chunk): what broke
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +92,7 @@ def open_binary(path):
 def _json_object(line: bytes):
     try:
         value = json.loads(line.decode("utf-8").lstrip("\ufeff"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     return value if isinstance(value, dict) else None
 
@@ -94,23 +100,34 @@ def _json_object(line: bytes):
 def detect_format(path, field: str | None = None, probe_lines: int = 20) -> str:
     """The format of one file from the fields of its first JSON objects (``text`` if none parse).
 
-    Returns ``"empty"`` for a file without a single non-blank line.
+    Returns ``"empty"`` for a file without a single non-blank line. A file that starts like JSON
+    (``[`` or ``{``) without a single JSON object line, e.g. a pretty-printed JSON array, is refused.
+    A compressed stream that breaks is judged by the lines before the break (``iter_chunks``
+    reports the break as a reject).
     """
     keys: set[str] | None = None
-    seen = 0
+    seen, first, broken = 0, b"", False
     with open_binary(path) as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            seen += 1
-            obj = _json_object(raw.strip())
-            if obj is not None:
-                keys = set(obj)
-                break
-            if seen >= probe_lines:
-                break
+        try:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                seen += 1
+                first = first or raw.lstrip(b"\xef\xbb\xbf").strip()[:1]
+                obj = _json_object(raw.strip())
+                if obj is not None:
+                    keys = set(obj)
+                    break
+                if seen >= probe_lines:
+                    break
+        except STREAM_ERRORS:
+            broken = True
     if seen == 0:
-        return "empty"
+        return "text" if broken else "empty"
+    if keys is None and first in (b"[", b"{"):
+        raise InputError(f"{path}: looks like JSON (starts with {first.decode()!r}) but is not JSON lines: none of "
+                         f"its first {seen} non-blank lines is a JSON object; write one JSON object per line "
+                         f"(e.g. a JSON array with jq -c '.[]'), or pass --format text if it is plain text")
     if keys is None:
         return "text"
     if field is not None:
@@ -131,23 +148,51 @@ def _ends_with_blank_line(data: bytes) -> bool:
     return data[:-1].rsplit(b"\n", 1)[-1].strip() == b""
 
 
+def _read(f, size: int | None = None):
+    """(bytes, None): up to ``size`` bytes, or the rest of the line. On a broken stream (a truncated
+    or corrupt compressed file): (the bytes read before the break, the error)."""
+    parts = []
+    try:
+        if size is None:
+            parts.append(f.readline())
+        # read1 returns what one step decompressed, so a break loses nothing read before it
+        while size and (piece := f.read1(size)):
+            parts.append(piece)
+            size -= len(piece)
+    except STREAM_ERRORS as err:
+        return b"".join(parts), err
+    return b"".join(parts), None
+
+
 def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: str,
                 chunk_bytes: int) -> Iterator[Chunk]:
-    """Cut one input into chunks of about ``chunk_bytes`` ending on a record boundary."""
+    """Cut one input into chunks of about ``chunk_bytes`` ending on a record boundary.
+
+    If the stream breaks, the last chunk ends at the last complete line before the break and
+    carries the break in ``stream_error`` (``iter_records`` turns it into a reject).
+    """
     blocks = fmt == "text" and text_docs == "blocks"
     offset, line = 0, 1
     with open_binary(path) as f:
         while True:
-            data = f.read(chunk_bytes)
-            if not data:
-                return
-            if not data.endswith(b"\n"):
-                data += f.readline()
-            while blocks and not _ends_with_blank_line(data):
-                more = f.readline()
+            data, error = _read(f, chunk_bytes)
+            if error is None and data and not data.endswith(b"\n"):
+                more, error = _read(f)
+                data += more
+            while error is None and blocks and data and not _ends_with_blank_line(data):
+                more, error = _read(f)
                 if not more:
                     break
                 data += more
+            if error is not None:
+                data = data[:data.rfind(b"\n") + 1]  # a line cut by the break is lost with the rest
+                end, lines = offset + len(data), line - 1 + data.count(b"\n")
+                detail = (f"the compressed stream breaks after {end:,} decompressed bytes ({lines:,} complete "
+                          f"lines); the rest of the file is lost ({type(error).__name__}: {error})")
+                yield Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data, detail)
+                return
+            if not data:
+                return
             yield Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data)
             offset += len(data)
             line += data.count(b"\n")
@@ -203,21 +248,26 @@ def iter_records(chunk: Chunk) -> Iterator[Record]:
     """Every document or rejected record that starts in the chunk, in order."""
     if chunk.format == "text" and chunk.text_docs == "blocks":
         yield from _iter_blocks(chunk)
-        return
-    for line, offset, raw in _iter_lines(chunk):
-        if not raw.strip():
-            continue
-        text, reason, detail = _decode(raw)
-        if reason is None and chunk.format != "text":
-            try:
-                obj = json.loads(text)
-            except ValueError as err:
-                obj, reason, detail = None, BAD_JSON, f"invalid JSON ({err})"
-            if reason is None and not isinstance(obj, dict):
-                reason, detail = BAD_JSON, f"a JSON {type(obj).__name__}, not an object"
-            if reason is None:
-                text, reason, detail = document_text(obj, chunk.format, chunk.field)
-        yield Record(line, offset, text if reason is None else None, reason, detail)
+    else:
+        for line, offset, raw in _iter_lines(chunk):
+            if not raw.strip():
+                continue
+            text, reason, detail = _decode(raw)
+            if reason is None and chunk.format != "text":
+                try:
+                    obj = json.loads(text)
+                except ValueError as err:
+                    obj, reason, detail = None, BAD_JSON, f"invalid JSON ({err})"
+                except RecursionError:
+                    obj, reason, detail = None, BAD_JSON, "invalid JSON (nested too deeply to parse)"
+                if reason is None and not isinstance(obj, dict):
+                    reason, detail = BAD_JSON, f"a JSON {type(obj).__name__}, not an object"
+                if reason is None:
+                    text, reason, detail = document_text(obj, chunk.format, chunk.field)
+            yield Record(line, offset, text if reason is None else None, reason, detail)
+    if chunk.stream_error:
+        yield Record(chunk.start_line + chunk.data.count(b"\n"), chunk.start_offset + len(chunk.data), None,
+                     BAD_COMPRESSION, chunk.stream_error)
 
 
 def _iter_blocks(chunk: Chunk) -> Iterator[Record]:

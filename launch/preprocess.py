@@ -69,12 +69,12 @@ def config_from_args(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data_service.pipeline import JobConflict, run, summary_table
+    from data_service.pipeline import JobConflict, RayUnavailable, run, summary_table
     from data_service.readers import InputError
 
     try:
         result = run(config_from_args(args))
-    except (InputError, JobConflict, ValueError) as err:
+    except (InputError, JobConflict, RayUnavailable, ValueError) as err:
         print(f"lfzh-preprocess: error: {err}", file=sys.stderr)
         return 2
     print(summary_table(result))

@@ -9,8 +9,11 @@ import json
 import lzma
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,14 @@ from data_service.clean import CleanOptions, clean_document
 from data_service.corpora import inews_documents, write_inews_corpus
 from data_service.pipeline import JobConflict, PipelineConfig, run
 from data_service.process import content_hash
+from data_service.readers import InputError
 from data_service.segment import WordTokenizer
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
 from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
 from lfzh_ds.tokenization import load_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +94,16 @@ def test_word_by_word_tokenization_equals_the_tokenizer_and_marks_jieba_words():
         assert len(starts) == len(ids) and (len(ids) == 0 or starts[0] == 1)
     ids, starts = wt("中华人民共和国成立了")
     assert starts.tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 0, 1]  # 中华人民共和国 / 成立 / 了
+
+
+def test_cleaning_keeps_letters_of_every_script_and_removes_only_emoji_and_control_characters():
+    kept = ["这是café和naïve。", "Müller说：Straße很长。", "俄语Россия", "日本語のテキスト", "希腊字母α、β",
+            "100m²", "한국어 문장입니다", "箭头→和←", "化学式H₂O", "★五星☆好评♀"]
+    for text in kept:
+        assert clean_document(text) == text
+    assert clean_document("开心😂😀的❤\ufe0f一天🇨🇳") == "开心  的❤ 一天"
+    assert clean_document("a\x07b\x1bc\x7fd\ue000e\U000f0001f中\u200d文\ud83d") == "a b c d e f中 文"
+    assert clean_document("正文<br>见http://example.com/a。") == "正文见。"  # jionlp's other cleaning still runs
 
 
 # ---------------------------------------------------------------- determinism and content
@@ -211,6 +226,22 @@ def test_rerun_rebuilds_only_corrupt_or_missing_shards(ray_local, news, referenc
     assert output_files(out) == output_files(reference)
 
 
+def test_keep_work_survives_a_rerun_and_shards_of_other_masking_options_are_not_reused(ray_local, news, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[:60]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    first = run(config([small], out, keep_work=True))
+    again = run(config([small], out, keep_work=True))
+    assert again.up_to_date and (out / "_work" / "job.json").is_file() and any((out / "_work" / "shards").iterdir())
+    # the shard records left in _work belong to dupe factor 2: a dupe factor 3 job must not reuse those shards
+    for name in ("manifest.json", "rejects.json", "_work/job.json"):
+        (out / name).unlink()
+    redo = run(config([small], out, dupe_factor=3))
+    assert redo.shards_reused == 0 and redo.shards_built == first.shards_built
+    ds = ShardDataset(out, "train", masking="static")
+    assert len(ds) == 3 * ds.num_rows and ds[len(ds) - 1]["labels"].ne(-100).any()
+
+
 def test_other_settings_on_a_used_output_are_refused_unless_overwrite(ray_local, news, reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -218,6 +249,9 @@ def test_other_settings_on_a_used_output_are_refused_unless_overwrite(ray_local,
         (out / name).write_bytes(data)
     with pytest.raises(JobConflict, match="seed: 0 -> 1"):
         run(config([news], out, seed=1))
+    (out / "rejects.json").unlink()  # without its rejects report a finished output is still checked first
+    with pytest.raises(JobConflict, match="dupe_factor: 2 -> 3; seed: 0 -> 1"):
+        run(config([news], out, seed=1, dupe_factor=3))
     result = run(config([news], out, seed=1, overwrite=True))
     assert result.manifest["config"]["seed"] == 1
     assert output_files(out)["manifest.json"] != output_files(reference)["manifest.json"]
@@ -265,8 +299,8 @@ def test_every_corpus_format_is_detected_and_compressed_inputs_are_read(ray_loca
 
 
 def test_bad_input_is_counted_in_rejects_and_every_good_record_is_kept(ray_local, tmp_path):
-    good = [(d["title"] + "。" + d["content"][:300]).replace("\n", "") for d in inews_documents("test")[:12]]
-    good = [d for d in good if len(clean_document(d)) >= 10][:8]
+    good = [(d["title"] + "。" + d["content"][:300]).replace("\n", "") for d in inews_documents("test")[:14]]
+    good = [d for d in good if len(clean_document(d)) >= 10][:9]
     lines = [
         json.dumps({"title": "", "content": good[0]}, ensure_ascii=False),
         '{"title": "坏的", "content": "没有结束',                                      # line 2: bad JSON
@@ -288,21 +322,58 @@ def test_bad_input_is_counted_in_rejects_and_every_good_record_is_kept(ray_local
     empty.write_bytes(b"")
     plain = tmp_path / "plain.txt"
     plain.write_text("\n".join(good[6:8]) + "\n", encoding="utf-8")
+    deep = _jsonl(tmp_path / "deep.jsonl", ["[" * 100_000, '{"a": ' * 100_000, {"title": "", "content": good[8]}])
+    # a gzip file cut short: the records before the cut are used
+    dev = [(d["title"] + "。" + d["content"][:300]).replace("\n", "") for d in inews_documents("dev")[:40]]
+    packed = gzip.compress("".join(json.dumps({"title": "", "content": d}, ensure_ascii=False) + "\n"
+                                   for d in dev).encode("utf-8"))
+    trunc = tmp_path / "trunc.jsonl.gz"
+    trunc.write_bytes(packed[:len(packed) * 6 // 10])
+    readable = zlib.decompressobj(wbits=31).decompress(trunc.read_bytes())
+    readable = readable[:readable.rfind(b"\n") + 1]
+    complete = readable.count(b"\n")
+    assert 0 < complete < len(dev)
 
-    result = run(config([news, gbk, empty, plain], tmp_path / "out", format="auto", val_fraction=0.0))
-    assert result.manifest["totals"]["documents"] == 6  # 4 good JSON records + 2 good text lines
-    assert result.manifest["rejects"] == {"bad_encoding": 2, "bad_json": 2, "empty_file": 1, "field_not_text": 1,
-                                          "missing_field": 1, "nul_bytes": 1, "too_long": 1, "too_short": 1}
+    result = run(config([news, gbk, empty, plain, deep, trunc], tmp_path / "out", format="auto", val_fraction=0.0))
+    # 4 good JSON records + 2 good text lines + 1 after the deep JSON + the complete records of the cut gzip
+    assert result.manifest["totals"]["documents"] == 7 + complete
+    assert result.manifest["rejects"] == {"bad_compression": 1, "bad_encoding": 2, "bad_json": 4, "empty_file": 1,
+                                          "field_not_text": 1, "missing_field": 1, "nul_bytes": 1, "too_long": 1,
+                                          "too_short": 1}
     report = json.loads((tmp_path / "out" / "rejects.json").read_text(encoding="utf-8"))
     line_starts = np.concatenate(([0], np.cumsum([len(line.encode("utf-8")) + 1 for line in lines])))
     by_reason = {r: v["examples"] for r, v in report["reasons"].items()}
-    assert [e["line"] for e in by_reason["bad_json"]] == [2, 9]
+    assert [(e["file"], e["line"]) for e in by_reason["bad_json"]] == [(str(news), 2), (str(news), 9),
+                                                                       (str(deep), 1), (str(deep), 2)]
+    assert "nested too deeply" in by_reason["bad_json"][2]["detail"]
+    (broken,) = by_reason["bad_compression"]
+    assert (broken["file"], broken["line"], broken["byte_offset"]) == (str(trunc), complete + 1, len(readable))
+    assert "EOFError" in broken["detail"] and f"{len(readable):,} decompressed bytes" in broken["detail"]
     assert by_reason["too_long"][0]["line"] == 7 and "5,000,0" in by_reason["too_long"][0]["detail"]
     assert by_reason["nul_bytes"][0]["line"] == 5
     for reason in ("bad_json", "missing_field", "nul_bytes", "too_long", "field_not_text", "too_short"):
-        for example in by_reason[reason]:
+        for example in by_reason[reason][:2]:
             assert example["file"] == str(news)
             assert example["byte_offset"] == line_starts[example["line"] - 1]
     assert [(e["file"], e["line"]) for e in by_reason["bad_encoding"]] == [(str(gbk), 1), (str(gbk), 2)]
     assert by_reason["empty_file"][0]["file"] == str(empty)
-    ShardDataset(tmp_path / "out", "train")  # the good records made a valid dataset
+    ds = ShardDataset(tmp_path / "out", "train")  # the good records made a valid dataset
+    assert ds.num_rows == result.manifest["totals"]["rows"]
+
+
+def test_a_pretty_printed_json_file_is_refused_naming_the_file(tmp_path):
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"id": i, "text": "今天天气很好，我们一起去公园散步吧。"} for i in range(3)],
+                                ensure_ascii=False, indent=2), encoding="utf-8")
+    with pytest.raises(InputError, match=f"{array}: looks like JSON .* not JSON lines"):
+        run(config([array], tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.arrow"))
+
+
+def test_an_unreachable_ray_address_is_a_clear_error(news, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "preprocess.py"), "--input", str(news), "--output",
+                           str(tmp_path / "out"), "--ray-address", "127.0.0.1:1", "--quiet"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--ray-address 127.0.0.1:1: no Ray cluster answers there" in done.stderr
+    assert "Traceback" not in done.stderr

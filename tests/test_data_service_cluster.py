@@ -110,6 +110,7 @@ def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, referenc
                                     val_fraction=0.1, seed=3, ray_address=cluster.address, num_workers=2,
                                     chunk_bytes=32 << 10, progress=False))
         assert result.chunks_processed > 2
+        assert result.max_in_flight == 2  # --num-workers caps the tasks in flight on a cluster too
     finally:
         cluster.shutdown()
     assert output_files(tmp_path / "data") == output_files(reference)
