@@ -107,7 +107,8 @@ where everything is:
 what to run next:
   # train on to 1000 steps (total_num_steps is "auto" in this config: the decay stretches to the new end)
   deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/quickstart_cpu.json \\
-      --data {out}/shards --output-dir {run} --model-config {out}/model_config.json --max-steps 1000 --resume
+      --data {out}/shards --output-dir {run} --model-config {out}/model_config.json --max-steps 1000 --resume \\
+      --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 --log-interval 25
   # evaluate, draw curves, fill masks
   python launch/evaluate.py bpc --model {run} --data {out}/shards
   python launch/evaluate.py curves --run {run}
