@@ -10,7 +10,10 @@ block 0), batch 1, fp32, dropout 0:
 * ``hf module``    transformers' ``LongformerSelfAttention`` (projections + sliding chunks), no globals
 * ``sdpa core``    dense ``scaled_dot_product_attention(q, k, v)`` (no mask: the quadratic baseline)
 * ``flex core``    compiled FlexAttention on the same block mask (built once, outside the timing), forward
-                   only (CPU has no backward)
+                   only on CPU (it has no backward there)
+
+On a GPU (``--device cuda``, ``--dtype fp16`` / ``bf16`` for half-precision inputs and modules) peak memory is
+the CUDA allocator's peak during the call, measured in this process.
 
 Times are medians over ``--rounds`` interleaved rounds (every implementation once per round, so drift
 of a shared machine hits all alike). Peak memory is measured in a fresh subprocess per
@@ -19,6 +22,7 @@ of a shared machine hits all alike). Peak memory is measured in a fresh subproce
     python benchmarks/attention.py                          # L = 1024 2048 4096
     python benchmarks/attention.py --lengths 4096 8192 16384 --impls "bs core" "bs module" "hf module"
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/attention.py
+    python benchmarks/attention.py --device cuda --dtype bf16 --lengths 4096 16384 --rounds 10
 """
 from __future__ import annotations
 
@@ -37,7 +41,12 @@ HIDDEN, HEADS, WINDOW, BLOCK = 768, 12, 512, 64
 HEAD_DIM = HIDDEN // HEADS
 NUM_GLOBAL_TOKENS = 4
 ALL_IMPLS = ["bs core", "bs core+4g", "bs module", "bs module+4g", "hf module", "sdpa core", "flex core"]
-FORWARD_ONLY = {"flex core"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE, DTYPE = "cpu", torch.float32  # set by --device / --dtype
+
+
+def forward_only(impl: str) -> bool:
+    return impl == "flex core" and DEVICE == "cpu"
 
 
 def _global_tokens(L: int) -> torch.Tensor:
@@ -49,10 +58,11 @@ def _global_tokens(L: int) -> torch.Tensor:
 def build(impl: str, L: int):
     """Returns ``run(backward: bool)`` for one implementation at length ``L`` (inputs made here)."""
     torch.manual_seed(0)
-    no_padding = torch.zeros(1, L, dtype=torch.bool)
+    no_padding = torch.zeros(1, L, dtype=torch.bool, device=DEVICE)
+    tensor = dict(device=DEVICE, dtype=DTYPE)
     if impl.startswith("bs core") or impl in ("sdpa core", "flex core"):
-        q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, requires_grad=True) for _ in range(3))
-        grad = torch.randn(1, HEADS, L, HEAD_DIM)
+        q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, **tensor, requires_grad=True) for _ in range(3))
+        grad = torch.randn(1, HEADS, L, HEAD_DIM, **tensor)
         if impl.startswith("bs core"):
             from lfzh_ds.attention.block_sparse import block_sparse_attention
 
@@ -70,13 +80,13 @@ def build(impl: str, L: int):
             from lfzh_ds.attention.flex import FlexBlockSparse
 
             flex = FlexBlockSparse(BLOCK, WINDOW // BLOCK + 1, [0])
-            qd, kd, vd = (x.detach() for x in (q, k, v))
+            qd, kd, vd = (x.detach() for x in (q, k, v)) if forward_only(impl) else (q, k, v)
 
             def forward():
                 return flex(qd, kd, vd)
     else:
-        hidden = torch.randn(1, L, HIDDEN, requires_grad=True)
-        grad = torch.randn(1, L, HIDDEN)
+        hidden = torch.randn(1, L, HIDDEN, **tensor, requires_grad=True)
+        grad = torch.randn(1, L, HIDDEN, **tensor)
         if impl.startswith("bs module"):
             from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
             from lfzh_ds.configuration import LongformerZhConfig
@@ -86,7 +96,7 @@ def build(impl: str, L: int):
                 attention_backend="block_sparse", sparse_block_size=BLOCK, attention_probs_dropout_prob=0.0,
                 max_position_embeddings=max(L, 4096),
             )
-            module = BlockSparseSelfAttention(config, 0)
+            module = BlockSparseSelfAttention(config, 0).to(**tensor)
             globals_ = _global_tokens(L) if impl.endswith("+4g") else no_padding
 
             def forward():
@@ -99,8 +109,8 @@ def build(impl: str, L: int):
                 hidden_size=HIDDEN, num_attention_heads=HEADS, attention_window=[WINDOW],
                 attention_probs_dropout_prob=0.0,
             )
-            module = LongformerSelfAttention(config, 0)
-            attention_mask = torch.zeros(1, L)
+            module = LongformerSelfAttention(config, 0).to(**tensor)
+            attention_mask = torch.zeros(1, L, **tensor)
 
             def forward():
                 return module(hidden, attention_mask=attention_mask, is_index_masked=no_padding,
@@ -112,6 +122,8 @@ def build(impl: str, L: int):
         else:
             with torch.no_grad():
                 forward()
+        if DEVICE != "cpu":
+            torch.cuda.synchronize()
 
     return run
 
@@ -138,9 +150,16 @@ def measure_memory_here(impl: str, L: int) -> dict:
     """Peak resident-set growth (MB) of one forward and one forward+backward, in this (fresh) process."""
     run = build(impl, L)
     result = {}
-    for backward in ([False] if impl in FORWARD_ONLY else [False, True]):
+    for backward in ([False] if forward_only(impl) else [False, True]):
         if impl == "flex core":
             run(backward)  # compile outside the measurement
+        if DEVICE != "cpu":
+            run(backward)  # warm-up (compilation, cuBLAS workspaces)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(backward)
+            result["fb" if backward else "fwd"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            continue
         base = _rss_kb("VmRSS")
         if not _reset_peak():
             result["note"] = "VmHWM could not be reset: peaks include set-up"
@@ -163,12 +182,12 @@ def measure_times(impls: list[str], L: int, rounds: int) -> dict:
     for impl in impls:
         try:
             runs[impl] = build(impl, L)
-            for backward in ([False] if impl in FORWARD_ONLY else [False, True]):
+            for backward in ([False] if forward_only(impl) else [False, True]):
                 runs[impl](backward)  # warm-up (and compilation for flex)
         except Exception as error:  # noqa: BLE001 - a missing optional path is reported, not fatal
             print(f"  {impl} at L={L}: not run ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
             runs.pop(impl, None)
-    times = {(impl, mode): [] for impl in runs for mode in ("fwd", "fb") if not (mode == "fb" and impl in FORWARD_ONLY)}
+    times = {(impl, mode): [] for impl in runs for mode in ("fwd", "fb") if not (mode == "fb" and forward_only(impl))}
     for _ in range(rounds):
         for (impl, mode) in times:
             start = time.perf_counter()
@@ -192,9 +211,13 @@ def main():
     parser.add_argument("--max-quadratic-len", type=int, default=8192,
                         help="skip dense SDPA and transformers' Longformer above this length (they take minutes)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = args.device, DTYPES[args.dtype]
 
     if args.memory_child:
         print(json.dumps(measure_memory_here(args.memory_child[0], int(args.memory_child[1]))))
@@ -204,7 +227,10 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"threads {args.threads}, env {malloc or 'default (no MALLOC_*, OMP_WAIT_POLICY)'}")
     print(f"hidden {HIDDEN}, heads {HEADS}, window {WINDOW} (block {BLOCK}, {WINDOW // BLOCK + 1} window blocks, "
-          f"global block 0), batch 1, fp32, median of {args.rounds} interleaved rounds; memory = peak RSS growth")
+          f"global block 0), batch 1, {args.dtype} on {DEVICE}, median of {args.rounds} interleaved rounds; memory = "
+          + ("peak RSS growth" if DEVICE == "cpu" else "CUDA allocator peak"))
+    if DEVICE != "cpu":
+        print(f"device: {torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda}")
     rows = []
     for L in args.lengths:
         impls = [i for i in args.impls if not (i in ("sdpa core", "hf module") and L > args.max_quadratic_len)]
@@ -213,7 +239,12 @@ def main():
             if (impl, "fwd") not in times:
                 continue
             # flex would recompile in the memory subprocess (tens of seconds each): memory is not measured
-            memory = {} if args.no_memory or impl == "flex core" else measure_memory(impl, L, args.threads)
+            if args.no_memory or (impl == "flex core" and DEVICE == "cpu"):
+                memory = {}
+            elif DEVICE != "cpu":  # the allocator's own peak, in this process
+                memory = measure_memory_here(impl, L)
+            else:
+                memory = measure_memory(impl, L, args.threads)
             rows.append((L, impl, times.get((impl, "fwd")), times.get((impl, "fb")), memory.get("fwd"), memory.get("fb")))
             print(f"  L={L:6d} {impl:13s} fwd {fmt(rows[-1][2])} s  fwd+bwd {fmt(rows[-1][3])} s  "
                   f"peak MB fwd {fmt(rows[-1][4], 'MB')} fwd+bwd {fmt(rows[-1][5], 'MB')}"
