@@ -168,8 +168,9 @@ def measure_memory_here(impl: str, L: int) -> dict:
     return result
 
 
-def measure_memory(impl: str, L: int, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl, str(L), "--threads", str(threads)]
+def measure_memory(impl: str, L: int, threads: int, dtype: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl, str(L), "--threads", str(threads),
+           "--dtype", dtype]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -244,7 +245,7 @@ def main():
             elif DEVICE != "cpu":  # the allocator's own peak, in this process
                 memory = measure_memory_here(impl, L)
             else:
-                memory = measure_memory(impl, L, args.threads)
+                memory = measure_memory(impl, L, args.threads, args.dtype)
             rows.append((L, impl, times.get((impl, "fwd")), times.get((impl, "fb")), memory.get("fwd"), memory.get("fb")))
             print(f"  L={L:6d} {impl:13s} fwd {fmt(rows[-1][2])} s  fwd+bwd {fmt(rows[-1][3])} s  "
                   f"peak MB fwd {fmt(rows[-1][4], 'MB')} fwd+bwd {fmt(rows[-1][5], 'MB')}"

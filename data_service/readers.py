@@ -89,45 +89,51 @@ def open_binary(path):
     return open(path, "rb")
 
 
-def _json_object(line: bytes):
+def _json_value(line: bytes):
+    """The JSON value of one line, or ``_NOT_JSON``."""
     try:
-        value = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+        return json.loads(line.decode("utf-8").lstrip("\ufeff"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-        return None
-    return value if isinstance(value, dict) else None
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
 
 
 def detect_format(path, field: str | None = None, probe_lines: int = 20) -> str:
     """The format of one file from the fields of its first JSON objects (``text`` if none parse).
 
-    Returns ``"empty"`` for a file without a single non-blank line. A file that starts like JSON
-    (``[`` or ``{``) without a single JSON object line, e.g. a pretty-printed JSON array, is refused.
-    A compressed stream that breaks is judged by the lines before the break (``iter_chunks``
-    reports the break as a reject).
+    Returns ``"empty"`` for a file without a single non-blank line. A file of JSON that is not JSON
+    lines (a line holding only ``[`` or ``{``, or a whole JSON array, and no JSON object line: a
+    pretty-printed or one-line JSON array) is refused. Lines that do not decode or parse (plain text,
+    a GBK file) leave the file to ``text`` and its records to the rejects. A compressed stream that
+    breaks is judged by the lines before the break (``iter_chunks`` reports the break as a reject).
     """
     keys: set[str] | None = None
-    seen, first, broken = 0, b"", False
+    seen, json_not_lines, broken = 0, False, False
     with open_binary(path) as f:
         try:
             for raw in f:
-                if not raw.strip():
+                line = raw.strip()
+                if not line:
                     continue
                 seen += 1
-                first = first or raw.lstrip(b"\xef\xbb\xbf").strip()[:1]
-                obj = _json_object(raw.strip())
-                if obj is not None:
-                    keys = set(obj)
+                value = _json_value(line)
+                if isinstance(value, dict):
+                    keys = set(value)
                     break
+                lone_bracket = line.lstrip(b"\xef\xbb\xbf") in (b"[", b"{")
+                json_not_lines = json_not_lines or lone_bracket or isinstance(value, list)
                 if seen >= probe_lines:
                     break
         except STREAM_ERRORS:
             broken = True
     if seen == 0:
         return "text" if broken else "empty"
-    if keys is None and first in (b"[", b"{"):
-        raise InputError(f"{path}: looks like JSON (starts with {first.decode()!r}) but is not JSON lines: none of "
-                         f"its first {seen} non-blank lines is a JSON object; write one JSON object per line "
-                         f"(e.g. a JSON array with jq -c '.[]'), or pass --format text if it is plain text")
+    if keys is None and json_not_lines:
+        raise InputError(f"{path}: looks like JSON but is not JSON lines: none of its first {seen} non-blank lines is "
+                         f"a JSON object, and one is a lone '[' or '{{' or a whole JSON array; write one JSON object "
+                         f"per line (e.g. from a JSON array with jq -c '.[]')")
     if keys is None:
         return "text"
     if field is not None:

@@ -24,7 +24,7 @@ from data_service.clean import CleanOptions, clean_document
 from data_service.corpora import inews_documents, write_inews_corpus
 from data_service.pipeline import JobConflict, PipelineConfig, run
 from data_service.process import content_hash
-from data_service.readers import InputError
+from data_service.readers import InputError, detect_format
 from data_service.segment import WordTokenizer
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
 from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
@@ -368,6 +368,17 @@ def test_a_pretty_printed_json_file_is_refused_naming_the_file(tmp_path):
     with pytest.raises(InputError, match=f"{array}: looks like JSON .* not JSON lines"):
         run(config([array], tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.arrow"))
+    one_line = tmp_path / "one_line.json"
+    one_line.write_text(json.dumps([{"text": "今天天气很好。"}], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(InputError, match="not JSON lines"):
+        detect_format(one_line)
+    # what only starts like JSON stays input: text beginning with a bracket, JSON lines in GBK (bad_encoding rejects)
+    bracket = tmp_path / "bracket.txt"
+    bracket.write_text("[编者按] 今天天气很好，我们一起去公园散步吧。\n{注} 第二篇文章。\n", encoding="utf-8")
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes("".join(json.dumps({"title": "标题", "content": "今天天气很好。"}, ensure_ascii=False) + "\n"
+                            for _ in range(3)).encode("gbk"))
+    assert detect_format(bracket) == "text" and detect_format(gbk) == "text"
 
 
 def test_an_unreachable_ray_address_is_a_clear_error(news, tmp_path):

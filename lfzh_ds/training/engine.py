@@ -445,6 +445,8 @@ def init_distributed() -> int | None:
     if accelerator.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         threads = share_cpu_threads()
+    else:  # each process on its own GPU before the first collective (NCCL refuses two ranks on one device)
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     return threads
 
