@@ -446,7 +446,7 @@ def init_distributed() -> int | None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         threads = share_cpu_threads()
     else:  # each process on its own GPU before the first collective (NCCL refuses two ranks on one device)
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     return threads
 
