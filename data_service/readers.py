@@ -89,15 +89,15 @@ def open_binary(path):
     return open(path, "rb")
 
 
+_NOT_JSON = object()
+
+
 def _json_value(line: bytes):
     """The JSON value of one line, or ``_NOT_JSON``."""
     try:
         return json.loads(line.decode("utf-8").lstrip("\ufeff"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return _NOT_JSON
-
-
-_NOT_JSON = object()
 
 
 def detect_format(path, field: str | None = None, probe_lines: int = 20) -> str:

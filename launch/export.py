@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from lfzh_ds.convert import export_to_hf_longformer, read_config_dict
+from lfzh_ds.convert import export_to_hf_longformer, is_classifier_config, read_config_dict
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 
 
@@ -34,13 +34,12 @@ def load_source_model(path):
 
     if is_training_checkpoint(path):  # a run of launch/pretrain.py (its latest checkpoint) or RUN_DIR/checkpoints/step_N
         return load_model_from_run(path)
-    architectures = read_config_dict(path).get("architectures") or []
-    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
-    model_class = LongformerZhForSequenceClassification if classifier else LongformerZhForMaskedLM
+    config = read_config_dict(path)
+    model_class = LongformerZhForSequenceClassification if is_classifier_config(config) else LongformerZhForMaskedLM
     model, info = model_class.from_pretrained(path, output_loading_info=True)
     if info["missing_keys"]:
         raise ValueError(
-            f"{path}: its config.json says architectures={architectures}, but the weights lack "
+            f"{path}: its config.json says architectures={config.get('architectures')}, but the weights lack "
             f"{', '.join(sorted(info['missing_keys']))} of {model_class.__name__}; exporting would write random weights"
         )
     return model

@@ -84,6 +84,11 @@ def read_config_dict(model_dir) -> dict:
         return json.load(f)
 
 
+def is_classifier_config(config: dict) -> bool:
+    """Whether a ``config.json`` (as a dict) was saved by a sequence classifier (ours or transformers')."""
+    return any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or [])
+
+
 def read_state_dict(model_dir) -> dict[str, torch.Tensor]:
     """All weights of an HF-format directory: ``model.safetensors``, ``pytorch_model.bin`` or their
     sharded ``*.index.json`` forms."""
@@ -259,7 +264,7 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
     if config is None:
         fields = {name: hf[name] for name in _SHARED_CONFIG_FIELDS if name in hf}
         config = LongformerZhConfig(**fields, max_position_embeddings=positions, attention_window=hf["attention_window"])
-        for name in ("bos_token_id", "eos_token_id", "sep_token_id", "id2label", "label2id", "problem_type"):
+        for name in ("bos_token_id", "eos_token_id", "sep_token_id", "label2id", "problem_type"):
             if name in hf:
                 setattr(config, name, hf[name])
         if "id2label" in hf:  # JSON keys are strings; class indices are ints

@@ -165,7 +165,7 @@ def load_classifier(model_dir, label_names: list[str]):
     reads: ours (``longformer_zh``), the released ``ValkyriaLenneth/longformer_zh`` one (``bert`` with
     ``attention_window``) or an export to transformers' Longformer (``longformer``). An MLM checkpoint gets a
     new classification head; a classifier with another number of classes is refused."""
-    from .convert import read_config_dict
+    from .convert import is_classifier_config, read_config_dict
     from .modeling import LongformerZhForSequenceClassification
 
     model_dir = Path(model_dir)
@@ -182,9 +182,8 @@ def load_classifier(model_dir, label_names: list[str]):
             + (" and no attention_window: a short BERT, convert it first (launch/convert.py)" if model_type == "bert" else "")
             + "; expected 'longformer_zh', 'longformer' (an export) or the released 'bert' layout with attention_window"
         )
-    architectures = config.get("architectures") or []
     num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
-    if any(name.endswith("ForSequenceClassification") for name in architectures) and num_labels != len(label_names):
+    if is_classifier_config(config) and num_labels != len(label_names):
         raise ValueError(
             f"{model_dir} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
             "start from the pretrained (MLM) checkpoint instead"
