@@ -75,9 +75,11 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 3
     if rank_from_env() == 0:
+        bpc = ""
+        if summary.first_val_bpc is not None and summary.last_val_bpc is not None:
+            bpc = f"; validation BPC {summary.first_val_bpc:.3f} -> {summary.last_val_bpc:.3f}"
         print(f"done: step {summary.final_step}; run folder {summary.run_dir}; last checkpoint "
-              f"{summary.last_checkpoint}; validation BPC {summary.first_val_bpc} -> {summary.last_val_bpc}",
-              flush=True)
+              f"{summary.last_checkpoint}{bpc}", flush=True)
     return 0
 
 

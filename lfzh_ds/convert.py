@@ -77,6 +77,9 @@ _SHARED_CONFIG_FIELDS = (
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_config_dict(model_dir) -> dict:
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir} does not exist or is not a directory: give a local model directory "
+                                "(config.json + weights; the hub is never searched)")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model directory needs a config.json (HF format)")
@@ -157,6 +160,13 @@ def convert_bert_to_longformer(
     from .modeling import LongformerZhForMaskedLM
 
     short_dir = Path(short_dir)
+    raw_config = read_config_dict(short_dir)  # a missing directory is an error here, not a hub lookup
+    if raw_config.get("model_type") in ("longformer_zh", "longformer") or "attention_window" in raw_config:
+        raise ValueError(
+            f"{short_dir} is already a long model (its config.json has model_type={raw_config.get('model_type')!r}, "
+            f"attention_window={raw_config.get('attention_window')!r}); conversion takes a short BERT/roberta_zh "
+            "checkpoint. Load this one with LongformerZhForMaskedLM.from_pretrained, or export it with launch/export.py"
+        )
     short_config = BertConfig.from_pretrained(short_dir)
     warnings = []
     if short_config.vocab_size != VOCAB_SIZE:

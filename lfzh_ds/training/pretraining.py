@@ -103,7 +103,11 @@ def read_model_config(args: Namespace):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--model-config {path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        raise ConfigError(f"--model-config {path} is not valid JSON: {err.msg} at line {err.lineno} column "
+                          f"{err.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--model-config {path} must hold a JSON object of LongformerZhConfig fields")
+    check_model_config_keys(data, path)
     data.pop("model_type", None)
     data.setdefault("attention_backend", PRETRAINING_DEFAULT_BACKEND)
     if backend:
@@ -112,6 +116,48 @@ def read_model_config(args: Namespace):
         return LongformerZhConfig(**data)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--model-config {path}: {err}") from None
+
+
+def check_model_config_keys(data: dict, path) -> None:
+    """Refuse a key that is a misspelling of a model field (``num_hidden_layer``): the config would silently
+    keep that field's default. Keys of any transformers config (``sep_token_id``, ``torch_dtype``) and other
+    unknown keys (``directionality``, ``pooler_*`` of Google's Chinese BERT configs) are ignored, as
+    transformers does."""
+    import difflib
+    import inspect
+
+    from transformers import BertConfig, LongformerConfig, PretrainedConfig
+
+    from ..configuration import LongformerZhConfig
+
+    generic = set(inspect.signature(PretrainedConfig.__init__).parameters)
+    fields = {  # what shapes the model: BERT's and this config's own arguments
+        name
+        for config in (BertConfig, LongformerZhConfig)
+        for name in inspect.signature(config.__init__).parameters
+        if name not in generic and name not in ("self", "kwargs") and not name.endswith("_token_id")
+    }
+    known = fields | generic | {
+        key for config in (BertConfig, LongformerConfig, LongformerZhConfig) for key in config().to_dict()
+    }
+    for key in data:
+        if key in known or key.endswith("_token_id") or key.startswith("pooler_"):
+            continue
+        close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"--model-config {path}: unknown key \"{key}\" (did you mean \"{close[0]}\"?); "
+                              f"it would be ignored and {close[0]} left at its default. Fix the spelling.")
+
+
+def recorded_validation_bpc(metrics_path) -> tuple[float | None, float | None]:
+    """(first, last) validation BPC already in a run's ``metrics.jsonl`` (None, None without one): a resumed run
+    reports its whole run's change, not just the part since the resume."""
+    from .metrics import read_metrics
+
+    if not Path(metrics_path).is_file():
+        return None, None
+    val = read_metrics(metrics_path)[1]
+    return (val[0]["val_bpc"], val[-1]["val_bpc"]) if val else (None, None)
 
 
 def build_model(args: Namespace, model_config):
@@ -357,6 +403,8 @@ def run(args: Namespace) -> RunSummary:
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
 
     first_val = last_val = None
+    if resume is not None and main:
+        first_val, last_val = recorded_validation_bpc(metrics.path)
     last_tag = resume.tag if resume is not None else None
 
     def validate() -> float:

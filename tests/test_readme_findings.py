@@ -1,0 +1,86 @@
+"""Plausible user mistakes from walking through README.md: each must stop with a message naming the file or key
+(and nothing may be silently ignored), and the pretraining summary line must read right. All in-process, fast."""
+import json
+from argparse import Namespace
+
+import pytest
+
+from launch import export as export_cli
+from launch import pretrain as pretrain_cli
+from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.convert import convert_bert_to_longformer
+from lfzh_ds.modeling import LongformerZhForMaskedLM
+from lfzh_ds.training import pretraining
+from lfzh_ds.training.engine import ConfigError
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+pytestmark = pytest.mark.usefixtures("frugal_torch")
+
+
+def test_convert_of_a_missing_directory_says_so_instead_of_asking_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"models/nope does not exist"):
+        convert_bert_to_longformer(tmp_path / "models" / "nope", tmp_path / "long")
+
+
+def test_convert_refuses_a_model_that_is_already_long(tmp_path):
+    config = LongformerZhConfig(max_position_embeddings=64, attention_window=16, **SMALL)
+    LongformerZhForMaskedLM(config).save_pretrained(tmp_path / "long")
+    with pytest.raises(ValueError, match=r"long is already a long model .*model_type='longformer_zh'"):
+        convert_bert_to_longformer(tmp_path / "long", tmp_path / "longer")
+    assert not (tmp_path / "longer").exists()
+
+
+def test_export_of_a_checkpoint_folder_that_does_not_exist_names_it(tmp_path):
+    missing = tmp_path / "run" / "checkpoints" / "step_3000"
+    with pytest.raises(FileNotFoundError, match=r"step_3000 does not exist"):
+        export_cli.main(["--from", str(missing), "--to", str(tmp_path / "out")])
+
+
+def read_config(path):
+    return pretraining.read_model_config(Namespace(init_from=None, model_config=str(path), attention_backend=None))
+
+
+def test_a_misspelt_model_config_key_is_refused_not_ignored(tmp_path):
+    fields = {**SMALL, "max_position_embeddings": 512, "attention_window": 128}
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({**fields, "num_hidden_layer": 4}))
+    with pytest.raises(ConfigError, match=r'typo\.json: unknown key "num_hidden_layer" \(did you mean "num_hidden_layers"'):
+        read_config(typo)
+    # keys of Google's / HFL's Chinese BERT config.json that mean nothing here still load, as in transformers
+    bert_like = tmp_path / "bert.json"
+    bert_like.write_text(json.dumps({**fields, "directionality": "bidi", "pooler_fc_size": 768, "pooler_type": "first_token_transform",
+                                     "pooler_num_attention_heads": 12, "output_past": True, "model_type": "bert",
+                                     "sep_token_id": 102, "cls_token_id": 101, "mask_token_id": 103, "torch_dtype": "float32"}))
+    assert read_config(bert_like).num_hidden_layers == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hidden_size": 32\n "num_hidden_layers": 2}')
+    with pytest.raises(ConfigError, match=r"bad\.json is not valid JSON: .* at line 2 column 2"):
+        read_config(bad)
+
+
+def summary(first, last):
+    return pretraining.RunSummary(run_dir="runs/x", final_step=6, first_val_bpc=first, last_val_bpc=last,
+                                  last_checkpoint="step_6", curves=None)
+
+
+def test_the_done_line_rounds_the_bpc_and_omits_it_without_validation(monkeypatch, capsys):
+    args = ["--deepspeed_config", "c.json", "--data", "d", "--output-dir", "runs/x", "--model-config", "m.json",
+            "--max-steps", "6"]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(pretraining, "run", lambda a: summary(14.383887003398522, 9.6412))
+    assert pretrain_cli.main(args) == 0
+    assert "last checkpoint step_6; validation BPC 14.384 -> 9.641\n" in capsys.readouterr().out
+    monkeypatch.setattr(pretraining, "run", lambda a: summary(None, None))  # --eval-interval 0
+    assert pretrain_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and out.rstrip().endswith("last checkpoint step_6")
+
+
+def test_a_resumed_run_reports_the_change_since_its_first_validation(tmp_path):
+    assert pretraining.recorded_validation_bpc(tmp_path / "metrics.jsonl") == (None, None)
+    lines = [{"kind": "val", "step": 0, "val_bpc": 14.4}, {"kind": "train", "step": 1, "loss": 9.0},
+             {"kind": "val", "step": 2, "val_bpc": 12.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert pretraining.recorded_validation_bpc(tmp_path / "metrics.jsonl") == (14.4, 12.0)
