@@ -335,6 +335,11 @@ def _is_validation(digest: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < val_fraction * 2.0 ** 64
 
 
+def _holds_work(work: Path) -> bool:
+    """Whether an unfinished job stored any chunk or shard result yet."""
+    return any(any((work / part).glob("*")) for part in ("chunks", "shards") if (work / part).is_dir())
+
+
 def _conflict(output: Path, what: str, old_config: dict, new_config: dict, old_inputs, new_inputs) -> JobConflict:
     diffs = [f"{k}: {old_config.get(k)!r} -> {new_config.get(k)!r}"
              for k in sorted(set(old_config) | set(new_config)) if old_config.get(k) != new_config.get(k)]
@@ -401,7 +406,8 @@ def run(config: PipelineConfig) -> RunResult:
     job_file = work / "job.json"
     if job_file.is_file():
         old_job = json.loads(job_file.read_text(encoding="utf-8"))
-        if old_job.get("job_id") != job_id:
+        # another job's results are not thrown away silently; one that stored none (its Ray never came up) is
+        if old_job.get("job_id") != job_id and _holds_work(work):
             raise _conflict(output, "an unfinished job", old_job.get("config", {}), manifest_config,
                             old_job.get("inputs"), inputs)
     (work / "chunks").mkdir(parents=True, exist_ok=True)

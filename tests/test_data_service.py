@@ -381,10 +381,15 @@ def test_a_pretty_printed_json_file_is_refused_naming_the_file(tmp_path):
     assert detect_format(bracket) == "text" and detect_format(gbk) == "text"
 
 
-def test_an_unreachable_ray_address_is_a_clear_error(news, tmp_path):
+def test_an_unreachable_ray_address_is_a_clear_error(ray_local, news, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "launch" / "preprocess.py"), "--input", str(news), "--output",
                            str(tmp_path / "out"), "--ray-address", "127.0.0.1:1", "--quiet"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "--ray-address 127.0.0.1:1: no Ray cluster answers there" in done.stderr
     assert "Traceback" not in done.stderr
+    # the failed job stored nothing: a corrected command with other options is not refused as a conflict
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[:20]) + "\n", encoding="utf-8")
+    assert (tmp_path / "out" / "_work" / "job.json").is_file()
+    assert run(config([small], tmp_path / "out")).manifest["config"]["seq_len"] == 128
