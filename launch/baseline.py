@@ -8,6 +8,7 @@ Writes predictions_{dev,test}.jsonl, metrics_{dev,test}.json and summary.json, a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -56,4 +57,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import run_main
+
+    sys.exit(run_main(main, "baseline.py"))

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lfzh_ds.constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS
 from lfzh_ds.convert import convert_bert_to_longformer
@@ -42,4 +43,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import run_main
+
+    sys.exit(run_main(main, "convert.py"))

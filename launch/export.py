@@ -13,6 +13,7 @@ table is shifted to Longformer's numbering).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lfzh_ds.convert import export_to_hf_longformer, is_classifier_config, read_config_dict
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
@@ -55,4 +56,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import run_main
+
+    sys.exit(run_main(main, "export.py"))

@@ -109,6 +109,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.model.is_dir():  # before the data is read and tokenised
+        raise FileNotFoundError(f"--model {args.model} does not exist or is not a directory")
     from lfzh_ds.finetuning import FinetuneSettings, finetune
 
     settings = FinetuneSettings(
@@ -137,4 +139,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import run_main
+
+    sys.exit(run_main(main, "finetune.py"))

@@ -1,7 +1,10 @@
 """Plausible user mistakes from walking through README.md: each must stop with a message naming the file or key
 (and nothing may be silently ignored), and the pretraining summary line must read right. All in-process, fast."""
 import json
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from lfzh_ds.modeling import LongformerZhForMaskedLM
 from lfzh_ds.training import pretraining
 from lfzh_ds.training.engine import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 pytestmark = pytest.mark.usefixtures("frugal_torch")
@@ -84,3 +88,18 @@ def test_a_resumed_run_reports_the_change_since_its_first_validation(tmp_path):
              {"kind": "val", "step": 2, "val_bpc": 12.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert pretraining.recorded_validation_bpc(tmp_path / "metrics.jsonl") == (14.4, 12.0)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("convert.py", ["--from", "{missing}", "--to", "{tmp}/long"]),
+    ("export.py", ["--from", "{missing}", "--to", "{tmp}/stock"]),
+    ("finetune.py", ["--model", "{missing}", "--output-dir", "{tmp}/ft", "--task", "ccf-sentiment"]),
+])
+def test_command_line_mistakes_end_in_one_line_and_status_2(tmp_path, script, args):
+    missing = tmp_path / "models" / "nope"
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in args]
+    done = subprocess.run([sys.executable, str(REPO / "launch" / script), *argv], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{script}: error: " in done.stderr and str(missing) in done.stderr
