@@ -616,3 +616,66 @@ def test_inference_keeps_no_probabilities_even_for_inputs_that_require_grad(monk
     with torch.no_grad():
         block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
     assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
+
+
+def test_attention_dropout_is_inverted_dropout_so_the_expected_output_is_the_eval_output():
+    """Dropped probabilities are rescaled by 1 / keep (as F.dropout does): averaged over many draws the training
+    output equals the eval output. Without the rescaling it would shrink towards 0 by the keep probability."""
+    torch.manual_seed(0)
+    B, H, L, D, block = 1, 2, 64, 8, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    v = v + 2.0  # values far from 0, so a missing rescaling is a large bias
+    key_padding_mask, global_tokens = masks_for(B, L, [6], [[20]])
+    kwargs = dict(block_size=block, num_sliding_window_blocks=3, key_padding_mask=key_padding_mask,
+                  global_tokens=global_tokens)
+    reference = block_sparse_attention(q, k, v, **kwargs)
+    draws = 400
+    mean = sum(block_sparse_attention(q, k, v, dropout_p=0.5, training=True, **kwargs) for _ in range(draws)) / draws
+    real = ~key_padding_mask[0]
+    slope = (mean[..., real, :] * reference[..., real, :]).sum() / reference[..., real, :].pow(2).sum()
+    assert abs(slope.item() - 1.0) < 0.03
+    assert (mean[..., real, :] - reference[..., real, :]).abs().mean().item() < 0.1
+
+
+def test_module_ignores_a_global_flag_on_a_padding_token():
+    """Padding never attends: a padding position marked global still gets a zero output, and nothing else
+    changes (the module is documented to take both masks; callers other than the model may pass such a flag)."""
+    torch.manual_seed(5)
+    module = BlockSparseSelfAttention(_config(), layer_id=0).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.2)
+    hidden = torch.randn(2, 64, 32)
+    key_padding_mask, global_tokens = masks_for(2, 64, [0, 20], [[3], [7]])
+    flagged = global_tokens.clone()
+    flagged[1, 50] = True  # a padding position
+    expected, _ = module(hidden, key_padding_mask, global_tokens)
+    got, _ = module(hidden, key_padding_mask, flagged)
+    assert torch.equal(got[1, 44:], torch.zeros_like(got[1, 44:]))
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("num_globals", [1, 8])  # fewer than head_dim 8 (projections folded) and not
+def test_global_rows_with_attention_dropout_weigh_the_value_bias_by_the_kept_probabilities(num_globals):
+    """dropout(P) @ (W_v h + b_v): with W_v = W_k = 0 a global row is b_v times the sum of the kept
+    probabilities, k / (keep L) for k kept keys: it changes from draw to draw (never b_v alone every time)."""
+    torch.manual_seed(2)
+    module = BlockSparseSelfAttention(_config(attention_probs_dropout_prob=0.5), layer_id=0).train()
+    L = 64
+    with torch.no_grad():
+        module.key_global.weight.zero_()
+        module.value_global.weight.zero_()
+        module.value_global.bias.copy_(torch.arange(1.0, 33.0))
+    hidden = torch.randn(1, L, 32)
+    key_padding_mask = torch.zeros(1, L, dtype=torch.bool)
+    global_tokens = torch.zeros(1, L, dtype=torch.bool)
+    global_tokens[0, 40 : 40 + num_globals] = True
+    sums = set()
+    for _ in range(10):
+        out, _ = module(hidden, key_padding_mask, global_tokens)
+        kept_share = out[0, 40 : 40 + num_globals].view(num_globals, 4, 8) / module.value_global.bias.view(4, 8)
+        assert torch.allclose(kept_share, kept_share[..., :1].expand_as(kept_share), atol=1e-5)  # one sum per head
+        count = kept_share[..., 0] * 0.5 * L  # kept keys
+        assert torch.allclose(count, count.round(), atol=1e-3)
+        sums.update(count.round().flatten().tolist())
+    assert len(sums) > 1

@@ -717,7 +717,8 @@ class BlockSparseSelfAttention(nn.Module):
         if Gq < D:
             # Few global tokens: fold the global key/value projections into the queries and the output
             # instead of projecting all L tokens (q.(W h + b) = (W^T q).h + const; sum p (W h + b) =
-            # W (sum p h) + b). Same result, O(Gq L E) instead of O(L E^2).
+            # W (sum p h) + b sum p, where sum p is 1 unless dropout dropped some p). Same result, O(Gq L E)
+            # instead of O(L E^2).
             w_k = self.key_global.weight.view(nh, D, E)
             w_v = self.value_global.weight.view(nh, D, E)
             q_in = torch.einsum("bhgd,hde->bhge", q_g, w_k).reshape(B, nh * Gq, E)
@@ -727,7 +728,8 @@ class BlockSparseSelfAttention(nn.Module):
             probs = torch.softmax(scores, -1)
             probs = torch.nn.functional.dropout(probs, self.dropout, self.training)
             mixed = torch.bmm(probs, hidden_states).view(B, nh, Gq, E)
-            out_g = torch.einsum("bhge,hde->bhgd", mixed, w_v) + self.value_global.bias.view(1, nh, 1, D)
+            kept = probs.sum(-1).view(B, nh, Gq, 1)
+            out_g = torch.einsum("bhge,hde->bhgd", mixed, w_v) + self.value_global.bias.view(1, nh, 1, D) * kept
         else:
             k_g = self._heads(self.key_global(hidden_states))
             v_g = self._heads(self.value_global(hidden_states))
