@@ -66,6 +66,17 @@ def test_competition_csvs_give_the_same_examples_as_the_package(tmp_path, ccf_pa
         assert (from_csv.title, from_csv.text, from_csv.label) == (from_package.title, from_package.text, from_package.label)
 
 
+def test_label_csv_written_with_float_labels_and_blank_rows_loads(tmp_path):
+    """pandas writes a label column that has a gap as floats (2.0) with an empty cell: the labels are still 0, 1, 2
+    and the unlabelled row is skipped and counted."""
+    write_competition_csvs(tmp_path, [("a", "标题甲", "正文甲。", None), ("b", "标题乙", "正文乙。", None),
+                                      ("c", "标题丙", "正文丙。", None)])
+    (tmp_path / cls.CCF_LABEL_CSV).write_text("id,label\na,2.0\nb,\nc,0.0\n", encoding="utf-8")
+    examples, report = cls.load_ccf_csv(tmp_path / cls.CCF_TRAIN_CSV, tmp_path / cls.CCF_LABEL_CSV)
+    assert [(e.id, e.label) for e in examples] == [("a", 2), ("c", 0)]
+    assert report == {"csv_rows": 3, "csv_rows_without_label": 1}
+
+
 def test_csv_errors_name_the_file_and_what_to_do(tmp_path):
     (tmp_path / cls.CCF_TRAIN_CSV).write_text("id,headline,content\n1,a,b\n", encoding="utf-8")
     (tmp_path / cls.CCF_LABEL_CSV).write_text("id,label\n1,0\n", encoding="utf-8")
@@ -107,6 +118,18 @@ def test_dedup_drops_dev_test_documents_conflicting_labels_and_repeats():
         "train_before": 8, "train_after": 2, "exact_duplicates": 1, "conflicting_label_groups": 1,
         "conflicting_label_documents": 3, "overlap_with_dev": 1, "overlap_with_test": 1, "dev_test_overlap": 0,
     }
+
+
+def test_conflicting_label_groups_count_only_documents_that_stay_out_for_that_reason():
+    """A document whose train copies disagree but that is also in dev is dropped as a dev overlap: it is not one of
+    the conflicting-label groups the log reports next to the conflicting documents."""
+    dev = [Example("d1", "开发集的文档。", 0)]
+    train = [Example("a", "开发集的文档。", 1), Example("b", "开发集的文档。", 2),  # conflicting, but also in dev
+             Example("x1", "矛盾。", 0), Example("x2", "矛盾。", 1), Example("ok", "好的文档。", 1)]
+    kept, report = cls.deduplicate_train(train, dev, [])
+    assert [e.id for e in kept] == ["ok"]
+    assert report["overlap_with_dev"] == 2
+    assert report["conflicting_label_documents"] == 2 and report["conflicting_label_groups"] == 1
 
 
 def test_ccf_task_never_trains_on_a_dev_or_test_document():
@@ -226,6 +249,19 @@ def test_metrics_agree_with_scikit_learn():
         got = m["per_class"][name]
         assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[c], r[c], f[c], s[c]))
     assert m["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": labels.count(3)}
+
+
+def test_macro_f1_averages_over_every_class_of_the_task_as_scikit_learn_does():
+    """A small dev split can lack a class entirely (no document, no prediction): it still counts in the macro
+    average, with F1 0, as in scikit-learn with the task's labels (the number fine-tuning is compared against)."""
+    from sklearn.metrics import f1_score
+
+    labels = [0, 0, 1, 1, 1, 0, 1]
+    predictions = [0, 1, 1, 1, 0, 0, 1]
+    m = cls.classification_metrics(labels, predictions, ["pos", "neu", "neg"])
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.75) / 3)  # hand-computed: F1 2/3 and 3/4, and 0 for "neg"
+    assert m["per_class"]["neg"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
 
 
 def test_predictions_file_round_trips(tmp_path):

@@ -258,6 +258,54 @@ def test_export_of_a_finetuned_classifier_gives_transformers_longformer_for_sequ
     assert max_diff(back(input_ids, attention_mask=attention_mask).logits, model(input_ids, attention_mask=attention_mask).logits) <= TOL
 
 
+@pytest.mark.parametrize("num_labels, labels", [
+    (1, torch.tensor([0.5, -1.25])),                                   # regression: mean squared error
+    (3, torch.tensor([2, 0])),                                         # one class per document: cross-entropy
+    (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),             # several classes: binary cross-entropy
+], ids=["regression", "single_label", "multi_label"])
+def test_classifier_loss_equals_transformers_longformer_for_every_problem_type(tmp_path, num_labels, labels):
+    """The problem type (from num_labels and the labels' dtype) and its loss are transformers' own: the exported
+    stock LongformerForSequenceClassification is the oracle."""
+    config = LongformerZhConfig(max_position_embeddings=128, attention_window=16, num_labels=num_labels, **SMALL)
+    model = LongformerZhForSequenceClassification(config).eval()
+    stock = LongformerForSequenceClassification.from_pretrained(
+        export_to_hf_longformer(model, tmp_path / "stock", write_tokenizer=False)).eval()
+    input_ids, attention_mask = padded_batch(seq_len=37, pad_from=30)
+    ours = model(input_ids, attention_mask=attention_mask, labels=labels)
+    theirs = stock(input_ids, attention_mask=attention_mask, labels=labels)
+    assert max_diff(ours.logits, theirs.logits) <= TOL
+    assert model.config.problem_type == stock.config.problem_type
+    assert abs(ours.loss.item() - theirs.loss.item()) <= TOL
+
+
+def test_an_old_format_bert_checkpoint_with_gamma_beta_and_position_ids_converts(tmp_path):
+    """Older Chinese BERT .bin files (bert-base-chinese, converted TF checkpoints) name LayerNorm parameters gamma/beta
+    and carry the embeddings.position_ids buffer: they convert, and give the short model's logits."""
+    short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, **SMALL)).eval()
+    with torch.no_grad():  # LayerNorm parameters away from their 1/0 initialisation, so a lost one would show
+        for name, p in short.named_parameters():
+            if "LayerNorm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    old = {}
+    for key, value in short.state_dict().items():
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        old[key] = value.clone()
+    old["bert.embeddings.position_ids"] = torch.arange(40).expand(1, -1).clone()
+    assert any(k.endswith("LayerNorm.gamma") for k in old)
+    (tmp_path / "short").mkdir()
+    torch.save(old, tmp_path / "short" / "pytorch_model.bin")
+    short.config.to_json_file(tmp_path / "short" / "config.json")
+
+    result = convert_bert_to_longformer(tmp_path / "short", tmp_path / "long", max_pos=96, attention_window=48)
+    assert result.head_kept and "bert.embeddings.position_ids" in result.dropped_keys
+    # one-sided window 24 >= 20 - 1: every token sees the whole input, as in the short model
+    long = LongformerZhForMaskedLM.from_pretrained(tmp_path / "long").eval()
+    input_ids, attention_mask = padded_batch(seq_len=20, pad_from=13)
+    real = attention_mask.bool()
+    expected = short(input_ids, attention_mask=attention_mask).logits
+    assert max_diff(long(input_ids, attention_mask=attention_mask).logits[real], expected[real]) <= TOL
+
+
 def test_export_refuses_a_directory_lacking_the_weights_it_would_export(tmp_path):
     LongformerZhModel(LongformerZhConfig(max_position_embeddings=64, attention_window=16, **SMALL)).save_pretrained(tmp_path / "encoder")
     with pytest.raises(ValueError, match=r"encoder: its config.json says architectures=\['LongformerZhModel'\].*cls\.predictions"):

@@ -393,3 +393,57 @@ def test_an_unreachable_ray_address_is_a_clear_error(ray_local, news, tmp_path):
     small.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[:20]) + "\n", encoding="utf-8")
     assert (tmp_path / "out" / "_work" / "job.json").is_file()
     assert run(config([small], tmp_path / "out")).manifest["config"]["seq_len"] == 128
+
+
+# ---------------------------------------------------------------- boundaries and word starts (no Ray)
+
+def test_min_and_max_chars_reject_only_shorter_and_longer_documents(tmp_path):
+    """--min-chars 10 keeps a 10-character document (it is not shorter), --max-chars 20 keeps a 20-character one."""
+    from data_service.manifest import RejectsReport
+    from data_service.process import DocumentOptions, process_chunk
+    from data_service.readers import iter_chunks
+
+    twenty = "今天天气很好我们一起去公园散步吧明天也会"
+    lines = [twenty[:10], twenty[:9], twenty, twenty + "好", twenty[:11]]
+    assert [len(s) for s in lines] == [10, 9, 20, 21, 11]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (chunk,) = iter_chunks(path, 0, "text", None, "lines", 1 << 20)
+    out = process_chunk(chunk, DocumentOptions(min_chars=10, max_chars=20))
+    assert out["line"].tolist() == [1, 3, 5] and out["chars"].tolist() == [10, 20, 11]
+    report = RejectsReport.from_state(out["rejects"]).to_json()
+    assert {r: [e["line"] for e in v["examples"]] for r, v in report["reasons"].items()} == {
+        "too_short": [2], "too_long": [4]}
+
+
+def test_full_width_punctuation_never_continues_a_word_for_masking():
+    """jieba and BERT both cut around full-width/CJK punctuation (，。、；！？：“”《》（） ...), so such a token is a
+    word of its own and the token after it starts a new word: whole-word masking never glues ``，`` to the word
+    before it. (ASCII ``.%-`` may sit inside a jieba word such as ``v2.0``.)"""
+    import unicodedata
+
+    tok = load_tokenizer()
+    wt = WordTokenizer()
+    texts = ["iPhone，GPT。abc、def；中文！word？", "版本v2.0（测试）“引号”ok——x…y", "A股：上涨3%；B股《报告》"]
+    texts += [clean_document(d["title"] + "\n" + d["content"]) for d in inews_documents("dev")[:40]]
+    checked = 0
+    for text in texts:
+        ids, starts = wt(clean_document(text))
+        tokens = tok.convert_ids_to_tokens(ids.tolist())
+        for i, token in enumerate(tokens):
+            if len(token) == 1 and ord(token) > 127 and unicodedata.category(token).startswith("P"):
+                checked += 1
+                assert starts[i] == 1, (text[:30], tokens[max(0, i - 2):i + 2])
+                assert i + 1 == len(tokens) or starts[i + 1] == 1, (text[:30], tokens[max(0, i - 2):i + 3])
+    assert checked > 500
+
+
+def test_no_dedup_keeps_every_copy_of_a_repeated_document(ray_local, news, tmp_path):
+    lines = news.read_text(encoding="utf-8").splitlines()[:12]
+    small = tmp_path / "repeats.jsonl"
+    small.write_text("\n".join(lines + lines[2:5]) + "\n", encoding="utf-8")
+    deduped = run(config([small], tmp_path / "dedup", val_fraction=0.0))
+    kept = run(config([small], tmp_path / "all", val_fraction=0.0, dedup=False))
+    assert deduped.manifest["totals"]["documents"] == 12 and deduped.manifest["rejects"] == {"duplicate": 3}
+    assert kept.manifest["totals"]["documents"] == 15 and kept.manifest["rejects"] == {}
+    assert kept.manifest["totals"]["document_tokens"] > deduped.manifest["totals"]["document_tokens"]

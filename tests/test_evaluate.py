@@ -115,3 +115,52 @@ def test_a_corrupt_metrics_line_is_reported_with_its_line_number(tmp_path, bad):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n' + bad)
     with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON line"):
         read_metrics(tmp_path)
+
+
+def test_bpc_is_the_mean_cross_entropy_of_every_masked_token_in_bits(tiny_model, shard_folder, capsys):
+    """Oracle: the model's full logits, cross-entropy summed over every predicted token of the first static copy
+    of each validation sequence, divided by their number and by ln 2. Batches of 3 hold different numbers of
+    masked tokens (padded rows predict fewer), so a mean of batch means or a wrong copy shows."""
+    import torch
+    import torch.nn.functional as F
+
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+    from lfzh_ds.shards import ShardDataset
+
+    data = shard_folder({"validation": [[30], [100], [10], [200, 20]]}, seq_len=64, dupe_factor=2)
+    ds = ShardDataset(data, "validation", masking="static")
+    assert ds.num_rows == 8 and len(ds) == 16
+    model = LongformerZhForMaskedLM.from_pretrained(tiny_model).eval()
+    total, count, per_row = 0.0, 0, []
+    with torch.no_grad():
+        for row in range(ds.num_rows):  # index row < num_rows: copy 0 of that row
+            sample = ds[row]
+            logits = model(input_ids=sample["input_ids"][None], attention_mask=sample["attention_mask"][None]).logits[0]
+            labelled = sample["labels"] != -100
+            total += F.cross_entropy(logits[labelled].double(), sample["labels"][labelled], reduction="sum").item()
+            count += int(labelled.sum())
+            per_row.append(int(labelled.sum()))
+    assert len(set(per_row)) > 2  # the rows really differ in their number of masked tokens
+
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(data), "--batch-size", "3", "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["sequences"] == 8 and measured["masked_tokens"] == count
+    assert measured["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert measured["bpc"] == pytest.approx(total / count / math.log(2), rel=1e-5)
+
+
+def test_filler_batches_that_keep_processes_in_step_are_not_counted(tiny_model, shard_folder):
+    """Validation pads a process's work with forwards of sample 0 (ZeRO-3 needs the same number on every process);
+    those must not add to the sums."""
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+    from lfzh_ds.shards import ShardDataset
+    from lfzh_ds.training.evaluation import masked_lm_cross_entropy
+
+    ds = ShardDataset(shard_folder({"validation": [[100, 100]]}, seq_len=64), "validation")
+    model = LongformerZhForMaskedLM.from_pretrained(tiny_model).eval()
+    plain = masked_lm_cross_entropy(model, ds, [1, 2, 3], batch_size=2)
+    padded = masked_lm_cross_entropy(model, ds, [1, 2, 3], batch_size=2, num_batches=4)
+    assert (padded.masked_tokens, padded.sequences) == (plain.masked_tokens, plain.sequences) == (plain.masked_tokens, 3)
+    assert padded.cross_entropy_sum == pytest.approx(plain.cross_entropy_sum, rel=1e-6)
+    with pytest.raises(ValueError, match="num_batches=1 is fewer than the 2 batches needed"):
+        masked_lm_cross_entropy(model, ds, [1, 2, 3], batch_size=2, num_batches=1)

@@ -155,3 +155,54 @@ def test_load_classifier_takes_the_released_layout_and_an_export_to_transformers
     BertModel(BertConfig(vocab_size=21128, max_position_embeddings=32, **small)).save_pretrained(tmp_path / "short")
     with pytest.raises(ValueError, match="short/config.json has model_type 'bert' and no attention_window: a short BERT, convert it"):
         load_classifier(tmp_path / "short", ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------- batching (no processes)
+def test_every_step_gets_the_whole_global_batch_every_document_is_seen_and_epochs_reshuffle():
+    from lfzh_ds.finetuning import epoch_micro_batches
+
+    lengths = [(7 * i) % 23 + 1 for i in range(10)]
+    seen_by_epoch = {}
+    for epoch in (1, 2, 3):
+        per_rank = [list(epoch_micro_batches(lengths, 4, 1, rank, 2, seed=0, epoch=epoch)) for rank in range(2)]
+        assert [len(steps) for steps in per_rank] == [3, 3]  # ceil(10 / 4) optimizer steps on both processes
+        seen = []
+        for s in range(3):
+            assert [len(mb) for mb in per_rank[0][s]] == [1, 1] and [len(mb) for mb in per_rank[1][s]] == [1, 1]
+            step = [i for rank in range(2) for mb in per_rank[rank][s] for i in mb]
+            assert len(step) == len(set(step)) == 4  # the global batch, no document twice in a step
+            seen += step
+        assert set(seen) == set(range(10))  # the last step is filled up with documents from the start of the order
+        assert list(epoch_micro_batches(lengths, 4, 1, 0, 2, seed=0, epoch=epoch)) == per_rank[0]  # deterministic
+        seen_by_epoch[epoch] = seen
+    assert len({tuple(seen) for seen in seen_by_epoch.values()}) == 3  # a new order every epoch
+
+
+def test_evaluation_gives_every_process_the_same_number_of_batches_and_covers_every_document():
+    from lfzh_ds.finetuning import eval_shards
+
+    lengths = [5, 3, 9, 1, 7, 2, 8]
+    for world in (1, 2, 3, 8):
+        shards = [eval_shards(lengths, 2, rank, world) for rank in range(world)]
+        assert len({len(batches) for batches in shards}) == 1, world  # ZeRO-3: every process in every forward
+        assert {i for batches in shards for batch in batches for i in batch} == set(range(7))
+
+
+def test_finetuning_overrides_set_the_batch_and_a_linear_warmup_over_the_finetuning_steps():
+    from lfzh_ds.finetuning import FinetuneSettings, finetuning_overrides
+
+    settings = FinetuneSettings(model_dir="m", output_dir="o", deepspeed_config="c.json", batch_size=16,
+                                micro_batch_size=2, learning_rate=3e-5, warmup_ratio=0.1)
+    file_config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "eps": 1e-6}},
+                   "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 15000}}}
+    overrides, notes = finetuning_overrides(file_config, settings, world_size=2, total_steps=120)
+    assert (overrides["train_batch_size"], overrides["train_micro_batch_size_per_gpu"],
+            overrides["gradient_accumulation_steps"]) == (16, 2, 4)  # 16 = 2 per micro-batch x 4 x 2 processes
+    assert overrides["optimizer"]["params"] == {"lr": 3e-5, "eps": 1e-6, "weight_decay": 0.01}
+    assert overrides["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 3e-5, "warmup_num_steps": 12, "total_num_steps": 120,
+        "warmup_type": "linear"}}  # 10% of 120 steps
+    assert file_config["optimizer"]["params"]["lr"] == 1e-4  # the file's config is not modified
+    assert any("replaces the config's" in note for note in notes)
+    with pytest.raises(ValueError, match="--batch-size 10 must be a multiple of --micro-batch-size 2 x 2 processes = 4"):
+        finetuning_overrides({}, FinetuneSettings("m", "o", "c.json", batch_size=10, micro_batch_size=2), 2, 100)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from lfzh_ds.constants import CLS_ID, FIRST_REAL_TOKEN_ID, IGNORE_INDEX, MASK_ID, PAD_ID, SEP_ID, SPECIAL_IDS, VOCAB_SIZE
+from lfzh_ds.constants import (CLS_ID, FIRST_REAL_TOKEN_ID, IGNORE_INDEX, MASK_ID, PAD_ID, SEP_ID, SPECIAL_IDS, UNK_ID,
+                                VOCAB_SIZE)
 from lfzh_ds.masking import apply_mask, mask_rng, whole_word_mask, whole_word_spans
 
 
@@ -36,7 +37,9 @@ def test_single_token_words_give_exact_80_10_10_of_exactly_mask_prob():
     assert np.all(np.diff(positions) > 0)
 
 
-@pytest.mark.parametrize("maskable, prob, expected", [(1000, 0.10, 100), (4094, 0.10, 400), (35, 0.15, 5), (3, 0.10, 1)])
+@pytest.mark.parametrize("maskable, prob, expected", [(1000, 0.10, 100), (4094, 0.10, 400), (35, 0.15, 5), (3, 0.10, 1),
+                                                     # exact halves round up (Python's round() would give 4, 10, 2)
+                                                     (30, 0.15, 5), (70, 0.15, 11), (25, 0.10, 3)])
 def test_target_is_round_half_up_of_prob_times_maskable_capped_by_max_predictions(maskable, prob, expected):
     ids, ws = make_sequence([1] * maskable)
     positions, _ = whole_word_mask(ids, ws, mask_rng(1), mask_prob=prob, max_predictions=400)
@@ -134,3 +137,36 @@ def test_masks_are_a_function_of_the_seed_keys_only():
     c = whole_word_mask(ids, ws, mask_rng(5, 2, 42), mask_prob=0.15, max_predictions=400)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("k, n_mask, n_random", [(15, 12, 2), (25, 20, 3), (5, 4, 1)])
+def test_the_random_share_is_round_half_up_of_a_tenth_and_the_rest_keep_their_id(k, n_mask, n_random):
+    """k predictions: round_half_up(0.8 k) [MASK], round_half_up(0.1 k) random ids, the rest unchanged
+    (hand-computed: 15 -> 12/2/1, 25 -> 20/3/2, 5 -> 4/1/0)."""
+    ids, ws = make_sequence([1] * (10 * k))
+    ids[1:-1] = 5000  # every original id is the same, so a non-[MASK] id other than 5000 is a random draw
+    random_draws = 0
+    seeds = range(30)
+    for seed in seeds:
+        positions, replacement = whole_word_mask(ids, ws, mask_rng(seed), mask_prob=0.1, max_predictions=10_000)
+        assert len(positions) == k
+        assert (replacement == MASK_ID).sum() == n_mask
+        random_draws += int(((replacement != MASK_ID) & (replacement != 5000)).sum())
+    # a random draw hits 5000 itself with probability 1/21,024: allow one such hit in all the draws
+    assert n_random * len(seeds) - 1 <= random_draws <= n_random * len(seeds)
+
+
+def test_unk_and_mask_tokens_inside_the_text_are_never_chosen_nor_counted():
+    """[UNK] (unknown characters) and a literal [MASK] in a document are special ids: never predicted, and the
+    target is a fraction of the other tokens only."""
+    ids, ws = make_sequence([1] * 300, pad=7)
+    ids[1:-8:3] = UNK_ID
+    ids[2:-8:3] = MASK_ID
+    real = int((~np.isin(ids, SPECIAL_IDS)).sum())
+    assert real == 100
+    starts, lengths = whole_word_spans(ids, ws)
+    assert not np.isin(ids[starts], (UNK_ID, MASK_ID)).any() and lengths.sum() == real
+    for seed in range(10):
+        positions, _ = whole_word_mask(ids, ws, mask_rng(seed), mask_prob=0.5, max_predictions=400)
+        assert len(positions) == 50  # round(0.5 * 100 real tokens), not of the 300 text positions
+        assert not np.isin(ids[positions], SPECIAL_IDS).any()

@@ -271,6 +271,24 @@ def test_sequence_classification_gives_cls_global_attention_by_default():
     assert abs(default.loss.item() - expected.item()) <= TOL
 
 
+def test_sequence_classification_leaves_cls_local_when_globals_are_marked_with_attention_mask_2():
+    """The released convention (attention_mask == 2 for global tokens) counts as the caller marking global tokens
+    itself, exactly like global_attention_mask: [CLS] then gets no global attention added."""
+    model = LongformerZhForSequenceClassification(small_config(num_labels=3)).eval()
+    input_ids, attention_mask, _ = batch()
+    released = attention_mask.clone()
+    released[:, 5] = 2
+    explicit = torch.zeros_like(input_ids)
+    explicit[:, 5] = 1
+    with_cls = explicit.clone()
+    with_cls[:, 0] = 1
+    via_mask = model(input_ids, attention_mask=released).logits
+    via_global = model(input_ids, attention_mask=attention_mask, global_attention_mask=explicit).logits
+    plus_cls = model(input_ids, attention_mask=attention_mask, global_attention_mask=with_cls).logits
+    assert max_diff(via_mask, via_global) <= TOL
+    assert max_diff(via_mask, plus_cls) > 1e-4
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = LongformerZhForMaskedLM(small_config()).train()  # dropout is 0: training mode is deterministic
     input_ids, attention_mask, global_attention_mask = batch()

@@ -139,3 +139,59 @@ def test_the_last_row_of_each_shard_is_padded_and_the_others_are_full(dataset):
             assert n <= SEQ_LEN and np.all(ids[n:] == PAD_ID)
         else:
             assert n == SEQ_LEN
+
+
+# ---------------------------------------------------------------------------------------------- shards built without Ray
+def manifest_of(folder):
+    return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+
+
+def test_a_shard_whose_row_count_disagrees_with_the_manifest_is_refused(shard_folder):
+    """A manifest from another run (or edited by hand) that lists the right file with the wrong row count must not
+    read past a shard's end or skip its last rows."""
+    folder = shard_folder({"train": [[60, 70, 50]]})
+    manifest = manifest_of(folder)
+    entry = manifest["splits"]["train"]["shards"][0]
+    assert entry["rows"] == 3  # 182 tokens, 62 per row
+    for claimed in (2, 4):
+        entry["rows"] = claimed
+        (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        ds = ShardDataset(folder, "train")  # the file itself is intact: its sha256 matches
+        with pytest.raises(ShardError, match=f"{folder / entry['file']} has schema version 1, 3 rows"):
+            ds[0]
+
+
+def test_dynamic_masking_follows_the_manifests_whole_word_max_length(shard_folder):
+    """--wwm-max-word-len is part of the masking config: dynamic masks re-drawn by the reader must honour it
+    (words longer than it are masked token by token) and keep longer words whole without it."""
+
+    def split_words(folder):
+        ds = ShardDataset(folder, "train", masking="dynamic", seed=3)
+        split = 0
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                ids, ws, _ = ds.sequence(i)
+                predicted = (ds[i]["labels"] != IGNORE_INDEX).numpy()
+                maskable = ~np.isin(ids, SPECIAL_IDS)
+                word = np.cumsum((ws != 0) | ~np.concatenate(([False], maskable[:-1])))
+                for w in np.unique(word[maskable]):
+                    members = predicted[(word == w) & maskable]
+                    split += bool(members.any() and not members.all())
+        return split
+
+    words_of_six = dict(word_len=6, max_predictions=20)
+    assert split_words(shard_folder({"train": [[120, 90, 60]]}, name="whole", **words_of_six)) == 0
+    assert split_words(shard_folder({"train": [[120, 90, 60]]}, name="max3", wwm_max_word_len=3, **words_of_six)) > 0
+
+
+def test_a_shard_with_fewer_static_copies_than_the_manifest_says_is_an_error(shard_folder):
+    folder = shard_folder({"train": [[100, 100]]}, dupe_factor=1)
+    manifest = manifest_of(folder)
+    manifest["config"]["dupe_factor"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    ds = ShardDataset(folder, "train", masking="static")
+    assert len(ds) == 2 * ds.num_rows
+    ds[ds.num_rows - 1]
+    with pytest.raises(IndexError, match="row 0 has no static mask copy 1"):
+        ds[ds.num_rows]  # copy 1 of row 0 is not stored: not row 1's copy 0

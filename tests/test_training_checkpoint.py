@@ -72,3 +72,13 @@ def test_a_training_checkpoint_is_told_apart_from_a_model_folder(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     assert not is_training_checkpoint(tmp_path / "model")
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_leaves_newer_leftovers_alone(tmp_path):
+    """Folders newer than `latest` are an interrupted save's (remove_incomplete_checkpoints deals with them): they
+    neither count among the kept checkpoints nor get pruned."""
+    ckpt = make_run(tmp_path, [2, 4, 6, 8], latest=4)
+    assert prune_checkpoints(ckpt, keep=2) == []
+    assert names(ckpt) == ["step_2", "step_4", "step_6", "step_8"]
+    assert prune_checkpoints(ckpt, keep=1) == ["step_2"]
+    assert names(ckpt) == ["step_4", "step_6", "step_8"]

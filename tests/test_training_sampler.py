@@ -68,3 +68,18 @@ def test_every_sample_is_seen_once_per_epoch_across_processes():
 def test_batch_that_does_not_divide_is_refused():
     with pytest.raises(ValueError, match="not a multiple"):
         sampler(world=2, batch=6, micro=2)
+
+
+def test_micro_batch_numbers_are_those_of_a_one_process_run_of_the_same_step():
+    """Dropout seeds come from (seed, step, global_micro_batch_index): for a run resumed on another number of
+    processes to draw the same masks, micro-batch j of rank r must be numbered as the one-process run numbers the
+    micro-batch holding the same samples."""
+    single = sampler(rank=0, world=1, batch=12, micro=2).micro_batches(36)
+    for world in (2, 3, 6):
+        numbers = []
+        for rank in range(world):
+            s = sampler(rank=rank, world=world, batch=12, micro=2)
+            for j, micro_batch in enumerate(s.micro_batches(36)):
+                numbers.append(s.global_micro_batch_index(j))
+                assert micro_batch == single[numbers[-1]], (world, rank, j)
+        assert sorted(numbers) == list(range(6))
