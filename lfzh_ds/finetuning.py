@@ -363,6 +363,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         epoch_start = time.perf_counter()
         running_loss, running_n = 0.0, 0
         for micro_batches in epoch_micro_batches(train_lengths, settings.batch_size, settings.micro_batch_size, rank, world, settings.seed, epoch):
+            lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves after it)
             for indices in micro_batches:
                 loss = engine(**make_batch(encoded["train"], indices, labels["train"], engine.device)).loss
                 engine.backward(loss)
@@ -371,7 +372,6 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
                 running_n += 1
             step += 1
             if step % settings.log_every == 0 or step == total_steps:
-                lr = engine.get_lr()[0]
                 log(f"epoch {epoch} step {step}/{total_steps} loss {running_loss / max(running_n, 1):.4f} lr {lr:.2e} "
                     f"({time.perf_counter() - epoch_start:.0f} s into the epoch)")
                 running_loss, running_n = 0.0, 0
