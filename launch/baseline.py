@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python launch/baseline.py` runs this file as a script: this checkout's code first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from launch.finetune import add_task_arguments, load_task_from_args
 
 

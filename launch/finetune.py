@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python launch/finetune.py` runs this file as a script: this checkout's code first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 
