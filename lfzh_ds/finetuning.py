@@ -275,7 +275,7 @@ def build_finetuning_engine(model, settings: FinetuneSettings, world_size: int, 
     resolved.notes[:0] = notes
     ds_engine.validate_with_deepspeed(resolved)
     if ds_engine.uses_activation_checkpointing(resolved):
-        model.gradient_checkpointing_enable()
+        ds_engine.enable_activation_checkpointing(model)
     return ds_engine.build_engine(model, resolved), resolved
 
 

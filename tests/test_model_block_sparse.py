@@ -9,6 +9,7 @@ import torch
 
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
+from lfzh_ds.training.engine import enable_activation_checkpointing
 
 TOL = 1e-5
 VOCAB = 300
@@ -103,7 +104,7 @@ def test_block_sparse_gradient_checkpointing_gives_the_same_gradients():
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain = loss_and_grads()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
     ckpt_loss, ckpt = loss_and_grads()
     assert abs(plain_loss - ckpt_loss) <= TOL

@@ -24,6 +24,7 @@ from lfzh_ds.modeling import (
     LongformerZhForSequenceClassification,
     LongformerZhModel,
 )
+from lfzh_ds.training.engine import enable_activation_checkpointing
 
 TOL = 1e-5
 VOCAB = 300  # the heads' cost grows with the vocab; the geometry under test does not depend on it
@@ -301,7 +302,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain_loss, plain = loss_and_grads()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
     ckpt_loss, ckpt = loss_and_grads()
     assert abs(plain_loss - ckpt_loss) <= TOL
