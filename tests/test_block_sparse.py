@@ -679,3 +679,18 @@ def test_global_rows_with_attention_dropout_weigh_the_value_bias_by_the_kept_pro
         assert torch.allclose(count, count.round(), atol=1e-3)
         sums.update(count.round().flatten().tolist())
     assert len(sums) > 1
+
+
+def test_forcing_the_flex_kernel_on_the_cpu_is_refused_where_a_backward_pass_would_follow():
+    """Compiled FlexAttention has a forward only on CPU: kernel='flex' is refused with gradients on
+    (forward-only use, which compiles for tens of seconds on CPU, is left to benchmarks/attention.py)."""
+    from lfzh_ds.attention import build_self_attention
+    from lfzh_ds.attention.flex import flex_supported
+
+    assert not flex_supported(torch.device("cpu")) and flex_supported(torch.device("cpu"), needs_backward=False)
+    module = build_self_attention(_config(), layer_id=0).eval()
+    module.kernel = "flex"
+    hidden = torch.randn(1, 64, 32)
+    nothing = torch.zeros(1, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="FlexAttention does not run on cpu here; use kernel='torch'"):
+        module(hidden, nothing, nothing)

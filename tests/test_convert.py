@@ -315,3 +315,42 @@ def test_export_refuses_a_directory_lacking_the_weights_it_would_export(tmp_path
     config = LongformerZhConfig(max_position_embeddings=64, attention_window=[16, 24], attention_backend="block_sparse", sparse_block_size=8, **SMALL)
     with pytest.raises(ValueError, match="does not divide the largest window 24"):
         export_to_hf_longformer(LongformerZhForMaskedLM(config), tmp_path / "stock")
+
+
+def test_export_keeps_the_models_dtype_and_refuses_an_lm_head_stock_longformer_cannot_compute(tmp_path):
+    from safetensors.torch import load_file
+
+    config = LongformerZhConfig(max_position_embeddings=64, attention_window=16, **SMALL)
+    out = export_to_hf_longformer(LongformerZhForMaskedLM(config).to(torch.bfloat16), tmp_path / "bf16",
+                                  write_tokenizer=False)
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    # transformers' Longformer LM head always applies gelu: a relu model's MLM head would not export exactly ...
+    relu = LongformerZhConfig(max_position_embeddings=64, attention_window=16, hidden_act="relu", **SMALL)
+    with pytest.raises(ValueError, match="hidden_act='relu'.*only hidden_act='gelu' exports exactly"):
+        export_to_hf_longformer(LongformerZhForMaskedLM(relu), tmp_path / "relu_mlm", write_tokenizer=False)
+    assert not (tmp_path / "relu_mlm").exists()
+    # ... while its classifier (no LM head) does, with the same logits
+    relu.num_labels = 2
+    model = LongformerZhForSequenceClassification(relu).eval()
+    stock = LongformerForSequenceClassification.from_pretrained(
+        export_to_hf_longformer(model, tmp_path / "relu_cls", write_tokenizer=False)).eval()
+    input_ids, attention_mask = padded_batch(seq_len=21, pad_from=15)
+    assert max_diff(stock(input_ids, attention_mask=attention_mask).logits,
+                    model(input_ids, attention_mask=attention_mask).logits) <= TOL
+
+
+def test_an_explicit_problem_type_survives_the_export(tmp_path):
+    """Two float targets per document are multi-label by default; a model fine-tuned as a two-output regression says
+    so in its config, and the exported stock classifier must compute the same (mean squared error) loss."""
+    config = LongformerZhConfig(max_position_embeddings=64, attention_window=16, num_labels=2,
+                                problem_type="regression", **SMALL)
+    model = LongformerZhForSequenceClassification(config).eval()
+    stock = LongformerForSequenceClassification.from_pretrained(
+        export_to_hf_longformer(model, tmp_path / "stock", write_tokenizer=False)).eval()
+    assert stock.config.problem_type == "regression"
+    input_ids, attention_mask = padded_batch(seq_len=21, pad_from=15)
+    labels = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    ours = model(input_ids, attention_mask=attention_mask, labels=labels)
+    assert abs(ours.loss.item() - torch.nn.functional.mse_loss(ours.logits, labels).item()) <= TOL
+    assert abs(stock(input_ids, attention_mask=attention_mask, labels=labels).loss.item() - ours.loss.item()) <= TOL

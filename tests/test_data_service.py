@@ -447,3 +447,114 @@ def test_no_dedup_keeps_every_copy_of_a_repeated_document(ray_local, news, tmp_p
     assert deduped.manifest["totals"]["documents"] == 12 and deduped.manifest["rejects"] == {"duplicate": 3}
     assert kept.manifest["totals"]["documents"] == 15 and kept.manifest["rejects"] == {}
     assert kept.manifest["totals"]["document_tokens"] > deduped.manifest["totals"]["document_tokens"]
+
+
+# ---------------------------------------------------------------- readers without Ray
+
+def _records(path, fmt, text_docs="lines", chunk_bytes=1 << 20, field=None):
+    from data_service.readers import iter_chunks, iter_records
+
+    return [r for chunk in iter_chunks(path, 0, fmt, field, text_docs, chunk_bytes) for r in iter_records(chunk)]
+
+
+def test_a_byte_order_mark_and_windows_line_ends_leave_the_text_and_positions_alone(tmp_path):
+    docs = ["今天天气很好，我们一起去公园散步吧。", "第二篇文章讲的是长文档模型。", "第三篇。"]
+    wiki = tmp_path / "wiki.jsonl"  # what Windows tools write: a BOM and CRLF line ends
+    lines = [json.dumps({"id": str(i), "title": d[:2], "text": d}, ensure_ascii=False).encode("utf-8") for i, d in
+             enumerate(docs)]
+    wiki.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    assert detect_format(wiki) == "wiki2019zh"
+    one = tmp_path / "one.jsonl"  # the BOM sits on the only record: the format is still told from it
+    one.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\r\n")
+    assert detect_format(one) == "wiki2019zh" and [r.text for r in _records(one, "wiki2019zh")] == docs[:1]
+    records = _records(wiki, "wiki2019zh", chunk_bytes=40)  # several chunks
+    assert [r.text for r in records] == docs  # wiki2019zh's text already starts with its title: nothing is added
+    starts = [0] + list(np.cumsum([3 + len(lines[0]) + 2] + [len(line) + 2 for line in lines[1:-1]]))
+    assert [(r.line, r.offset) for r in records] == [(1, 0), (2, starts[1]), (3, starts[2])]
+
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes("\r\n".join(docs).encode("utf-8") + b"\r\n")
+    assert [r.text for r in _records(plain, "text")] == docs
+    blocks = tmp_path / "blocks.txt"
+    blocks.write_bytes("\r\n".join([docs[0], docs[1], "", docs[2]]).encode("utf-8") + b"\r\n")
+    assert [(r.line, r.text) for r in _records(blocks, "text", "blocks")] == [(1, docs[0] + "\n" + docs[1]),
+                                                                              (4, docs[2])]
+
+
+def test_document_text_follows_the_format_table(tmp_path):
+    from data_service.readers import MISSING_FIELD, document_text
+
+    news = {"title": "标题", "desc": "摘要", "content": "摘要之后是正文。"}
+    assert document_text(news, "news2016zh", None) == ("标题\n摘要之后是正文。", None, "")  # desc already in content
+    news["desc"] = "另一段摘要"
+    assert document_text(news, "news2016zh", None) == ("标题\n另一段摘要\n摘要之后是正文。", None, "")
+    assert document_text({"title": "问", "desc": "描述", "answer": "答"}, "baike2018qa", None)[0] == "问\n描述\n答"
+    assert document_text({"title": "标题", "text": "标题\n正文"}, "wiki2019zh", None)[0] == "标题\n正文"
+    for empty in ({"title": "标题", "content": ""}, {"title": "标题"}):
+        text, reason, detail = document_text(empty, "news2016zh", None)
+        assert (text, reason) == (None, MISSING_FIELD) and "'content'" in detail
+
+
+# ---------------------------------------------------------------- more resume cases (small inputs)
+
+def _small(news, tmp_path, n):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
+    return small
+
+
+def test_chunk_results_of_another_chunk_size_are_redone_not_reused(ray_local, news, tmp_path):
+    """--chunk-mb only changes how the job runs: an interrupted job rerun with another chunk size gives the same
+    bytes (its stored chunk results cover other byte ranges, so they are redone)."""
+    small, out = _small(news, tmp_path, 30), tmp_path / "out"
+    first = run(config([small], out, keep_work=True, chunk_bytes=8 << 10))
+    expected = output_files(out)
+    for name in ("manifest.json", "rejects.json"):  # as if the job had stopped before writing these
+        (out / name).unlink()
+    redo = run(config([small], out, chunk_bytes=5 << 10))
+    assert redo.chunks_reused == 0 and redo.chunks_processed > first.chunks_processed >= 2
+    assert output_files(out) == expected
+
+
+def test_a_finished_output_without_its_rejects_report_is_completed(ray_local, news, tmp_path):
+    small, out = _small(news, tmp_path, 20), tmp_path / "out"
+    first = run(config([small], out))
+    expected = output_files(out)
+    (out / "rejects.json").unlink()
+    again = run(config([small], out))
+    assert not again.up_to_date and again.shards_built == 0 and again.shards_reused == first.shards_built
+    assert output_files(out) == expected
+
+
+def test_overwrite_also_discards_an_unfinished_job_with_other_settings(ray_local, news, tmp_path):
+    small, out = _small(news, tmp_path, 20), tmp_path / "out"
+    run(config([small], out, keep_work=True))
+    (out / "manifest.json").unlink()  # an unfinished job, its chunk and shard results in _work
+    with pytest.raises(JobConflict, match="already holds an unfinished job .*seed: 0 -> 1"):
+        run(config([small], out, seed=1))
+    result = run(config([small], out, seed=1, overwrite=True))
+    assert result.manifest["config"]["seed"] == 1 and result.chunks_reused == 0 and not (out / "_work").exists()
+
+
+def test_the_rejects_report_keeps_every_count_and_the_first_examples_in_input_order():
+    """Workers report out of order and the driver merges their reports (through JSON, as stored with each chunk):
+    the counts add up and the examples kept are the first MAX_EXAMPLES by (file, byte offset)."""
+    from data_service.manifest import MAX_EXAMPLES, RejectsReport
+
+    assert MAX_EXAMPLES == 5
+    later, earlier = RejectsReport(), RejectsReport()
+    for offset in (500, 20, 900):
+        later.add("bad_json", (1, offset), {"file": "b", "byte_offset": offset})
+    for offset in (700, 10, 300, 800):
+        earlier.add("bad_json", (0, offset), {"file": "a", "byte_offset": offset})
+    earlier.add("too_short", (0, 5), {"file": "a", "byte_offset": 5}, count=3)
+    assert [e["byte_offset"] for e in earlier.to_json()["reasons"]["bad_json"]["examples"]] == [10, 300, 700, 800]
+    merged = RejectsReport()
+    merged.add("empty_file", (2, 0), {"file": "c", "byte_offset": 0})
+    for part in (later, earlier):
+        merged.merge(RejectsReport.from_state(json.loads(json.dumps(part.to_state()))))
+    report = merged.to_json()
+    assert report["total"] == 7 + 3 + 1 and merged.counts == {"empty_file": 1, "bad_json": 7, "too_short": 3}
+    assert [(e["file"], e["byte_offset"]) for e in report["reasons"]["bad_json"]["examples"]] == [
+        ("a", 10), ("a", 300), ("a", 700), ("a", 800), ("b", 20)]
+    assert list(report["reasons"]) == ["bad_json", "empty_file", "too_short"]

@@ -63,3 +63,26 @@ def test_fill_mask_without_a_mask_says_what_to_do(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match=r"\[MASK\]"):
         fill_mask(model, tokenizer, "没有空位")
+
+
+def test_fill_mask_leaves_a_training_model_in_training_mode(model_and_tokenizer):
+    """fill_mask scores in eval mode (no dropout) and hands the model back as it found it."""
+    model, tokenizer = model_and_tokenizer
+    model.train()
+    try:
+        fill_mask(model, tokenizer, "天气很[MASK]", top_k=2)
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
+    fill_mask(model, tokenizer, "天气很[MASK]", top_k=2)
+    assert not model.training
+
+
+def test_fill_mask_takes_a_text_exactly_as_long_as_the_position_table(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    assert model.config.max_position_embeddings == 64
+    text = "天" * 61 + "[MASK]"  # [CLS] + 61 + [MASK] + [SEP] = 64 tokens
+    assert len(tokenizer(text)["input_ids"]) == 64
+    assert len(fill_mask(model, tokenizer, text, top_k=1)) == 1
+    with pytest.raises(ValueError, match="the text is 65 tokens long; the model takes at most 64"):
+        fill_mask(model, tokenizer, "天" + text)

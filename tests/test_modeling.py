@@ -332,3 +332,13 @@ def test_save_pretrained_writes_safetensors_and_auto_classes_load_it(tmp_path):
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
     assert type(classifier) is LongformerZhForSequenceClassification and classifier.classifier.out_features == 4
     assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the seed's spelling still works
+
+
+def test_each_layers_sliding_chunks_module_checks_its_own_window():
+    """Per-layer windows: layer 1's module works in multiples of its own window (8), not layer 0's (4)."""
+    config = small_config(attention_window=[4, 8])
+    layer1 = build_self_attention(config, layer_id=1).eval()
+    nothing = torch.zeros(1, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"sequence length 12 is not a multiple of attention_window=8 \(layer 1\)"):
+        layer1(torch.randn(1, 12, 32), nothing, nothing)
+    assert layer1(torch.randn(1, 16, 32), nothing[:, :1].expand(1, 16), nothing[:, :1].expand(1, 16))[0].shape == (1, 16, 32)

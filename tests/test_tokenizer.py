@@ -47,3 +47,13 @@ def test_unknown_token_rate_on_real_news_is_low():
     rate = lambda batch: sum(seq.count(constants.UNK_ID) for seq in batch) / sum(len(seq) for seq in batch)
     assert rate(norm) < 0.002, rate(norm)
     assert rate(norm) < rate(raw)
+
+
+def test_latin_letters_are_lowercased_like_the_chinese_bert_vocab_and_invisible_marks_vanish():
+    """The vocab is lowercase (as bert-base-chinese's tokenizer lowercases): upper-case Latin text gets the ids of its
+    lower-case form; zero-width characters and the BOM carry nothing and are dropped by the normalisation."""
+    tok = load_tokenizer()
+    upper = tok("苹果发布iPhone和GPT-4模型", add_special_tokens=False)["input_ids"]
+    assert upper == tok("苹果发布iphone和gpt-4模型", add_special_tokens=False)["input_ids"]
+    assert constants.UNK_ID not in upper
+    assert normalize_text("长\u200b文\u200c档\u200d模\u2060型\ufeff") == "长文档模型"

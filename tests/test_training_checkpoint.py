@@ -82,3 +82,98 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_leaves_newer_leftover
     assert names(ckpt) == ["step_2", "step_4", "step_6", "step_8"]
     assert prune_checkpoints(ckpt, keep=1) == ["step_2"]
     assert names(ckpt) == ["step_4", "step_6", "step_8"]
+
+
+def write_state(ckpt, step, **state):
+    import json
+
+    (ckpt / f"step_{step}" / "training_state.json").write_text(json.dumps({"step": step, **state}))
+
+
+def test_a_blank_latest_file_is_no_checkpoint(tmp_path):
+    from lfzh_ds.training.checkpoint import find_resume_point
+
+    ckpt = make_run(tmp_path, [2], latest=2)
+    (ckpt / "latest").write_text("\n")
+    assert read_latest_tag(ckpt) is None and find_resume_point(tmp_path / "run") is None
+    with pytest.raises(FileNotFoundError, match="holds no DeepSpeed checkpoint"):
+        resolve_checkpoint(tmp_path / "run")
+
+
+def test_the_resume_point_is_latest_with_its_counters_and_a_dangling_latest_is_explained(tmp_path):
+    from lfzh_ds.training.checkpoint import find_resume_point
+
+    ckpt = make_run(tmp_path, [2, 4], latest=4)
+    # a state file from another version: an unknown counter is ignored, a missing one keeps its default
+    write_state(ckpt, 4, samples_consumed=32, seed=7, counter_of_a_newer_version=1)
+    point = find_resume_point(tmp_path / "run")
+    assert point.tag == "step_4" and point.universal_tag == "step_4_universal"
+    assert (point.state.step, point.state.samples_consumed, point.state.seed, point.state.masking) == (4, 32, 7, None)
+    (ckpt / "latest").write_text("step_6\n")
+    with pytest.raises(FileNotFoundError, match=r"names 'step_6', but .*step_6 does not exist; point `latest` at an "
+                                                r"existing step_N folder"):
+        find_resume_point(tmp_path / "run")
+
+
+def test_a_client_state_not_written_by_pretraining_is_refused():
+    from lfzh_ds.training.checkpoint import client_training_state
+
+    with pytest.raises(KeyError, match="ckpt/step_2 has no 'lfzh_ds' client state"):
+        client_training_state({"other": {"step": 2}}, "ckpt/step_2")
+    state, rng = client_training_state({"lfzh_ds": {"step": 2, "samples_consumed": 16, "rng": [{"x": 1}]}}, "here")
+    assert (state.step, state.samples_consumed, rng) == (2, 16, [{"x": 1}])
+
+
+def test_a_finished_universal_copy_is_reused_and_a_half_written_one_is_redone(tmp_path):
+    from lfzh_ds.training.checkpoint import convert_to_universal
+
+    ckpt = make_run(tmp_path, [2], latest=2)
+    (ckpt / "step_2_universal" / "zero").mkdir(parents=True)
+    (ckpt / "step_2_universal" / "training_state.json").write_text('{"step": 2}')
+    assert convert_to_universal(ckpt, "step_2") == "step_2_universal"  # complete: no conversion runs
+    (ckpt / "step_2_universal" / "training_state.json").unlink()  # interrupted before the counters were copied
+    with pytest.raises(RuntimeError, match="converting .*step_2 to a universal checkpoint failed"):
+        convert_to_universal(ckpt, "step_2")  # redone (and DeepSpeed's converter refuses this fake checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- resumed settings
+
+def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_steps=10):
+    from argparse import Namespace
+
+    from lfzh_ds.training.checkpoint import ResumePoint, TrainingState
+    from lfzh_ds.training.engine import ResolvedConfig
+    from lfzh_ds.training.pretraining import continue_checkpoint_settings
+
+    args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps)
+    resolved = ResolvedConfig(source="ds.json", config={"scheduler": {"params": {"total_num_steps": total_num_steps}}},
+                              world_size=1)
+    said = []
+    continue_checkpoint_settings(args, ResumePoint("step_4", TrainingState(step=4, **saved)), resolved,
+                                 tmp_path / "run", said.append)
+    return args, said
+
+
+def test_a_resumed_run_takes_its_checkpoints_seed_and_masking_and_refuses_other_ones(tmp_path):
+    from lfzh_ds.training.engine import ConfigError
+
+    saved = dict(seed=7, masking="dynamic", total_num_steps=10)
+    args, said = resume_settings(tmp_path, saved)  # no flags: the checkpoint's, not the defaults (42, static)
+    assert (args.seed, args.masking, said) == (7, "dynamic", [])
+    args, _ = resume_settings(tmp_path, saved, seed=7, masking="dynamic")  # the same values may be repeated
+    assert (args.seed, args.masking) == (7, "dynamic")
+    with pytest.raises(ConfigError, match=r"--seed 8 differs from the --seed 7 of the run being resumed \(.*step_4"):
+        resume_settings(tmp_path, saved, seed=8)
+    with pytest.raises(ConfigError, match="--masking static differs from the --masking dynamic"):
+        resume_settings(tmp_path, saved, masking="static")
+    # a checkpoint from before masking was recorded takes the flag
+    args, _ = resume_settings(tmp_path, dict(seed=7, masking=None), masking="static")
+    assert (args.seed, args.masking) == (7, "static")
+
+
+def test_a_resumed_run_says_when_its_schedule_now_ends_at_another_step(tmp_path):
+    _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=10), total_num_steps=20)
+    assert len(said) == 1 and "total_num_steps changes from 10 (the checkpoint's) to 20" in said[0]
+    assert "from step 5 on the learning rate follows the new schedule" in said[0]
+    _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=None), total_num_steps=20)
+    assert said == []  # an older checkpoint did not record its schedule

@@ -1,5 +1,6 @@
 """DeepSpeed config loading: clear errors before any compute, CPU fallbacks, the shipped configs."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,67 @@ def test_max_steps_beyond_a_fixed_total_num_steps_is_refused(name):
         load_deepspeed_config(CONFIGS / name, world_size=2, max_steps=30000)
     assert str(err.value).startswith(f"{CONFIGS / name}: scheduler.params.total_num_steps is 15000 but --max-steps "
                                      "is 30000: the learning rate would reach its minimum at step 15000")
+
+
+@pytest.mark.parametrize("given, world, expected", [
+    ({"train_batch_size": 12}, 3, (12, 4, 1)),                                               # micro = total / processes
+    ({"train_batch_size": 24, "gradient_accumulation_steps": 2}, 3, (24, 4, 2)),              # micro = total / (accum x p)
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 3, (24, 4, 2)),  # total = micro x accum x p
+    ({"train_micro_batch_size_per_gpu": 4}, 3, (12, 4, 1)),                                   # accumulation defaults to 1
+], ids=["total", "total_accum", "micro_accum", "micro"])
+def test_the_missing_batch_numbers_are_derived_from_the_given_ones_and_the_process_count(tmp_path, given, world,
+                                                                                          expected):
+    """Whichever two (or one) of the three numbers a config gives, the rest follow from
+    train_batch_size = micro-batch x accumulation x processes (hand-computed for 3 processes)."""
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, **given}
+    resolved = load_deepspeed_config(write(tmp_path, config), world_size=world)
+    assert (resolved.global_batch_size, resolved.micro_batch_size, resolved.gradient_accumulation_steps) == expected
+    assert resolved.global_batch_size == resolved.micro_batch_size * resolved.gradient_accumulation_steps * world
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"train_batch_size": 10}, r"train_batch_size=10 does not divide by 3 processes; use a multiple of 3"),
+    ({"train_batch_size": 20, "gradient_accumulation_steps": 2},
+     r"train_batch_size=20 does not divide by gradient_accumulation_steps=2 x 3 processes = 6"),
+    ({"gradient_accumulation_steps": 2}, r'give "train_batch_size" or "train_micro_batch_size_per_gpu"'),
+])
+def test_batch_numbers_that_cannot_be_completed_are_explained(tmp_path, given, message):
+    path = write(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, **given})
+    with pytest.raises(ConfigError, match=message):
+        load_deepspeed_config(path, world_size=3)
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda c: c.update(gradient_clipping="auto"), "gradient_clipping"),
+    (lambda c: c["optimizer"]["params"].update(lr="auto"), "optimizer.params.lr"),
+])
+def test_auto_anywhere_but_total_num_steps_is_refused_naming_the_key(tmp_path, change, key):
+    """Only scheduler.params.total_num_steps understands "auto" (it follows --max-steps); an HF-style "auto" elsewhere
+    would reach DeepSpeed as a string."""
+    path = write(tmp_path, cpu_config_with(change))
+    with pytest.raises(ConfigError, match=rf'"{re.escape(key)}": "auto" is only understood for '
+                                          r'scheduler\.params\.total_num_steps'):
+        load_deepspeed_config(path, world_size=1, max_steps=10)
+
+
+def test_an_explicit_torch_adam_choice_is_kept_on_the_cpu_accelerator(tmp_path):
+    config = base()
+    config["optimizer"]["params"]["torch_adam"] = False
+    resolved = load_deepspeed_config(write(tmp_path, config), world_size=1)
+    assert resolved.config["optimizer"]["params"]["torch_adam"] is False
+    assert not any("torch_adam" in note for note in resolved.notes)
+
+
+def test_overrides_replace_the_files_blocks_and_are_checked_like_them(tmp_path):
+    """Fine-tuning sets its own batch sizes and schedule on top of a pretraining config (``overrides``); they win over
+    the file's values and go through the same checks."""
+    schedule = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-5,
+                                                     "warmup_num_steps": 2, "total_num_steps": 20}}
+    resolved = load_deepspeed_config(CONFIGS / "zero2.json", world_size=2, max_steps=20, overrides={
+        "train_batch_size": 12, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+        "scheduler": schedule})
+    assert (resolved.global_batch_size, resolved.micro_batch_size, resolved.gradient_accumulation_steps) == (12, 3, 2)
+    assert resolved.config["scheduler"] == schedule and resolved.total_num_steps == 20
+    with pytest.raises(ConfigError, match=r'unknown key "scheduler\.params\.warmup_num_step"'):
+        load_deepspeed_config(CONFIGS / "zero2.json", world_size=2, max_steps=20, overrides={
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_step": 2, "total_num_steps": 20}}})
