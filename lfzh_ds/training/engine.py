@@ -67,6 +67,12 @@ class ConfigError(ValueError):
     """A DeepSpeed config that cannot run here; the message names the file, the key and the fix."""
 
 
+def did_you_mean(name: str, candidates, cutoff: float = 0.6) -> str:
+    """`` (did you mean "X"?)`` for the candidate closest to a misspelt ``name``, or ``""`` if none is close."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=cutoff)
+    return f" (did you mean \"{close[0]}\"?)" if close else ""
+
+
 @dataclass
 class ResolvedConfig:
     """A DeepSpeed config dict made ready for this machine, plus what was changed and why."""
@@ -140,8 +146,7 @@ def check_top_level_keys(config: dict, source: str) -> None:
             raise ConfigError(f"{source}: the \"{key}\" block is not supported by DeepSpeed "
                               f"{_deepspeed_version()}: {removed[key]}{hint} Remove the block.")
         if key not in deepspeed_top_level_keys():
-            close = difflib.get_close_matches(key, sorted(deepspeed_top_level_keys()), n=1)
-            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            suggestion = did_you_mean(key, deepspeed_top_level_keys())
             raise ConfigError(f"{source}: unknown top-level key \"{key}\"{suggestion}. DeepSpeed would silently "
                               "ignore it; fix the spelling or remove it.")
 
@@ -183,8 +188,7 @@ def _check_params(params, allowed: dict, where: str, source: str, required=()) -
         raise ConfigError(f"{source}: \"{where}\" must be a JSON object of parameters")
     for key in params:
         if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            suggestion = did_you_mean(key, allowed)
             raise ConfigError(f"{source}: unknown key \"{where}.{key}\"{suggestion}; it accepts "
                               f"{', '.join(sorted(allowed))}")
     missing = [name for name in required if name not in params]
@@ -220,8 +224,7 @@ def check_optimizer_and_scheduler(config: dict, source: str) -> None:
         elif name in torch_names:
             classes = [getattr(torch.optim, name)]
         else:
-            close = difflib.get_close_matches(str(name), torch_names + DEEPSPEED_OPTIMIZERS, n=1)
-            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            suggestion = did_you_mean(str(name), torch_names + DEEPSPEED_OPTIMIZERS)
             raise ConfigError(f"{source}: \"optimizer.type\": \"{name}\" is not an optimizer DeepSpeed "
                               f"knows{suggestion}; use one of DeepSpeed's ({', '.join(DEEPSPEED_OPTIMIZERS)}, any "
                               "case) or a torch.optim class name")
@@ -247,8 +250,7 @@ def check_optimizer_and_scheduler(config: dict, source: str) -> None:
         elif name in torch_names:
             cls = getattr(torch.optim.lr_scheduler, name)
         else:
-            close = difflib.get_close_matches(str(name), list(lr_schedules.VALID_LR_SCHEDULES) + torch_names, n=1)
-            suggestion = f" (did you mean \"{close[0]}\"?)" if close else ""
+            suggestion = did_you_mean(str(name), list(lr_schedules.VALID_LR_SCHEDULES) + torch_names)
             raise ConfigError(f"{source}: \"scheduler.type\": \"{name}\" is not a scheduler DeepSpeed "
                               f"knows{suggestion}; use one of {', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a "
                               "torch.optim.lr_scheduler class name")
