@@ -6,6 +6,7 @@ Run by the ``deepspeed`` launcher, one process per GPU (or per ``--num_gpus`` on
         --output-dir RUN_DIR --model-config CONFIG_JSON --max-steps 15000
     deepspeed launch/pretrain.py ... --output-dir RUN_DIR --resume            # continue RUN_DIR's latest checkpoint
     deepspeed launch/pretrain.py ... --init-from MODEL_DIR --start-step 3000  # continue a released model's schedule
+    deepspeed launch/pretrain.py ... --data SHARDS_4096 --output-dir RUN2 --continue-from RUN_DIR   # a second phase
 
 Exit status: 0 done, 2 bad arguments or config (nothing was computed), 3 the loss stayed non-finite.
 """
@@ -28,12 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model-config", help="LongformerZhConfig JSON: train from scratch")
     model.add_argument("--init-from", help="from_pretrained folder (converted or released Longformer_ZH weights)")
+    model.add_argument("--continue-from", metavar="RUN_OR_STEP_DIR",
+                       help="a second phase of a run: its checkpoint's weights, optimizer state and step, on new "
+                            "--data (for example longer sequences), written to a new --output-dir")
     p.add_argument("--attention-backend", choices=("block_sparse", "sliding_chunks"), default=None,
                    help="override the model config's backend (a --model-config without one gets block_sparse)")
     p.add_argument("--max-steps", type=int, required=True, help="stop after this optimizer step")
     p.add_argument("--start-step", type=int, default=0,
                    help="with --init-from: the step the model was trained to, so the LR schedule continues from it")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir's latest checkpoint")
+    p.add_argument("--rewarm-steps", type=int, default=0,
+                   help="when a resumed or continued run's schedule ends later than its checkpoint's: climb back "
+                        "to the peak learning rate over N steps, then decay to 0 at the new end (default 0: decay "
+                        "on from the rate where the run was, with no jump)")
+    p.add_argument("--stretch-schedule", action="store_true",
+                   help="when a resumed run's schedule ends later: follow the config's schedule with the new end "
+                        "from the first resumed step (the rate jumps up if the run had decayed)")
     p.add_argument("--save-interval", type=int, default=1000, help="checkpoint every K steps and at the end (default 1000)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints, 0 keeps all (default 3)")
     p.add_argument("--eval-interval", type=int, default=1000,
@@ -47,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masking", choices=("static", "dynamic"), default=None,
                    help="static (default): the data service's stored masks; dynamic: re-mask every epoch from the "
                         "seed (with --resume: the checkpoint's)")
+    p.add_argument("--mask-prob", type=float, default=None,
+                   help="with --masking dynamic: the share of tokens masked (whole words), chosen at training time "
+                        "(default: the --mask-prob the shards were preprocessed with)")
+    p.add_argument("--max-predictions", type=int, default=None,
+                   help="with --masking dynamic: at most N masked tokens per sequence (default: the shards' setting, "
+                        "or no cap with --mask-prob)")
     p.add_argument("--max-nonfinite-steps", type=int, default=50,
                    help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -60,6 +77,13 @@ def main(argv=None) -> int:
 
     if args.start_step and not args.init_from:
         print("error: --start-step continues the schedule of a model given with --init-from", file=sys.stderr)
+        return 2
+    if args.rewarm_steps and args.stretch_schedule:
+        print("error: --rewarm-steps and --stretch-schedule are two different schedules after a resume: pick one",
+              file=sys.stderr)
+        return 2
+    if args.rewarm_steps < 0 or (args.mask_prob is not None and not 0 < args.mask_prob < 1):
+        print("error: --rewarm-steps must be >= 0 and --mask-prob between 0 and 1", file=sys.stderr)
         return 2
     if args.start_step >= args.max_steps > 0 and args.start_step:
         print(f"error: --start-step {args.start_step} is not below --max-steps {args.max_steps}", file=sys.stderr)

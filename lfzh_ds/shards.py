@@ -173,17 +173,26 @@ class ShardDataset:
     """
 
     def __init__(self, data_dir, split: str = "train", masking: str = "static", seed: int = 0,
-                 verify: bool = True):
+                 verify: bool = True, mask_prob: float | None = None, max_predictions: int | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if masking not in ("static", "dynamic"):
             raise ValueError(f"masking must be 'static' or 'dynamic', got {masking!r}")
+        if (mask_prob is not None or max_predictions is not None) and masking != "dynamic":
+            raise ValueError("mask_prob and max_predictions choose the masks at training time: they need "
+                             "masking='dynamic' (static masks were fixed by the data service)")
+        if mask_prob is not None and not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be between 0 and 1, got {mask_prob}")
         self.data_dir = Path(data_dir)
         self.split, self.masking, self.seed, self.epoch = split, masking, int(seed), 0
         self.manifest = read_manifest(self.data_dir)
         self.config = self.manifest["config"]
         self.seq_len = int(self.config["seq_len"])
         self.dupe_factor = int(self.config["dupe_factor"])
+        self.mask_prob = float(self.config["mask_prob"] if mask_prob is None else mask_prob)
+        if max_predictions is None:
+            max_predictions = self.seq_len if mask_prob is not None else self.config["max_predictions"]
+        self.max_predictions = int(max_predictions)
         self.shards = list(self.manifest["splits"][split]["shards"])
         for entry in self.shards:
             path = self.data_dir / entry["file"]
@@ -241,7 +250,7 @@ class ShardDataset:
             ids = shard.input_ids[local]
             positions, replacement = whole_word_mask(
                 ids, shard.word_starts[local], mask_rng(self.seed, self.epoch, index),
-                mask_prob=self.config["mask_prob"], max_predictions=self.config["max_predictions"],
+                mask_prob=self.mask_prob, max_predictions=self.max_predictions,
                 max_word_len=self.config.get("wwm_max_word_len"))
         masked, labels = apply_mask(ids, positions, replacement)
         attention = np.zeros(self.seq_len, dtype=np.int64)

@@ -259,13 +259,13 @@ def test_resume_keeps_the_checkpoints_seed_and_masking(reference_seed_7, shards,
 
 def test_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(reference_seed_7, shards, files,
                                                                               tmp_path, in_process, capsys):
-    """total_num_steps "auto": a 4-step run continued to 6 steps equals the 6-step run from step 5 on, the rate of
-    step 5 included (DeepSpeed's scheduler restores only its counter; the optimizer kept the 4-step rate)."""
+    """total_num_steps "auto" and --stretch-schedule: a 4-step run continued to 6 steps equals the 6-step run from
+    step 5 on, the rate of step 5 included (DeepSpeed's scheduler restores only its counter; the optimizer kept the 4-step rate)."""
     run_dir = tmp_path / "run"
     assert pretrain_in_process(shards, files, run_dir, "--seed", "7", "--max-steps", "4") == 0
     assert json.loads((run_dir / "checkpoints" / "step_4" / "training_state.json").read_text())["total_num_steps"] == 4
     capsys.readouterr()
-    assert pretrain_in_process(shards, files, run_dir, "--resume") == 0
+    assert pretrain_in_process(shards, files, run_dir, "--resume", "--stretch-schedule") == 0
     assert ("note: the learning-rate schedule's total_num_steps changes from 4 (the checkpoint's) to 6"
             in capsys.readouterr().out)
     ours, theirs = read_metrics(run_dir)[0], read_metrics(reference_seed_7)[0]

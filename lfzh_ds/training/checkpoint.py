@@ -54,6 +54,11 @@ class TrainingState:
     zero_stage: int = 0
     masking: str | None = None  # None: a checkpoint from before these were recorded
     total_num_steps: int | None = None  # the learning-rate schedule's, after "auto" was resolved
+    learning_rate: float | None = None  # the rate the checkpoint's step ran at
+    mask_prob: float | None = None  # dynamic masking's rate chosen at training time; None: the shards'
+    # [[step, rate], ...]: the learning rate, linear between these steps, replacing the config's schedule once a
+    # continued run's schedule changed end (see pretraining.continued_schedule); None: the config's schedule
+    lr_knots: list | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingState":

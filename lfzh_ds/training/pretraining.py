@@ -237,10 +237,86 @@ def continue_checkpoint_settings(args: Namespace, resume, resolved: ResolvedConf
                               f"a resumed run continues with its own {name}. Drop {flag} (or pass {kept}), or "
                               "start a new run in another --output-dir")
         setattr(args, name, kept)
+    given = getattr(args, "mask_prob", None)
+    if given is not None and given != saved.mask_prob:
+        kept = "the shards' rate" if saved.mask_prob is None else saved.mask_prob
+        raise ConfigError(f"--mask-prob {given} differs from the run being resumed ({where}: {kept}): a resumed run "
+                          "continues with its own masking. Drop --mask-prob, or start a new run in another --output-dir")
+    args.mask_prob = saved.mask_prob
     if saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps:
+        if getattr(args, "stretch_schedule", False):
+            how = "the learning rate follows the new schedule (--stretch-schedule)"
+        elif getattr(args, "rewarm_steps", 0):
+            how = (f"the learning rate climbs back to its peak over {args.rewarm_steps} steps (--rewarm-steps), then "
+                   f"decays to 0 at step {resolved.total_num_steps}")
+        else:
+            how = (f"the learning rate decays on from where it was to 0 at step {resolved.total_num_steps} "
+                   "(--rewarm-steps N climbs back to the peak first)")
         say(f"note: the learning-rate schedule's total_num_steps changes from {saved.total_num_steps} (the "
             f"checkpoint's) to {resolved.total_num_steps} ({resolved.source} with --max-steps {args.max_steps}): "
-            f"from step {saved.step + 1} on the learning rate follows the new schedule")
+            f"from step {saved.step + 1} on {how}")
+
+
+def rate_at(knots: list, step: int) -> float:
+    """The learning rate of optimizer step ``step`` on the piecewise-linear schedule through ``knots``."""
+    return float(np.interp(step, [k[0] for k in knots], [k[1] for k in knots]))
+
+
+def continued_schedule(last_rate: float, last_step: int, total_steps: int, rewarm_steps: int = 0,
+                       peak: float | None = None) -> list:
+    """Knots of the schedule of a run continued after ``last_step`` (which ran at ``last_rate``) towards a new end
+    ``total_steps``: linear from that rate down to 0 after ``total_steps`` (continuing a finished run never makes
+    the rate jump up), or with ``rewarm_steps`` first linearly back up to ``peak`` over that many steps."""
+    knots = [[last_step, last_rate]]
+    if rewarm_steps:
+        knots.append([last_step + rewarm_steps, peak])
+    knots.append([total_steps + 1, 0.0])
+    return knots
+
+
+def peak_learning_rate(resolved: ResolvedConfig) -> float:
+    scheduler = resolved.config.get("scheduler", {}).get("params", {})
+    return float(scheduler.get("warmup_max_lr", resolved.config.get("optimizer", {}).get("params", {}).get("lr", 0)))
+
+
+def schedule_after_restore(engine, saved: ckpt.TrainingState, resolved: ResolvedConfig, args: Namespace):
+    """The learning-rate knots of a run restored from ``saved`` (None: the config's schedule, via DeepSpeed's
+    scheduler). Called right after ``engine.load_checkpoint``."""
+    # a checkpoint from before the rate was recorded: the restored optimizer's rate, the old schedule's next one
+    last_rate = float(engine.get_lr()[0]) if saved.learning_rate is None else saved.learning_rate
+    changed = saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps
+    if args.stretch_schedule or not (changed or args.rewarm_steps):
+        scheduler = engine.lr_scheduler
+        if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
+            # DeepSpeed's schedulers restore only their counter and the optimizer keeps the rate it saved, which is
+            # the old schedule's when total_num_steps changed: set the rate of this schedule at this point.
+            scheduler.step(scheduler.last_batch_iteration)
+        return None if args.stretch_schedule else saved.lr_knots
+    return continued_schedule(last_rate, saved.step, resolved.total_num_steps or args.max_steps,
+                              args.rewarm_steps, peak_learning_rate(resolved))
+
+
+def continued_model_config(args: Namespace):
+    """The model of the checkpoint named by --continue-from (a run folder or one of its step_N folders)."""
+    from ..configuration import LongformerZhConfig
+
+    try:
+        ckpt_dir, tag = ckpt.resolve_checkpoint(args.continue_from)
+    except FileNotFoundError as err:
+        raise ConfigError(f"--continue-from: {err}") from None
+    config_file = ckpt_dir / tag / ckpt.MODEL_CONFIG_FILENAME
+    if not config_file.is_file():
+        raise ConfigError(f"--continue-from {args.continue_from}: {config_file} is missing, so the checkpoint does "
+                          "not say which model it holds")
+    config = LongformerZhConfig.from_json_file(str(config_file))
+    if getattr(args, "attention_backend", None):
+        config.attention_backend = args.attention_backend
+    return config, ckpt_dir, tag, ckpt.read_training_state(ckpt_dir / tag)
+
+
+def set_learning_rate(engine, rate: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = rate
 
 
 def check_validation_request(args: Namespace, manifest: dict) -> None:
@@ -278,7 +354,11 @@ def run(args: Namespace) -> RunSummary:
 
     resolved: ResolvedConfig = load_deepspeed_config(args.deepspeed_config, world_size, max_steps=args.max_steps,
                                                      run_dir=run_dir)
-    model_config = read_model_config(args)
+    continued = None  # (checkpoints folder, tag, its TrainingState) of --continue-from
+    if args.continue_from:
+        model_config, *continued = continued_model_config(args)
+    else:
+        model_config = read_model_config(args)
     try:
         manifest = read_manifest(args.data)
     except Exception as err:
@@ -297,11 +377,16 @@ def run(args: Namespace) -> RunSummary:
         raise ConfigError("--start-step is for a new run from --init-from; a resumed run continues at its checkpoint")
     if resume is not None:
         continue_checkpoint_settings(args, resume, resolved, run_dir, say)
+        continued = None  # the run's own checkpoint now holds everything
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.masking = args.masking or DEFAULT_MASKING
+    if args.mask_prob is not None and args.masking != "dynamic":
+        raise ConfigError(f"--mask-prob {args.mask_prob} chooses the masks at training time: it needs --masking "
+                          "dynamic (static masks were fixed by the data service's --mask-prob)")
     check_validation_request(args, manifest)
     universal = resume is not None and resume.state.world_size != world_size
-    if universal:
+    continued_universal = continued is not None and continued[2].world_size != world_size
+    if universal or continued_universal:
         resolved.config.setdefault("checkpoint", {})["load_universal"] = True
     for note in resolved.notes:
         say(note)
@@ -321,6 +406,11 @@ def run(args: Namespace) -> RunSummary:
             f"{resume.tag} to DeepSpeed's universal format")
         if main:
             ckpt.convert_to_universal(ckpt.checkpoints_dir(run_dir), resume.tag)
+    if continued_universal:
+        say(f"continuing a {continued[2].world_size}-process checkpoint on {world_size} processes: converting "
+            f"{continued[0] / continued[1]} to DeepSpeed's universal format")
+        if main:
+            ckpt.convert_to_universal(continued[0], continued[1])
     dist.barrier()
 
     # 3. Data: memory-mapped shards (checksums verified by rank 0 while the others wait).
@@ -335,7 +425,13 @@ def run(args: Namespace) -> RunSummary:
     dist.broadcast_object_list(problem, src=0)  # every process stops with the same message
     if problem[0]:
         raise ConfigError(problem[0])
-    train_data = ShardDataset(args.data, "train", masking=args.masking, seed=args.seed, verify=False)
+    masks_chosen_now = {"mask_prob": args.mask_prob, "max_predictions": args.max_predictions} \
+        if args.masking == "dynamic" else {}
+    try:
+        train_data = ShardDataset(args.data, "train", masking=args.masking, seed=args.seed, verify=False,
+                                  **masks_chosen_now)
+    except ValueError as err:
+        raise ConfigError(f"--data {args.data}: {err}") from None
     val_data = ShardDataset(args.data, "validation", masking="static", seed=args.seed, verify=False)
     val_indices = validation_indices(val_data, args.eval_sequences)
 
@@ -356,7 +452,7 @@ def run(args: Namespace) -> RunSummary:
     # 5. Counters, RNG and data position: from the checkpoint, from --start-step, or fresh.
     state = ckpt.TrainingState(global_batch_size=resolved.global_batch_size, world_size=world_size, seed=args.seed,
                                zero_stage=resolved.zero_stage, masking=args.masking,
-                               total_num_steps=resolved.total_num_steps)
+                               total_num_steps=resolved.total_num_steps, mask_prob=args.mask_prob)
     seed_everything(args.seed * 1000 + rank + 1)  # dropout differs across processes, reproducibly
     if resume is not None:
         tag = resume.universal_tag if universal else resume.tag
@@ -364,11 +460,7 @@ def run(args: Namespace) -> RunSummary:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt.checkpoints_dir(run_dir) / tag}")
         saved, rng_states = ckpt.client_training_state(client_state, load_path)
-        scheduler = engine.lr_scheduler
-        if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
-            # DeepSpeed's schedulers restore only their counter and the optimizer keeps the rate it saved, which is
-            # the old schedule's when total_num_steps changed: set the rate of this schedule at this point.
-            scheduler.step(scheduler.last_batch_iteration)
+        lr_knots = schedule_after_restore(engine, saved, resolved, args)
         if len(rng_states) == world_size:
             ckpt.restore_rng_state(rng_states[rank])
         else:
@@ -378,8 +470,24 @@ def run(args: Namespace) -> RunSummary:
                 "sequences; the data stream continues at the same sample")
         state = ckpt.TrainingState(**{**asdict(saved), "global_batch_size": resolved.global_batch_size,
                                       "world_size": world_size, "zero_stage": resolved.zero_stage,
-                                      "masking": args.masking, "total_num_steps": resolved.total_num_steps})
+                                      "masking": args.masking, "total_num_steps": resolved.total_num_steps,
+                                      "lr_knots": lr_knots})
         say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
+    elif continued is not None:
+        # A new phase of a run (ModernBERT's context extension, or new data): the weights, optimizer state and
+        # schedule position of another run's checkpoint, a new data stream from its beginning.
+        source_dir, source_tag, saved = continued
+        tag = source_tag + ckpt.UNIVERSAL_SUFFIX if continued_universal else source_tag
+        load_path, _ = engine.load_checkpoint(str(source_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {source_dir / tag}")
+        state.lr_knots = schedule_after_restore(engine, saved, resolved, args)
+        state.step, state.tokens_seen, state.elapsed_seconds = saved.step, saved.tokens_seen, saved.elapsed_seconds
+        if state.lr_knots is not None:
+            say(f"learning rate: {rate_at(state.lr_knots, state.step + 1):.3g} at step {state.step + 1}, linear "
+                f"through {', '.join(f'{r:.3g} at step {s}' for s, r in state.lr_knots[1:])}")
+        say(f"continuing {source_dir / source_tag} (step {saved.step}, weights and optimizer state) on {args.data} "
+            f"with {seq_len}-token sequences, from the start of its data")
     elif args.start_step:
         state.step = args.start_step
         engine.global_steps = args.start_step
@@ -440,6 +548,8 @@ def run(args: Namespace) -> RunSummary:
     while state.step < args.max_steps:
         step = state.step + 1
         fault.at_step_start(step)
+        if state.lr_knots:
+            set_learning_rate(engine, rate_at(state.lr_knots, step))
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0
@@ -454,7 +564,7 @@ def run(args: Namespace) -> RunSummary:
         totals = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=engine.device)
         dist.all_reduce(totals)
         step_loss = float(totals[0]) / (sampler.accumulation_steps * world_size)
-        state.step = step
+        state.step, state.learning_rate = step, lr
         state.samples_consumed += resolved.global_batch_size
         state.tokens_seen += int(totals[1])
         state.skipped_steps = int(engine.skipped_steps)

@@ -1,0 +1,170 @@
+"""Continuing a run: the learning rate after a resume with a later end, a second phase on other data
+(`--continue-from`), and the mask rate chosen at training time (`--masking dynamic --mask-prob`).
+
+In-process runs (one process, no launcher) of a tiny model on shards built without Ray: seconds each.
+"""
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from lfzh_ds.shards import ShardDataset
+from lfzh_ds.training.checkpoint import load_model_from_run
+from lfzh_ds.training.metrics import read_metrics
+
+TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 128, "attention_window": 32, "sparse_block_size": 16}
+DS_CONFIG = {
+    "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "steps_per_print": 1000,
+    "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "eps": 1e-6, "weight_decay": 0.01, "torch_adam": True}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3,
+                                                      "warmup_num_steps": 2, "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def in_process(monkeypatch, frugal_torch):
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LFZH_FAULT", raising=False)
+
+
+@pytest.fixture
+def setup(tmp_path, shard_folder):
+    (tmp_path / "ds.json").write_text(json.dumps(DS_CONFIG))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    short = shard_folder({"train": [[40] * 12], "validation": [[40] * 2]}, name="short", seq_len=64)
+    long = shard_folder({"train": [[90] * 12], "validation": [[90] * 2]}, name="long", seq_len=128)
+    return tmp_path, short, long
+
+
+def pretrain(tmp_path, data, run_dir, *extra, model=True) -> int:
+    from launch.pretrain import main
+
+    model_args = ["--model-config", str(tmp_path / "tiny.json")] if model else []
+    return main(["--deepspeed_config", str(tmp_path / "ds.json"), "--data", str(data), "--output-dir", str(run_dir),
+                 "--save-interval", "2", "--keep-checkpoints", "0", "--eval-interval", "0", "--log-interval", "1",
+                 *model_args, *extra])
+
+
+def rates(run_dir) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in read_metrics(run_dir)[0]}
+
+
+def optimizer_state(run_dir, step):
+    """The flat AdamW state (step, exp_avg_sq) of a one-process ZeRO-2 checkpoint."""
+    (path,) = (run_dir / "checkpoints" / f"step_{step}").glob("*optim_states.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    groups = list(state["base_optimizer_state"]["state"].values())  # one flat partition per parameter group
+    assert len({int(adam["step"]) for adam in groups}) == 1
+    return int(groups[0]["step"]), torch.cat([adam["exp_avg_sq"] for adam in groups])
+
+
+# ---------------------------------------------------------------------------------------------- learning rate
+
+def test_continuing_a_finished_run_decays_on_from_its_rate_without_a_jump(setup, in_process, capsys):
+    tmp_path, short, _ = setup
+    run_dir = tmp_path / "run"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4") == 0
+    lr4 = rates(run_dir)[4]
+    assert lr4 > 0
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "6", "--resume") == 0
+    assert "decays on from where it was to 0 at step 6" in capsys.readouterr().out
+    lr = rates(run_dir)
+    # linear from step 4's rate to 0 after step 6: never above where the run was
+    assert [lr[5], lr[6]] == pytest.approx([lr4 * 2 / 3, lr4 / 3], rel=1e-9)
+    state = json.loads((run_dir / "checkpoints" / "step_6" / "training_state.json").read_text())
+    assert state["lr_knots"] == [[4, pytest.approx(lr4)], [7, 0.0]] and state["learning_rate"] == lr[6]
+    # resumed again with the same end and a re-warm: from step 6's rate up to the peak at step 7, then down
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "8", "--resume", "--rewarm-steps", "1") == 0
+    lr = rates(run_dir)
+    assert [lr[7], lr[8]] == pytest.approx([2e-3, 1e-3], rel=1e-9)
+
+
+def test_rewarm_climbs_back_to_the_peak_then_decays(setup, in_process):
+    tmp_path, short, _ = setup
+    run_dir = tmp_path / "run"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4") == 0
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "8", "--resume", "--rewarm-steps", "2") == 0
+    lr = rates(run_dir)
+    lr4 = lr[4]  # knots (4, lr4), (6, 2e-3 the peak), (9, 0)
+    assert [lr[k] for k in (5, 6, 7, 8)] == pytest.approx([(lr4 + 2e-3) / 2, 2e-3, 2e-3 * 2 / 3, 2e-3 / 3], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- second phase
+
+def test_a_second_phase_on_longer_sequences_keeps_weights_optimizer_state_and_step(setup, in_process, capsys):
+    tmp_path, short, long = setup
+    phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
+    assert pretrain(tmp_path, short, phase1, "--max-steps", "4") == 0
+    capsys.readouterr()
+    assert pretrain(tmp_path, long, phase2, "--continue-from", str(phase1), "--max-steps", "5", model=False) == 0
+    out = capsys.readouterr().out
+    assert f"continuing {phase1 / 'checkpoints' / 'step_4'} (step 4, weights and optimizer state)" in out
+    assert "128-token sequences" in out
+    assert sorted(rates(phase2)) == [5]  # the step counter goes on
+    # AdamW's own state went on: its step count is 5, and every second moment is at least beta2 times the old one
+    # (a fresh optimizer would hold (1 - beta2) g^2 after one step)
+    step1, v1 = optimizer_state(phase1, 4)
+    step2, v2 = optimizer_state(phase2, 5)
+    assert (step1, step2) == (4, 5)
+    assert bool((v2 >= 0.999 * v1 * (1 - 1e-6)).all())
+    # the weights moved by one update from phase 1's, far less than a fresh initialisation differs from them
+    before, after = load_model_from_run(phase1).state_dict(), load_model_from_run(phase2).state_dict()
+    moved = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert 0 < moved < 1e-2
+    assert json.loads((phase2 / "args.json").read_text())["continue_from"] == str(phase1)
+
+
+def test_a_second_phase_refuses_a_model_too_short_for_the_data(setup, in_process, capsys):
+    tmp_path, short, long = setup
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY_MODEL, "max_position_embeddings": 64}))
+    phase1 = tmp_path / "phase1"
+    assert pretrain(tmp_path, short, phase1, "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert pretrain(tmp_path, long, tmp_path / "phase2", "--continue-from", str(phase1), "--max-steps", "3",
+                    model=False) == 2
+    err = capsys.readouterr().err
+    assert "hold sequences of 128 tokens but the model has max_position_embeddings=64" in err
+    assert pretrain(tmp_path, long, tmp_path / "phase2b", "--continue-from", str(tmp_path / "nowhere"),
+                    "--max-steps", "3", model=False) == 2
+    assert "--continue-from" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- mask rate
+
+def test_dynamic_masking_masks_the_share_chosen_at_training_time(shard_folder):
+    folder = shard_folder({"train": [[60] * 20]}, seq_len=64, mask_prob=0.15, max_predictions=20)
+    for rate in (0.15, 0.3, 0.5):
+        data = ShardDataset(folder, "train", masking="dynamic", mask_prob=rate, seed=3)
+        for i in range(len(data)):
+            sample = data[i]
+            maskable = int(((sample["attention_mask"] == 1) & (sample["labels"] != -100)).sum())
+            real = int(data.sequence(i)[2]) - 3  # [CLS], [SEP] between documents, [SEP] at the end
+            target = int(np.floor(rate * real + 0.5))
+            assert abs(maskable - target) <= 1  # words of two tokens: within one token of the target
+    with pytest.raises(ValueError, match="masking='dynamic'"):
+        ShardDataset(folder, "train", masking="static", mask_prob=0.3)
+
+
+def test_mask_prob_with_static_masks_or_against_the_checkpoint_is_refused(setup, in_process, capsys):
+    tmp_path, short, _ = setup
+    run_dir = tmp_path / "run"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "2", "--mask-prob", "0.3") == 2
+    assert "--mask-prob 0.3 chooses the masks at training time: it needs --masking dynamic" in capsys.readouterr().err
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "2", "--masking", "dynamic", "--mask-prob", "0.3") == 0
+    assert json.loads((run_dir / "checkpoints" / "step_2" / "training_state.json").read_text())["mask_prob"] == 0.3
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume", "--mask-prob", "0.2") == 2
+    assert "--mask-prob 0.2 differs from the run being resumed" in capsys.readouterr().err
