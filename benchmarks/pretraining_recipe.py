@@ -16,7 +16,8 @@ is, and why"); the quick start itself trains with the ``deepspeed`` launcher.
 
 A recipe is ``name`` or comma-separated ``key=value`` changes to the base recipe (keys: mask, lr, warmup,
 batch, hidden, layers, heads, ffn, window, static, data2 (a second shard folder), switch (the step at which
-training moves on to data2)).
+training moves on to data2), bias (1: the output bias starts at the training split's log character frequencies),
+steps (this recipe's number of steps instead of --steps)).
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ from lfzh_ds.configuration import LongformerZhConfig  # noqa: E402
 from lfzh_ds.modeling import LongformerZhForMaskedLM  # noqa: E402
 from lfzh_ds.shards import ShardDataset  # noqa: E402
 from lfzh_ds.training.evaluation import (collate, frequency_baseline_bpc,  # noqa: E402
-                                         masked_lm_cross_entropy, validation_indices)
+                                         masked_lm_cross_entropy, token_counts, validation_indices)
+from lfzh_ds.training.pretraining import init_output_bias_to_unigram  # noqa: E402
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
-        "window": 128, "static": 0, "data2": None, "switch": 0}
+        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0}
 
 
 def parse_recipe(text: str) -> dict:
@@ -79,11 +81,13 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
                                 attention_window=int(recipe["window"]), attention_backend="block_sparse",
                                 sparse_block_size=64)
     model = LongformerZhForMaskedLM(config)
+    if recipe["bias"]:
+        init_output_bias_to_unigram(model, token_counts(train))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=recipe["lr"], betas=(0.9, 0.98), eps=1e-6)
-    steps, warmup = args.steps, int(recipe["warmup"])
+    steps, warmup = int(recipe["steps"]) or args.steps, int(recipe["warmup"])
 
     def lr_at(step):  # the rate of 1-based step ``step``
         if step <= warmup:

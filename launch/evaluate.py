@@ -2,6 +2,7 @@
 
     python launch/evaluate.py bpc --model MODEL_DIR --data SHARDS_DIR        # validation BPC, on a CPU too
     python launch/evaluate.py fill-mask --model MODEL_DIR --text "今天[MASK]气很好"
+    python launch/evaluate.py cloze --model MODEL_DIR --corpus docs.jsonl --num-blanks 300   # top-1/top-5 blanks
     python launch/evaluate.py curves --run RUN_DIR                           # RUN_DIR/curves.png
 
 ``--model`` takes a ``from_pretrained`` folder, a run folder of launch/pretrain.py (its latest checkpoint) or one
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     bpc.add_argument("--batch-size", type=int, default=4)
     bpc.add_argument("--max-sequences", type=int, default=None, help="only the first N >= 1 sequences")
     bpc.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    cloze = sub.add_parser("cloze", help="top-1/top-5 accuracy on fill-in-the-blank sentences, beside a "
+                                         "frequency guess on the same blanks")
+    cloze.add_argument("--model", required=True)
+    source = cloze.add_mutually_exclusive_group(required=True)
+    source.add_argument("--blanks", help='JSON lines of {"text": "...[MASK]...", "answer": "X"}')
+    source.add_argument("--corpus", nargs="+", help="documents to make blanks from: JSON lines (see --field) or "
+                                                    "plain text, one document per line")
+    cloze.add_argument("--field", default="content", help="the text field of JSON-lines documents (default content)")
+    cloze.add_argument("--num-blanks", type=int, default=300)
+    cloze.add_argument("--seed", type=int, default=0, help="which sentences, words and characters become blanks")
+    cloze.add_argument("--frequencies-from", help="a shards folder: the frequency guess is its training split's "
+                                                  "five most frequent characters (default: the blanks' own texts)")
+    cloze.add_argument("--save-blanks", help="write the blanks made from --corpus as JSON lines")
+    cloze.add_argument("--json", action="store_true", help="print one JSON object")
     fill = sub.add_parser("fill-mask", help="top candidates for every [MASK] in a text")
     fill.add_argument("--model", required=True)
     fill.add_argument("--text", required=True)
@@ -42,7 +58,8 @@ def run_bpc(args) -> None:
     import torch
 
     from lfzh_ds.shards import ShardDataset
-    from lfzh_ds.training.evaluation import evaluate_model_bpc, load_masked_lm
+    from lfzh_ds.training.evaluation import (evaluate_model_bpc, frequency_baseline, load_masked_lm,
+                                             validation_indices)
 
     if args.max_sequences is not None and args.max_sequences <= 0:
         raise ValueError(f"--max-sequences {args.max_sequences}: evaluate at least 1 sequence (leave it out for all)")
@@ -53,12 +70,65 @@ def run_bpc(args) -> None:
                          f"{args.split} sequences; preprocessed with --val-fraction 0?)")
     with torch.no_grad():
         result = evaluate_model_bpc(model, data, batch_size=args.batch_size, max_sequences=args.max_sequences)
+    low, high = result.bpc_interval()
+    train = ShardDataset(args.data, split="train", verify=False)
+    baseline = (frequency_baseline(train, data, validation_indices(data, args.max_sequences)).bpc
+                if train.num_rows else math.nan)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, "bpc": result.bpc,
+                          "bpc_low": low, "bpc_high": high, "frequency_baseline_bpc": baseline,
                           "loss": result.loss, "masked_tokens": result.masked_tokens, "sequences": result.sequences}))
     else:
-        print(f"{args.split} BPC {result.bpc:.4f} (cross-entropy {result.loss:.4f} nats over "
-              f"{result.masked_tokens:,} masked tokens in {result.sequences} sequences) for {args.model}")
+        print(f"{args.split} BPC {result.bpc:.4f} (95% interval {low:.4f}-{high:.4f}, bootstrap over sequences; "
+              f"character frequencies alone: {baseline:.4f}) from cross-entropy {result.loss:.4f} nats over "
+              f"{result.masked_tokens:,} masked tokens in {result.sequences} sequences, for {args.model}")
+
+
+def corpus_texts(paths, field: str) -> list[str]:
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if not line.startswith("{"):
+                    texts.append(line)
+                    continue
+                try:
+                    texts.append(str(json.loads(line)[field]))
+                except (json.JSONDecodeError, KeyError):
+                    raise ValueError(f"{path}:{number}: not a JSON object with a {field!r} field (--field)") from None
+    return texts
+
+
+def run_cloze(args) -> None:
+    from lfzh_ds.cloze import (frequency_guess, frequency_guess_from_shards, make_blanks, read_blanks, score_cloze,
+                                write_blanks)
+    from lfzh_ds.tokenization import load_tokenizer
+    from lfzh_ds.training.evaluation import load_masked_lm
+
+    if args.blanks:
+        blanks = read_blanks(args.blanks)
+    else:
+        blanks = make_blanks(corpus_texts(args.corpus, args.field), args.num_blanks, args.seed)
+        if not blanks:
+            raise ValueError(f"--corpus {' '.join(args.corpus)}: no sentence to make a blank from")
+        if args.save_blanks:
+            write_blanks(args.save_blanks, blanks)
+    if args.frequencies_from:
+        guess = frequency_guess_from_shards(args.frequencies_from)
+    else:
+        guess = frequency_guess([b.text.replace("[MASK]", b.answer) for b in blanks])
+    result = score_cloze(load_masked_lm(args.model), load_tokenizer(), blanks, guess)
+    if args.json:
+        print(json.dumps({"model": str(args.model), **result}, ensure_ascii=False))
+        return
+    print(f"cloze on {result['blanks']} blanks: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f} for "
+          f"{args.model}; the frequency guess {''.join(result['frequency_guess'])} scores top-1 "
+          f"{result['frequency_top1']:.3f}, top-5 {result['frequency_top5']:.3f}")
+    for example in result["examples"]:
+        print(f"  {example['text']}  answer {example['answer']}  model: {' '.join(example['top'])}")
 
 
 def run_fill_mask(args) -> None:
@@ -85,7 +155,7 @@ def main(argv=None) -> int:
     from lfzh_ds.shards import ShardError
 
     try:
-        {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves}[args.command](args)
+        {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves, "cloze": run_cloze}[args.command](args)
     except (FileNotFoundError, ValueError, KeyError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

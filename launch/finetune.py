@@ -100,6 +100,10 @@ def parse_args(argv=None):
     group.add_argument("--batch-size", type=int, default=16, help="documents per optimizer step, all processes together")
     group.add_argument("--micro-batch-size", type=int, default=1, help="documents per forward pass and process")
     group.add_argument("--eval-batch-size", type=int, default=8)
+    group.add_argument("--class-weight", choices=("balanced", "none"), default="balanced",
+                       help="balanced (default): the loss weighs each class inversely to its share of train "
+                            "(scikit-learn's class_weight='balanced', as the TF-IDF baseline), so no class is "
+                            "given up; none: plain cross-entropy")
     group.add_argument("--log-every", type=int, default=10, help="print the loss every N optimizer steps")
     group = parser.add_argument_group("DeepSpeed")
     group.add_argument("--deepspeed_config", type=Path,
@@ -131,6 +135,7 @@ def main(argv=None) -> None:
         eval_batch_size=args.eval_batch_size,
         seed=args.seed,
         log_every=args.log_every,
+        class_weight=args.class_weight,
     )
     task = load_task_from_args(args)
     summary = finetune(task, settings)

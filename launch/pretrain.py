@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-predictions", type=int, default=None,
                    help="with --masking dynamic: at most N masked tokens per sequence (default: the shards' setting, "
                         "or no cap with --mask-prob)")
+    p.add_argument("--output-bias-init", choices=("zero", "unigram"), default="zero",
+                   help="a model trained from scratch: its masked-LM output bias starts at 0 (BERT's) or at the "
+                        "log character frequencies of the training shards, so it starts where a frequency table "
+                        "ends (default zero)")
     p.add_argument("--max-nonfinite-steps", type=int, default=50,
                    help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

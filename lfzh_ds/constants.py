@@ -12,6 +12,7 @@ UNK_ID = 100
 CLS_ID = 101
 SEP_ID = 102
 MASK_ID = 103
+MASK_TOKEN = "[MASK]"
 SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 # Ids 1..99 are [unused*]; 104 onwards are real tokens. Random replacement in masking draws from here.
 FIRST_REAL_TOKEN_ID = 104

@@ -54,6 +54,24 @@ class FinetuneSettings:
     eval_batch_size: int = 8
     seed: int = 0
     log_every: int = 10
+    class_weight: str = "balanced"  # "balanced": classes weigh inversely to their train frequency; "none"
+
+
+CLASS_WEIGHT_MODES = ("balanced", "none")
+
+
+def class_weights(labels: list[int], num_classes: int, mode: str = "balanced") -> torch.Tensor | None:
+    """Per-class loss weights: ``balanced`` is scikit-learn's ``class_weight="balanced"`` (the TF-IDF baseline's),
+    ``n_samples / (n_classes * count_c)``, so a rare class is not given up for the frequent ones; ``none``: None."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"class weight {mode!r}: expected one of {', '.join(CLASS_WEIGHT_MODES)}")
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    if (counts == 0).any():
+        missing = [c for c in range(num_classes) if counts[c] == 0]
+        raise ValueError(f"class weight balanced: class(es) {missing} have no training document")
+    return (len(labels) / (num_classes * counts)).float()
 
 
 # ---------------------------------------------------------------------------------- distributed helpers
@@ -353,6 +371,10 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         f"{steps_per_epoch} steps of {settings.batch_size} documents (micro-batch {settings.micro_batch_size}, "
         f"accumulation {resolved.gradient_accumulation_steps}), lr {settings.learning_rate}")
 
+    weights = class_weights(labels["train"], len(task.label_names), settings.class_weight)
+    if weights is not None:
+        log("class weights (balanced): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(task.label_names, weights.tolist())))
+        weights = weights.to(engine.device)
     history = []
     best = None
     train_lengths = encoded["train"].lengths()
@@ -365,7 +387,9 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         for micro_batches in epoch_micro_batches(train_lengths, settings.batch_size, settings.micro_batch_size, rank, world, settings.seed, epoch):
             lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves after it)
             for indices in micro_batches:
-                loss = engine(**make_batch(encoded["train"], indices, labels["train"], engine.device)).loss
+                batch = make_batch(encoded["train"], indices, labels["train"], engine.device)
+                targets = batch.pop("labels")
+                loss = torch.nn.functional.cross_entropy(engine(**batch).logits.float(), targets, weight=weights)
                 engine.backward(loss)
                 engine.step()
                 running_loss += loss.item()
@@ -381,9 +405,12 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         dev_metrics = classification_metrics(labels["dev"], dev_predictions, task.label_names)
         improved = best is None or dev_metrics["macro_f1"] > best["dev_macro_f1"]
         history.append({"epoch": epoch, "step": step, "train_seconds": epoch_train_seconds,
-                        "dev_macro_f1": dev_metrics["macro_f1"], "dev_accuracy": dev_metrics["accuracy"], "best": improved})
+                        "dev_macro_f1": dev_metrics["macro_f1"], "dev_accuracy": dev_metrics["accuracy"],
+                        "dev_f1_per_class": {n: m["f1"] for n, m in dev_metrics["per_class"].items()}, "best": improved})
+        per_class = ", ".join(f"{name} {m['f1']:.3f}" for name, m in dev_metrics["per_class"].items())
         log(f"epoch {epoch}: dev macro-F1 {dev_metrics['macro_f1']:.4f} accuracy {dev_metrics['accuracy']:.4f} "
-            f"({epoch_train_seconds:.0f} s training)" + (f"; new best, saved to {best_dir}" if improved else ""))
+            f"(F1 per class: {per_class}; {epoch_train_seconds:.0f} s training)"
+            + (f"; new best, saved to {best_dir}" if improved else ""))
         if improved:
             best = {"epoch": epoch, "dev_macro_f1": dev_metrics["macro_f1"]}
             save_best_checkpoint(engine, best_dir, tokenizer)

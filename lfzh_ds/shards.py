@@ -189,10 +189,11 @@ class ShardDataset:
         self.config = self.manifest["config"]
         self.seq_len = int(self.config["seq_len"])
         self.dupe_factor = int(self.config["dupe_factor"])
-        self.mask_prob = float(self.config["mask_prob"] if mask_prob is None else mask_prob)
+        # dynamic masking's rule: the manifest's, or a rate chosen at training time (then no cap by default)
+        self.mask_prob = self.config.get("mask_prob") if mask_prob is None else float(mask_prob)
         if max_predictions is None:
-            max_predictions = self.seq_len if mask_prob is not None else self.config["max_predictions"]
-        self.max_predictions = int(max_predictions)
+            max_predictions = self.seq_len if mask_prob is not None else self.config.get("max_predictions")
+        self.max_predictions = max_predictions
         self.shards = list(self.manifest["splits"][split]["shards"])
         for entry in self.shards:
             path = self.data_dir / entry["file"]

@@ -164,3 +164,146 @@ def test_filler_batches_that_keep_processes_in_step_are_not_counted(tiny_model, 
     assert padded.cross_entropy_sum == pytest.approx(plain.cross_entropy_sum, rel=1e-6)
     with pytest.raises(ValueError, match="num_batches=1 is fewer than the 2 batches needed"):
         masked_lm_cross_entropy(model, ds, [1, 2, 3], batch_size=2, num_batches=1)
+
+
+# ---------------------------------------------------------------------------------------------- interval, baseline
+
+def test_bootstrap_interval_matches_the_normal_approximation_of_a_known_distribution():
+    """400 sequences of 50 masked tokens each with i.i.d. per-token cross-entropy (mean 6, sd 2 nats): the 95%
+    interval of the BPC is mean +- 1.96 sd / sqrt(20000) / ln 2 = +-0.0196 bits; the bootstrap must agree."""
+    import numpy as np
+
+    from lfzh_ds.training.evaluation import BpcResult
+
+    rng = np.random.default_rng(0)
+    per_token = rng.normal(6.0, 2.0, size=(400, 50))
+    per_sequence = np.stack([per_token.sum(axis=1), np.full(400, 50.0)], axis=1)
+    result = BpcResult(float(per_token.sum()), 20000, 400, per_sequence)
+    low, high = result.bpc_interval()
+    half = 1.96 * 2.0 / math.sqrt(20000) / math.log(2)
+    assert low < result.bpc < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.12)
+    assert result.bpc == pytest.approx(per_token.mean() / math.log(2))
+    same = BpcResult(600.0, 100, 2, np.array([[300.0, 50], [300.0, 50]]))  # identical sequences: no spread
+    assert same.bpc_interval() == pytest.approx((6 / math.log(2), 6 / math.log(2)))
+
+
+def test_frequency_baseline_is_the_unigram_of_the_training_tokens_counted_from_the_arrow_files(shard_folder):
+    """Oracle: token counts read straight from the training shards with pyarrow (not through ShardDataset),
+    add-one smoothed over the vocab; the baseline is their mean -log2 p over the validation masked tokens."""
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from lfzh_ds.constants import VOCAB_SIZE
+    from lfzh_ds.shards import ShardDataset
+    from lfzh_ds.training.evaluation import frequency_baseline
+
+    folder = shard_folder({"train": [[50, 60], [70]], "validation": [[40], [90]]}, seq_len=64)
+    counts = Counter()
+    for path in sorted(folder.glob("train-*.arrow")):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pydict()
+        for ids, n in zip(table["input_ids"], table["num_tokens"]):
+            counts.update(list(ids[:n]))
+    total = sum(counts.values()) + VOCAB_SIZE
+    val = ShardDataset(folder, "validation")
+    bits, n = 0.0, 0
+    for i in range(val.num_rows):
+        for label in val[i]["labels"].tolist():
+            if label != -100:
+                bits -= math.log2((counts[label] + 1) / total)
+                n += 1
+    result = frequency_baseline(ShardDataset(folder, "train"), val, list(range(val.num_rows)))
+    assert result.masked_tokens == n
+    assert result.bpc == pytest.approx(bits / n, rel=1e-9)
+
+
+def test_bpc_command_prints_the_interval_and_the_frequency_baseline(tiny_model, shard_folder, capsys):
+    data = shard_folder({"train": [[60] * 4], "validation": [[60] * 4]}, seq_len=64)
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(data), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["bpc_low"] < measured["bpc"] < measured["bpc_high"]
+    assert 10 < measured["frequency_baseline_bpc"] < 14.4  # random tokens: close to uniform, a little below
+    assert main(["bpc", "--model", str(tiny_model), "--data", str(data)]) == 0
+    assert "95% interval" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- cloze
+
+@pytest.fixture(scope="module")
+def knows_jin(tmp_path_factory):
+    """A model built to know one answer: its output bias makes 金 the top candidate everywhere, 银 the second."""
+    import torch
+
+    from lfzh_ds.configuration import LongformerZhConfig
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+    from lfzh_ds.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = LongformerZhConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=128, attention_window=64)
+    model = LongformerZhForMaskedLM(config)
+    with torch.no_grad():
+        model.cls.predictions.bias[tokenizer.convert_tokens_to_ids("金")] = 100.0
+        model.cls.predictions.bias[tokenizer.convert_tokens_to_ids("银")] = 90.0
+    path = tmp_path_factory.mktemp("knows_jin")
+    model.save_pretrained(path)
+    return path
+
+
+def test_cloze_scores_top1_and_top5_against_a_model_built_to_know_the_answer(knows_jin, tmp_path, capsys):
+    blanks = tmp_path / "blanks.jsonl"
+    rows = [{"text": "存款准备[MASK]率下调", "answer": "金"}, {"text": "中国人民[MASK]行", "answer": "银"},
+            {"text": "今天天[MASK]很好", "answer": "气"}, {"text": "[MASK]融机构", "answer": "金"}]
+    blanks.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert main(["cloze", "--model", str(knows_jin), "--blanks", str(blanks), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["blanks"] == 4 and result["top1"] == 0.5 and result["top5"] == 0.75
+    # the frequency guess of the blanks' own texts: 金 is the most frequent character there
+    assert result["frequency_guess"][0] == "金" and result["frequency_top1"] == 0.5
+
+
+def test_cloze_blanks_made_from_a_corpus_are_deterministic_characters_of_jieba_words():
+    import jieba
+
+    from lfzh_ds.cloze import make_blanks
+
+    docs = ["中国人民银行决定下调金融机构存款准备金率。今天北京的天气很好，我们去公园散步。",
+            "新能源汽车的销量持续增长，市场竞争日趋激烈。股票市场今天大幅上涨，投资者信心增强。"]
+    first, again, other = make_blanks(docs, 10, seed=1), make_blanks(docs, 10, seed=1), make_blanks(docs, 10, seed=2)
+    assert first == again and len(first) == 4
+    assert [b.text for b in first] != [b.text for b in other]
+    for blank in first:
+        assert blank.text.count("[MASK]") == 1
+        sentence = blank.text.replace("[MASK]", blank.answer)
+        at = blank.text.index("[MASK]")
+        position, words = 0, []
+        for word in jieba.lcut(sentence, HMM=False):
+            words.append((position, word))
+            position += len(word)
+        (start, word), = [(s, w) for s, w in words if s <= at < s + len(w)]
+        assert len(word) >= 2  # one character of a multi-character word
+
+
+def test_cloze_file_with_a_bad_line_is_an_error_naming_it(knows_jin, tmp_path, capsys):
+    blanks = tmp_path / "blanks.jsonl"
+    blanks.write_text('{"text": "今天[MASK]气", "answer": "天"}\n{"text": "no mask", "answer": "x"}\n')
+    assert main(["cloze", "--model", str(knows_jin), "--blanks", str(blanks)]) == 2
+    assert f"{blanks}:2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- class weights
+
+def test_balanced_class_weights_equal_scikit_learns():
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from lfzh_ds.finetuning import class_weights
+
+    labels = [0] * 7 + [1] * 50 + [2] * 23
+    ours = class_weights(labels, 3, "balanced")
+    theirs = compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels))
+    assert ours.tolist() == pytest.approx(theirs.tolist(), rel=1e-6)
+    assert class_weights(labels, 3, "none") is None
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\] have no training document"):
+        class_weights(labels, 4, "balanced")

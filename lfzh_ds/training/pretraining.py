@@ -25,7 +25,8 @@ from . import checkpoint as ckpt
 from .engine import (ConfigError, ResolvedConfig, build_engine, enable_activation_checkpointing, init_distributed,
                      load_deepspeed_config,
                      rank_from_env, uses_activation_checkpointing, validate_with_deepspeed, world_size_from_env)
-from .evaluation import BpcResult, all_reduce_result, collate, masked_lm_cross_entropy, validation_indices
+from .evaluation import (BpcResult, all_reduce_result, collate, frequency_baseline, masked_lm_cross_entropy,
+                         token_counts, validation_indices)
 from .metrics import MetricsLogger, Throughput, format_step, plot_curves
 from .sampler import ResumableDistributedSampler
 
@@ -167,6 +168,15 @@ def build_model(args: Namespace, model_config):
         kwargs = {"attention_backend": args.attention_backend} if getattr(args, "attention_backend", None) else {}
         return LongformerZhForMaskedLM.from_pretrained(args.init_from, **kwargs)
     return LongformerZhForMaskedLM(model_config)
+
+
+def init_output_bias_to_unigram(model, counts) -> None:
+    """Start the masked-LM head's output bias at the log frequencies of the training tokens (add-one smoothed):
+    the untrained model then predicts character frequencies (about 9.6 BPC on Chinese news) instead of a uniform
+    guess (14.4), and training spends its first steps on context rather than on re-learning frequencies."""
+    counts = torch.as_tensor(counts, dtype=torch.float64) + 1.0
+    with torch.no_grad():
+        model.cls.predictions.bias.copy_((counts / counts.sum()).log().to(model.cls.predictions.bias.dtype))
 
 
 def check_model_fits_data(model_config, seq_len: int, data_dir) -> None:
@@ -434,10 +444,18 @@ def run(args: Namespace) -> RunSummary:
         raise ConfigError(f"--data {args.data}: {err}") from None
     val_data = ShardDataset(args.data, "validation", masking="static", seed=args.seed, verify=False)
     val_indices = validation_indices(val_data, args.eval_sequences)
+    # What character frequencies alone score on the same masks: the number a model must get below to have
+    # learned anything from context.
+    baseline = frequency_baseline(train_data, val_data, val_indices) if main and args.eval_interval > 0 else None
 
     # 4. Model and engine (same initial weights on every process; DeepSpeed also broadcasts rank 0's).
     seed_everything(args.seed)
     model = build_model(args, model_config)
+    if args.output_bias_init == "unigram":
+        if args.init_from or args.continue_from:
+            raise ConfigError("--output-bias-init unigram is for a model trained from scratch (--model-config); "
+                              "a pretrained model keeps its own output bias")
+        init_output_bias_to_unigram(model, token_counts(train_data))
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
     if uses_activation_checkpointing(resolved):
@@ -518,11 +536,16 @@ def run(args: Namespace) -> RunSummary:
     def validate() -> float:
         result = evaluate(engine, val_data, val_indices, args.eval_batch_size or resolved.micro_batch_size,
                           rank, world_size)
-        metrics.log_val({"step": state.step, "val_loss": result.loss, "val_bpc": result.bpc,
-                         "val_masked_tokens": result.masked_tokens, "val_sequences": result.sequences,
-                         "wall_time": time.time()})
-        say(f"validation at step {state.step}: BPC {result.bpc:.3f} (loss {result.loss:.4f}, "
-            f"{result.masked_tokens:,} masked tokens in {result.sequences} sequences)")
+        low, high = result.bpc_interval() if main else (math.nan, math.nan)
+        record = {"step": state.step, "val_loss": result.loss, "val_bpc": result.bpc, "val_bpc_low": low,
+                  "val_bpc_high": high, "val_masked_tokens": result.masked_tokens, "val_sequences": result.sequences,
+                  "wall_time": time.time()}
+        if baseline is not None:
+            record["frequency_baseline_bpc"] = baseline.bpc
+        metrics.log_val(record)
+        versus = f"; character frequencies alone {baseline.bpc:.3f}" if baseline is not None else ""
+        say(f"validation at step {state.step}: BPC {result.bpc:.3f} (95% interval {low:.3f}-{high:.3f}{versus}; "
+            f"loss {result.loss:.4f}, {result.masked_tokens:,} masked tokens in {result.sequences} sequences)")
         return result.bpc
 
     def save() -> str:
