@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation BPC at the start, every M steps and at the end; 0: never (default 1000)")
     p.add_argument("--eval-sequences", type=int, default=None,
                    help="validate on the first N >= 1 validation sequences (default: all)")
+    p.add_argument("--final-eval-sequences", type=lambda v: v if v == "all" else int(v), default=None,
+                   metavar="N|all", help="the validation at the end on N sequences, or all (default: as "
+                                         "--eval-sequences): a cheap curve during the run, a precise final number")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: the micro-batch size")
     p.add_argument("--log-interval", type=int, default=10, help="console line every N steps (default 10)")
     p.add_argument("--seed", type=int, default=None,

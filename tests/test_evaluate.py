@@ -307,3 +307,21 @@ def test_balanced_class_weights_equal_scikit_learns():
     assert class_weights(labels, 3, "none") is None
     with pytest.raises(ValueError, match=r"class\(es\) \[3\] have no training document"):
         class_weights(labels, 4, "balanced")
+
+
+def test_curves_name_the_run_and_draw_the_frequency_baseline(tmp_path):
+    from lfzh_ds.training.metrics import plot_curves, run_title
+
+    run_dir = tmp_path / "qs" / "run"
+    write_metrics(run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "val", "step": 20, "val_loss": 6.0, "val_bpc": 8.66,
+                            "frequency_baseline_bpc": 9.63}) + "\n")
+    (run_dir / "model_config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 128,
+                                                           "attention_backend": "block_sparse",
+                                                           "attention_window": 128}))
+    (run_dir / "args.json").write_text(json.dumps({"data": "/x/shards", "masking": "dynamic", "mask_prob": 0.3,
+                                                   "seed": 42}))
+    assert run_title(run_dir) == ("qs/run | 2 layers x 128 hidden, block_sparse window 128 | data shards, "
+                                  "dynamic 30% masking, seed 42")
+    assert plot_curves(run_dir).read_bytes()[:4] == b"\x89PNG"

@@ -125,21 +125,44 @@ def plot_curves(run_dir, out_path=None) -> Path:
     axes[0].plot(steps, [r["loss"] for r in train], lw=1)
     axes[0].set_title("training loss (masked-token cross-entropy, nats)")
     if val:
-        axes[1].plot([r["step"] for r in val], [r["val_bpc"] for r in val], marker="o")
+        axes[1].plot([r["step"] for r in val], [r["val_bpc"] for r in val], marker="o", label="model")
         for r in (val[0], val[-1]):
             axes[1].annotate(f"{r['val_bpc']:.2f}", (r["step"], r["val_bpc"]), textcoords="offset points",
                              xytext=(4, 4))
+        baseline = [r["frequency_baseline_bpc"] for r in val if r.get("frequency_baseline_bpc") is not None]
+        if baseline:
+            axes[1].axhline(baseline[-1], color="gray", ls="--",
+                            label=f"character frequencies alone ({baseline[-1]:.2f})")
+            axes[1].legend(loc="upper right")
     axes[1].set_title("validation BPC (bits per masked character)")
     axes[2].plot(steps, [r["lr"] for r in train], lw=1)
     axes[2].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    fig.suptitle(str(run_dir.resolve().name))
+    fig.suptitle(run_title(run_dir))
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def run_title(run_dir) -> str:
+    """The run's folder and what it trains, from the files launch/pretrain.py writes beside the metrics."""
+    run_dir = Path(run_dir).resolve()
+    parts = [f"{run_dir.parent.name}/{run_dir.name}"]
+    try:
+        model = json.loads((run_dir / "model_config.json").read_text(encoding="utf-8"))
+        parts.append(f"{model['num_hidden_layers']} layers x {model['hidden_size']} hidden, "
+                     f"{model.get('attention_backend', '')} window {model.get('attention_window')}")
+        args = json.loads((run_dir / "args.json").read_text(encoding="utf-8"))
+        masking = args.get("masking") or "static"
+        if args.get("mask_prob"):
+            masking += f" {args['mask_prob']:.0%}"
+        parts.append(f"data {Path(args['data']).name}, {masking} masking, seed {args.get('seed')}")
+    except (OSError, KeyError, TypeError, ValueError):
+        pass  # a metrics file alone still gets its curves
+    return " | ".join(parts)
 
 
 class Throughput:

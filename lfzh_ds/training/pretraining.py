@@ -333,6 +333,9 @@ def check_validation_request(args: Namespace, manifest: dict) -> None:
     """Validation BPC needs at least one validation sequence; --eval-interval 0 trains without it."""
     if args.eval_interval <= 0:
         return
+    final = getattr(args, "final_eval_sequences", None)
+    if isinstance(final, int) and final <= 0:
+        raise ConfigError(f"--final-eval-sequences {final}: validate on at least 1 sequence (or all)")
     if args.eval_sequences is not None and args.eval_sequences <= 0:
         raise ConfigError(f"--eval-sequences {args.eval_sequences}: validate on at least 1 sequence, or pass "
                           "--eval-interval 0 to train without validation")
@@ -443,10 +446,16 @@ def run(args: Namespace) -> RunSummary:
     except ValueError as err:
         raise ConfigError(f"--data {args.data}: {err}") from None
     val_data = ShardDataset(args.data, "validation", masking="static", seed=args.seed, verify=False)
-    val_indices = validation_indices(val_data, args.eval_sequences)
+    # the validations during the run on --eval-sequences, the last one on --final-eval-sequences (a cheap curve,
+    # a precise final number)
+    final_sequences = getattr(args, "final_eval_sequences", None)
+    val_indices = {False: validation_indices(val_data, args.eval_sequences),
+                   True: validation_indices(val_data, None if final_sequences == "all" else
+                                            final_sequences or args.eval_sequences)}
     # What character frequencies alone score on the same masks: the number a model must get below to have
     # learned anything from context.
-    baseline = frequency_baseline(train_data, val_data, val_indices) if main and args.eval_interval > 0 else None
+    baseline = {final: frequency_baseline(train_data, val_data, indices) if main and args.eval_interval > 0 else None
+                for final, indices in val_indices.items()}
 
     # 4. Model and engine (same initial weights on every process; DeepSpeed also broadcasts rank 0's).
     seed_everything(args.seed)
@@ -533,17 +542,17 @@ def run(args: Namespace) -> RunSummary:
         first_val, last_val = recorded_validation_bpc(metrics.path)
     last_tag = resume.tag if resume is not None else None
 
-    def validate() -> float:
-        result = evaluate(engine, val_data, val_indices, args.eval_batch_size or resolved.micro_batch_size,
+    def validate(final: bool = False) -> float:
+        result = evaluate(engine, val_data, val_indices[final], args.eval_batch_size or resolved.micro_batch_size,
                           rank, world_size)
         low, high = result.bpc_interval() if main else (math.nan, math.nan)
         record = {"step": state.step, "val_loss": result.loss, "val_bpc": result.bpc, "val_bpc_low": low,
                   "val_bpc_high": high, "val_masked_tokens": result.masked_tokens, "val_sequences": result.sequences,
                   "wall_time": time.time()}
-        if baseline is not None:
-            record["frequency_baseline_bpc"] = baseline.bpc
+        if baseline[final] is not None:
+            record["frequency_baseline_bpc"] = baseline[final].bpc
         metrics.log_val(record)
-        versus = f"; character frequencies alone {baseline.bpc:.3f}" if baseline is not None else ""
+        versus = f"; character frequencies alone {baseline[final].bpc:.3f}" if baseline[final] is not None else ""
         say(f"validation at step {state.step}: BPC {result.bpc:.3f} (95% interval {low:.3f}-{high:.3f}{versus}; "
             f"loss {result.loss:.4f}, {result.masked_tokens:,} masked tokens in {result.sequences} sequences)")
         return result.bpc
@@ -617,7 +626,7 @@ def run(args: Namespace) -> RunSummary:
                 "data.")
         last_step = step == args.max_steps
         if args.eval_interval > 0 and (step % args.eval_interval == 0 or last_step):
-            last_val = validate()
+            last_val = validate(final=last_step)
             first_val = last_val if first_val is None else first_val
         if (args.save_interval > 0 and step % args.save_interval == 0) or last_step:
             if nonfinite_run:
