@@ -449,3 +449,51 @@ def test_init_from_runs_the_block_kernel_in_token_mode_unless_told_otherwise(tmp
                                                        attention_backend="block_sparse", sparse_window_mode="block", **SMALL))
     block.save_pretrained(tmp_path / "block")
     assert _init_from(tmp_path / "block") == ("block_sparse", "block", "BlockSparseSelfAttention", None)
+
+
+@pytest.mark.slow  # torch.distributed stays up in this process, as in test_pretrain's in-process runs
+def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_block_kernel(tmp_path, shard_folder,
+                                                                                           monkeypatch, frugal_torch,
+                                                                                           capsys):
+    """launch/pretrain.py --init-from a converted model: the block kernel in token mode (asked for by nothing),
+    with the losses of the same run on transformers' sliding chunks, step by step (fp32, hidden dropout on)."""
+    import socket
+
+    from launch.pretrain import main
+    from lfzh_ds.training.checkpoint import load_model_from_run
+    from lfzh_ds.training.metrics import read_metrics
+
+    short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                                       attention_probs_dropout_prob=0.0, **SMALL))
+    short.save_pretrained(tmp_path / "short")
+    # window 16: token mode takes blocks of 9 (one each side); sequences of 144 tokens, a multiple of 9 and of 16,
+    # are padded by neither backend, so hidden dropout draws the same masks in both runs
+    convert_bert_to_longformer(tmp_path / "short", tmp_path / "converted", max_pos=144, attention_window=16)
+    data = shard_folder({"train": [[900, 700, 600]], "validation": [[100]]}, seq_len=144)
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}, "zero_optimization": {"stage": 2},
+    }))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LFZH_FAULT", raising=False)
+
+    def losses(run_dir, *extra):
+        assert main(["--deepspeed_config", str(ds_config), "--data", str(data), "--output-dir", str(run_dir),
+                     "--init-from", str(tmp_path / "converted"), "--max-steps", "4", "--save-interval", "4",
+                     "--eval-interval", "0", "--log-interval", "1", *extra]) == 0
+        return [record["loss"] for record in read_metrics(run_dir)[0]]
+
+    token = losses(tmp_path / "token")
+    assert "attention block_sparse" in capsys.readouterr().out
+    trained = load_model_from_run(tmp_path / "token").config
+    assert (trained.attention_backend, trained.sparse_window_mode) == ("block_sparse", "token")
+    sliding = losses(tmp_path / "sliding", "--attention-backend", "sliding_chunks")
+    assert "attention sliding_chunks" in capsys.readouterr().out
+    assert len(token) == len(sliding) == 4 and len(set(token)) == 4  # the model trains
+    assert max(abs(a - b) for a, b in zip(token, sliding)) <= 1e-5
