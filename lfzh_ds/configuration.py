@@ -1,6 +1,7 @@
 """LongformerZhConfig: BERT's configuration plus the Longformer attention settings."""
 from __future__ import annotations
 
+import functools
 import math
 
 from transformers import BertConfig
@@ -11,6 +12,7 @@ ATTENTION_BACKENDS = ("sliding_chunks", "block_sparse")
 SPARSE_WINDOW_MODES = ("token", "block")
 
 
+@functools.lru_cache(maxsize=None)  # asked per layer on every forward (padding_multiple)
 def token_window_blocks(attention_window: int, preferred_block: int) -> tuple[int, int]:
     """``(block, k)`` for the block kernel's token mode: a band of ``2k + 1`` blocks whose two outermost
     blocks hold every key outside the one-sided window ``w = attention_window // 2`` of every query.
@@ -96,7 +98,8 @@ class LongformerZhConfig(BertConfig):
         before window modes existed keeps the block layout it was trained with."""
         config_dict = dict(config_dict)
         if "attention_backend" not in config_dict:
-            config_dict.update(attention_backend="block_sparse", sparse_window_mode="token")
+            config_dict.update(attention_backend="block_sparse")
+            config_dict.setdefault("sparse_window_mode", "token")
         elif config_dict["attention_backend"] == "block_sparse":
             config_dict.setdefault("sparse_window_mode", "block")
         result = super().from_dict(config_dict, **kwargs)
