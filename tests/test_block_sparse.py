@@ -723,24 +723,26 @@ def _padded(x, multiple, value):
 
 
 TOKEN_CASES = [
-    # (real length, attention window, preferred block, padding per sample, global tokens per sample)
-    pytest.param(40, 16, 8, [0, 9], [[0, 17], [0, 3, 25]], id="w16-block8-L40-not-a-window-multiple"),
-    pytest.param(61, 30, 8, [5, 0], [[0], [2, 60]], id="w30-block8-2x8-reach16-not-a-block-multiple"),
-    pytest.param(50, 12, 8, [0, 20], [[0, 1], []], id="w12-block7-reach7"),
-    pytest.param(100, 64, 8, [30, 0], [list(range(0, 100, 9)), [50]], id="w64-4-blocks-each-side-11-globals"),
-    pytest.param(10, 30, 8, [0, 4], [[9], [0]], id="band-clipped-to-a-short-input"),
-    pytest.param(33, 8, 8, [0, 0], [[], []], id="no-padding-no-globals"),
+    # (real length, attention window, preferred block, padding per sample, global tokens per sample, chunk budget)
+    pytest.param(40, 16, 8, [0, 9], [[0, 17], [0, 3, 25]], None, id="w16-block8-L40-not-a-window-multiple"),
+    pytest.param(61, 30, 8, [5, 0], [[0], [2, 60]], None, id="w30-block8-2x8-reach16-not-a-block-multiple"),
+    pytest.param(50, 12, 8, [0, 20], [[0, 1], []], None, id="w12-block7-reach7"),
+    pytest.param(100, 64, 8, [30, 0], [list(range(0, 100, 9)), [50]], None, id="w64-4-blocks-each-side-11-globals"),
+    pytest.param(10, 30, 8, [0, 4], [[9], [0]], None, id="band-clipped-to-a-short-input"),
+    pytest.param(33, 8, 8, [0, 0], [[], []], None, id="no-padding-no-globals"),
+    # one window per chunk: the edge masks follow every part of a head
+    pytest.param(61, 30, 8, [5, 0], [[0], [2, 60]], 1, id="w30-one-window-per-chunk"),
+    pytest.param(100, 64, 8, [30, 0], [list(range(0, 100, 9)), [50]], 1, id="w64-one-window-per-chunk"),
 ]
 
 
-@pytest.mark.parametrize("budget", [None, 1])
-@pytest.mark.parametrize("L, window, preferred, pads, globals_", TOKEN_CASES)
+@pytest.mark.parametrize("L, window, preferred, pads, globals_, budget", TOKEN_CASES)
 def test_token_mode_equals_transformers_longformer_self_attention_outputs_and_gradients(
     L, window, preferred, pads, globals_, budget, monkeypatch, probabilities
 ):
     from lfzh_ds.attention import block_sparse
 
-    if budget is not None:  # one window per chunk: the edge masks follow every part
+    if budget is not None:
         monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(L + window)
     config = _config(attention_window=window, sparse_block_size=preferred, sparse_window_mode="token")
