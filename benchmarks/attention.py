@@ -1,12 +1,16 @@
 """Attention benchmark: block-sparse kernel vs transformers' Longformer vs dense SDPA (vs FlexAttention).
 
-Side by side in one run, at hidden 768 / 12 heads / window 512 (block 64, 9 window blocks, global
-block 0), batch 1, fp32, dropout 0:
+Side by side in one run, at hidden 768 / 12 heads / window 512 (block 64, 9 window blocks), batch 1,
+fp32, dropout 0:
 
-* ``bs core``      ``block_sparse_attention(q, k, v)`` (the kernel, global block 0 as configured)
+* ``bs core``      ``block_sparse_attention(q, k, v)`` in block mode (the kernel, global block 0 as configured)
 * ``bs core+4g``   the same with 4 token-level global tokens (the "handful of globals" target)
-* ``bs module``    ``BlockSparseSelfAttention`` (q/k/v projections + kernel)
+* ``bs module``    ``BlockSparseSelfAttention`` in block mode (q/k/v projections + kernel)
 * ``bs module+4g`` the module with 4 global tokens (adds the global-projection rows)
+* ``tok core``     the kernel in token mode (exact Longformer: 256 tokens each side, no global block)
+* ``tok core+4g``  the same with 4 global tokens
+* ``tok module``   ``BlockSparseSelfAttention`` in token mode (the model's default; what ``hf module`` computes)
+* ``tok module+4g`` the token-mode module with 4 global tokens
 * ``hf module``    transformers' ``LongformerSelfAttention`` (projections + sliding chunks), no globals
 * ``sdpa core``    dense ``scaled_dot_product_attention(q, k, v)`` (no mask: the quadratic baseline)
 * ``flex core``    compiled FlexAttention on the same block mask (built once, outside the timing), forward
@@ -21,6 +25,7 @@ of a shared machine hits all alike). Peak memory is measured in a fresh subproce
 
     python benchmarks/attention.py                          # L = 1024 2048 4096
     python benchmarks/attention.py --lengths 4096 8192 16384 --impls "bs core" "bs module" "hf module"
+    python benchmarks/attention.py --lengths 1024 4096 16384 --impls "bs core" "tok core" "bs module" "tok module" "hf module"
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/attention.py
     python benchmarks/attention.py --device cuda --dtype bf16 --lengths 4096 16384 --rounds 10
 """
@@ -40,7 +45,8 @@ import torch
 HIDDEN, HEADS, WINDOW, BLOCK = 768, 12, 512, 64
 HEAD_DIM = HIDDEN // HEADS
 NUM_GLOBAL_TOKENS = 4
-ALL_IMPLS = ["bs core", "bs core+4g", "bs module", "bs module+4g", "hf module", "sdpa core", "flex core"]
+ALL_IMPLS = ["bs core", "bs core+4g", "bs module", "bs module+4g", "tok core", "tok core+4g", "tok module",
+             "tok module+4g", "hf module", "sdpa core", "flex core"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE, DTYPE = "cpu", torch.float32  # set by --device / --dtype
 
@@ -60,18 +66,20 @@ def build(impl: str, L: int):
     torch.manual_seed(0)
     no_padding = torch.zeros(1, L, dtype=torch.bool, device=DEVICE)
     tensor = dict(device=DEVICE, dtype=DTYPE)
-    if impl.startswith("bs core") or impl in ("sdpa core", "flex core"):
+    if impl.startswith(("bs core", "tok core")) or impl in ("sdpa core", "flex core"):
         q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, **tensor, requires_grad=True) for _ in range(3))
         grad = torch.randn(1, HEADS, L, HEAD_DIM, **tensor)
-        if impl.startswith("bs core"):
+        if impl.startswith(("bs core", "tok core")):
             from lfzh_ds.attention.block_sparse import block_sparse_attention
 
             globals_ = _global_tokens(L) if impl.endswith("+4g") else None
+            token = impl.startswith("tok")  # band of 9 blocks of 64 reaching 256 tokens: exactly the window
 
             def forward():
                 return block_sparse_attention(
                     q, k, v, block_size=BLOCK, num_sliding_window_blocks=WINDOW // BLOCK + 1,
-                    global_block_indices=[0], global_tokens=globals_,
+                    global_block_indices=[] if token else [0], global_tokens=globals_,
+                    token_window=WINDOW // 2 if token else None,
                 )
         elif impl == "sdpa core":
             def forward():
@@ -87,14 +95,14 @@ def build(impl: str, L: int):
     else:
         hidden = torch.randn(1, L, HIDDEN, **tensor, requires_grad=True)
         grad = torch.randn(1, L, HIDDEN, **tensor)
-        if impl.startswith("bs module"):
+        if impl.startswith(("bs module", "tok module")):
             from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
             from lfzh_ds.configuration import LongformerZhConfig
 
             config = LongformerZhConfig(
                 hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1, attention_window=WINDOW,
                 attention_backend="block_sparse", sparse_block_size=BLOCK, attention_probs_dropout_prob=0.0,
-                max_position_embeddings=max(L, 4096),
+                max_position_embeddings=max(L, 4096), sparse_window_mode="token" if impl.startswith("tok") else "block",
             )
             module = BlockSparseSelfAttention(config, 0).to(**tensor)
             globals_ = _global_tokens(L) if impl.endswith("+4g") else no_padding
@@ -227,8 +235,8 @@ def main():
     malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_WAIT_POLICY") if k in os.environ}
     print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"threads {args.threads}, env {malloc or 'default (no MALLOC_*, OMP_WAIT_POLICY)'}")
-    print(f"hidden {HIDDEN}, heads {HEADS}, window {WINDOW} (block {BLOCK}, {WINDOW // BLOCK + 1} window blocks, "
-          f"global block 0), batch 1, {args.dtype} on {DEVICE}, median of {args.rounds} interleaved rounds; memory = "
+    print(f"hidden {HIDDEN}, heads {HEADS}, window {WINDOW} (block {BLOCK}, {WINDOW // BLOCK + 1} window blocks; "
+          f"block mode: global block 0), batch 1, {args.dtype} on {DEVICE}, median of {args.rounds} interleaved rounds; memory = "
           + ("peak RSS growth" if DEVICE == "cpu" else "CUDA allocator peak"))
     if DEVICE != "cpu":
         print(f"device: {torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda}")
@@ -261,7 +269,7 @@ def main():
     def ratio(a, b):
         return f"{a / b:.2f}x" if a and b else "-"
 
-    print("\nTargets (issue 5):")
+    print("\nTargets (issues 5 and 17):")
     for L in args.lengths:
         core, hf, sdpa = table.get((L, "bs core")), table.get((L, "hf module")), table.get((L, "sdpa core"))
         module, flex = table.get((L, "bs module")), table.get((L, "flex core"))
@@ -281,12 +289,21 @@ def main():
             parts.append(f"4 globals: core {ratio(core4[1], core[1])} (target <= 1.2x)")
         if module and module4:
             parts.append(f"module {ratio(module4[1], module[1])}")
+        tok, tok_module = table.get((L, "tok core")), table.get((L, "tok module"))
+        if tok and core:
+            parts.append(f"tok / bs core fwd {ratio(tok[0], core[0])}, fwd+bwd {ratio(tok[1], core[1])} (target <= 1.15x)")
+        if tok_module and module:
+            parts.append(f"tok / bs module fwd {ratio(tok_module[0], module[0])}, fwd+bwd {ratio(tok_module[1], module[1])}")
+        if tok and hf:
+            parts.append(f"hf module / tok core fwd+bwd {ratio(hf[1], tok[1])} (target >= 10x)")
+        if tok_module and hf:
+            parts.append(f"hf module / tok module fwd+bwd {ratio(hf[1], tok_module[1])}")
         if parts:
             print(f"  L={L}: " + "; ".join(parts))
     longest = [L for L in args.lengths if L >= 4096]
     if 4096 in args.lengths and len(longest) > 1:
         top = max(longest)
-        for impl in ("bs core", "bs module", "hf module", "sdpa core"):
+        for impl in ("bs core", "tok core", "bs module", "tok module", "hf module", "sdpa core"):
             a, b = table.get((4096, impl)), table.get((top, impl))
             if a and b:
                 print(f"  growth 4096 -> {top} ({top // 4096}x length), {impl}: time {ratio(b[1], a[1])}, "

@@ -1,11 +1,31 @@
 """LongformerZhConfig: BERT's configuration plus the Longformer attention settings."""
 from __future__ import annotations
 
+import functools
+import math
+
 from transformers import BertConfig
 
 from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_SIZE
 
 ATTENTION_BACKENDS = ("sliding_chunks", "block_sparse")
+SPARSE_WINDOW_MODES = ("token", "block")
+
+
+@functools.lru_cache(maxsize=None)  # asked per layer on every forward (padding_multiple)
+def token_window_blocks(attention_window: int, preferred_block: int) -> tuple[int, int]:
+    """``(block, k)`` for the block kernel's token mode: a band of ``2k + 1`` blocks whose two outermost
+    blocks hold every key outside the one-sided window ``w = attention_window // 2`` of every query.
+
+    A query at row ``r`` of its block sees band column ``c`` at distance ``k * block + r - c``, so the
+    keys past ``w`` all lie in the outermost blocks exactly when ``k * block`` is ``w`` or ``w + 1``
+    (one of them is even, so ``k = 2`` always works). Of those, the block closest to ``preferred_block``
+    (``sparse_block_size``), avoiding blocks under half of it (many tiny matmuls cost more than a wider
+    band): ``(64, 4)`` for the default window 512, ``(86, 3)`` for 514.
+    """
+    w = attention_window // 2
+    candidates = [(span // k, k) for span in (w, w + 1) for k in range(1, span + 1) if span % k == 0]
+    return min(candidates, key=lambda bk: (2 * bk[0] < preferred_block, abs(math.log(bk[0] / preferred_block)), bk[1]))
 
 
 def check_windows_nest(windows: list[int]) -> None:
@@ -26,15 +46,23 @@ class LongformerZhConfig(BertConfig):
     Args (beyond ``BertConfig``'s):
         attention_window: the full local window (HF meaning: each side gets half), an even int or
             one even int per layer.
-        attention_backend: ``"sliding_chunks"`` (exact Longformer, token-level window) or
-            ``"block_sparse"`` (the block layout of DeepSpeed's former ``BSLongformerSparsityConfig``).
-        sparse_block_size: block size of the block-sparse layout.
-        num_sliding_window_blocks: odd number of blocks in the bidirectional sliding window; ``None``
-            derives it from ``attention_window`` (``attention_window // sparse_block_size + 1``).
-        global_block_indices: blocks that attend to and are attended by every block (DeepSpeed's
-            default ``[0]``: the block holding ``[CLS]``).
-        global_block_end_indices: if given, ``global_block_indices[i]:global_block_end_indices[i]`` are
-            global block ranges instead of single blocks.
+        attention_backend: ``"sliding_chunks"`` (transformers' Longformer code) or ``"block_sparse"``
+            (the block kernel, several times faster on CPU).
+        sparse_window_mode: what the block kernel computes. ``"token"``: exactly Longformer's attention
+            (each token sees ``attention_window / 2`` tokens on each side, plus the token-level global
+            tokens), like ``sliding_chunks``, with the block size chosen by ``token_window_blocks``;
+            ``"block"``: the block layout of DeepSpeed's former ``BSLongformerSparsityConfig`` (a window of
+            whole blocks plus global blocks), not what stock Longformer computes. A ``config.json``
+            that names no ``attention_backend`` (the released checkpoint's) loads as ``block_sparse`` in
+            token mode; one saved with ``block_sparse`` before this field existed loads in block mode.
+        sparse_block_size: block size of block mode; in token mode the preferred block size.
+        num_sliding_window_blocks: block mode: odd number of blocks in the bidirectional sliding window;
+            ``None`` derives it from ``attention_window`` (``attention_window // sparse_block_size + 1``).
+        global_block_indices: block mode: blocks that attend to and are attended by every block
+            (DeepSpeed's default ``[0]``: the block holding ``[CLS]``). Token mode has no global blocks
+            (Longformer's global attention is per token: ``global_attention_mask``) and ignores them.
+        global_block_end_indices: block mode: if given, ``global_block_indices[i]:global_block_end_indices[i]``
+            are global block ranges instead of single blocks.
     """
 
     model_type = "longformer_zh"
@@ -45,6 +73,7 @@ class LongformerZhConfig(BertConfig):
         max_position_embeddings: int = DEFAULT_MAX_POSITIONS,
         attention_window: int | list[int] = DEFAULT_ATTENTION_WINDOW,
         attention_backend: str = "sliding_chunks",
+        sparse_window_mode: str = "token",
         sparse_block_size: int = 64,
         num_sliding_window_blocks: int | None = None,
         global_block_indices: list[int] | None = None,
@@ -54,6 +83,7 @@ class LongformerZhConfig(BertConfig):
         super().__init__(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **kwargs)
         self.attention_window = attention_window
         self.attention_backend = attention_backend
+        self.sparse_window_mode = sparse_window_mode
         self.sparse_block_size = sparse_block_size
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.global_block_indices = [0] if global_block_indices is None else list(global_block_indices)
@@ -63,7 +93,15 @@ class LongformerZhConfig(BertConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """transformers sets keyword overrides (``from_pretrained(dir, attention_window=...)``) after
-        ``__init__``: validate the config they make."""
+        ``__init__``: validate the config they make. A config that names no backend (the released
+        checkpoint's) runs the block kernel in token mode, the same attention; a block-sparse config saved
+        before window modes existed keeps the block layout it was trained with."""
+        config_dict = dict(config_dict)
+        if "attention_backend" not in config_dict:
+            config_dict.update(attention_backend="block_sparse")
+            config_dict.setdefault("sparse_window_mode", "token")
+        elif config_dict["attention_backend"] == "block_sparse":
+            config_dict.setdefault("sparse_window_mode", "block")
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result).validate_longformer()
         return result
@@ -72,6 +110,8 @@ class LongformerZhConfig(BertConfig):
     def validate_longformer(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.sparse_window_mode not in SPARSE_WINDOW_MODES:
+            raise ValueError(f"sparse_window_mode={self.sparse_window_mode!r}: choose one of {SPARSE_WINDOW_MODES}")
         windows = self.attention_window
         if isinstance(windows, int):
             windows = [windows] * self.num_hidden_layers
@@ -91,7 +131,8 @@ class LongformerZhConfig(BertConfig):
         block = self.sparse_block_size
         if not isinstance(block, int) or block <= 0:
             raise ValueError(f"sparse_block_size={block!r} must be a positive int")
-        if self.attention_backend == "block_sparse":
+        block_mode = self.attention_backend == "block_sparse" and self.sparse_window_mode == "block"
+        if block_mode:
             for i, w in enumerate(windows):
                 if w % block:
                     raise ValueError(
@@ -101,6 +142,11 @@ class LongformerZhConfig(BertConfig):
             if self.max_position_embeddings % block:
                 raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is not a multiple of sparse_block_size={block}")
         n = self.num_sliding_window_blocks
+        if n is not None and self.sparse_window_mode == "token" and self.attention_backend == "block_sparse":
+            raise ValueError(
+                f"num_sliding_window_blocks={n} is a block-mode setting; token mode derives its band from "
+                "attention_window (set sparse_window_mode='block' for a window of whole blocks)"
+            )
         if n is not None and (not isinstance(n, int) or n <= 0 or n % 2 == 0):
             raise ValueError(f"num_sliding_window_blocks={n!r} must be a positive odd int (bidirectional window)")
         if any((not isinstance(i, int)) or i < 0 for i in self.global_block_indices):
@@ -118,14 +164,23 @@ class LongformerZhConfig(BertConfig):
         w = self.attention_window
         return w if isinstance(w, int) else w[layer_id]
 
+    def layer_block_size(self, layer_id: int) -> int:
+        """The block kernel's block size in layer ``layer_id`` (token mode: see ``token_window_blocks``)."""
+        if self.sparse_window_mode == "token":
+            return token_window_blocks(self.layer_attention_window(layer_id), self.sparse_block_size)[0]
+        return self.sparse_block_size
+
     def layer_sliding_window_blocks(self, layer_id: int) -> int:
+        if self.sparse_window_mode == "token":
+            return 2 * token_window_blocks(self.layer_attention_window(layer_id), self.sparse_block_size)[1] + 1
         if self.num_sliding_window_blocks is not None:
             return self.num_sliding_window_blocks
         return self.layer_attention_window(layer_id) // self.sparse_block_size + 1
 
     def padding_multiple(self) -> int:
-        """Inputs are padded to a multiple of this (window for sliding chunks, block for block-sparse)."""
+        """Inputs are padded to a multiple of this: the largest window for sliding chunks, the block (in
+        token mode the least common multiple of the layers' blocks) for block-sparse."""
         if self.attention_backend == "block_sparse":
-            return self.sparse_block_size
+            return math.lcm(*(self.layer_block_size(i) for i in range(self.num_hidden_layers)))
         w = self.attention_window
         return w if isinstance(w, int) else max(w)

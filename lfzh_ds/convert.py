@@ -9,7 +9,11 @@
   ``LongformerZh*.from_pretrained(dir)``.
 * ``export_to_hf_longformer``: our model -> a directory that stock ``transformers.LongformerForMaskedLM``
   (or ``LongformerForSequenceClassification``, for our classifier) loads without this package and that
-  gives the same logits.
+  gives the same logits (a block-sparse model in block mode: a different attention pattern, with a warning).
+
+Converted, released-layout and transformers-layout models run the block kernel in token mode
+(``attention_backend="block_sparse"``, ``sparse_window_mode="token"``): Longformer's attention exactly,
+several times faster than ``sliding_chunks``; ``attention_backend="sliding_chunks"`` asks for transformers' code.
 
 The released ``ValkyriaLenneth/longformer_zh`` layout (``bert.`` prefix, ``cls.predictions.*``,
 ``query_global``/``key_global``/``value_global``, 0-based positions) is our own parameter layout, so it
@@ -152,7 +156,7 @@ def convert_bert_to_longformer(
     long_dir=None,
     max_pos: int = DEFAULT_MAX_POSITIONS,
     attention_window: int = DEFAULT_ATTENTION_WINDOW,
-    attention_backend: str = "sliding_chunks",
+    attention_backend: str = "block_sparse",
 ) -> ConversionResult:
     """Make a short BERT checkpoint long; save it (with tokenizer files) to ``long_dir`` if given."""
     from transformers import BertConfig
@@ -249,8 +253,8 @@ def hf_position_offset(pad_token_id: int) -> int:
 def load_hf_longformer(model_dir, model_class=None, **kwargs):
     """Build ``model_class`` (default ``LongformerZhForMaskedLM``) from a transformers-Longformer directory.
 
-    Keyword arguments that are config fields (``num_labels``, ``attention_backend``, ...) override the
-    config; ``dtype``/``torch_dtype`` cast the model; ``output_loading_info=True`` also returns
+    The model runs the block kernel in token mode (the same attention). Keyword arguments that are config
+    fields (``num_labels``, ``attention_backend``, ...) override the config; ``dtype``/``torch_dtype`` cast the model; ``output_loading_info=True`` also returns
     ``{"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}`` as ``from_pretrained`` does.
     The model comes back in eval mode, like ``from_pretrained``.
     """
@@ -273,7 +277,8 @@ def load_hf_longformer(model_dir, model_class=None, **kwargs):
     config = kwargs.pop("config", None)
     if config is None:
         fields = {name: hf[name] for name in _SHARED_CONFIG_FIELDS if name in hf}
-        config = LongformerZhConfig(**fields, max_position_embeddings=positions, attention_window=hf["attention_window"])
+        config = LongformerZhConfig(**fields, max_position_embeddings=positions, attention_window=hf["attention_window"],
+                                    attention_backend="block_sparse", sparse_window_mode="token")
         for name in ("bos_token_id", "eos_token_id", "sep_token_id", "label2id", "problem_type"):
             if name in hf:
                 setattr(config, name, hf[name])
@@ -375,8 +380,9 @@ def export_to_hf_longformer(model, out_dir, write_tokenizer: bool = True) -> Pat
     """Write ``model`` as a stock transformers model: a ``LongformerZhForMaskedLM`` as ``LongformerForMaskedLM``,
     a ``LongformerZhForSequenceClassification`` as ``LongformerForSequenceClassification`` (weights, labels).
 
-    The block-sparse backend has no stock counterpart: its model is exported with Longformer's token-level
-    window of the same size, which is not the same computation (a warning says so).
+    Both ``sliding_chunks`` and ``block_sparse`` in token mode compute what stock Longformer computes. Block
+    mode has no stock counterpart: its model is exported with Longformer's token-level window of the same
+    size, which is not the same computation (a warning says so).
     """
     from transformers import LongformerForMaskedLM, LongformerForSequenceClassification
 
@@ -391,10 +397,10 @@ def export_to_hf_longformer(model, out_dir, write_tokenizer: bool = True) -> Pat
             "export_to_hf_longformer exports a LongformerZhForMaskedLM or LongformerZhForSequenceClassification, "
             f"got {type(model).__name__}"
         )
-    if model.config.attention_backend != "sliding_chunks":
+    if model.config.attention_backend == "block_sparse" and model.config.sparse_window_mode == "block":
         logger.warning(
-            "exporting a %s model: stock Longformer uses a token-level sliding window, so its outputs will differ "
-            "from this model's block layout", model.config.attention_backend,
+            "exporting a block_sparse model in block mode: stock Longformer uses a token-level sliding window, so "
+            "its outputs will differ from this model's block layout (token mode would export exactly)"
         )
     hf_model = hf_class(hf_longformer_config(model.config, hf_class.__name__))
     missing, unexpected = hf_model.load_state_dict(hf_longformer_state_dict(model), strict=False)

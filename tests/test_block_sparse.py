@@ -1,6 +1,7 @@
-"""The block-sparse backend: its layout is DeepSpeed's former BSLongformerSparsityConfig, and its
-kernel equals dense scaled_dot_product_attention under the same boolean mask (outputs and gradients),
-with padding, global blocks and token-level global tokens, in linear memory."""
+"""The block-sparse backend: in block mode its layout is DeepSpeed's former BSLongformerSparsityConfig, and
+its kernel equals dense scaled_dot_product_attention under the same boolean mask (outputs and gradients),
+with padding, global blocks and token-level global tokens, in linear memory; in token mode it equals
+transformers' LongformerSelfAttention (outputs and gradients)."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from lfzh_ds.attention.block_sparse import (
     block_sparse_layout,
     dense_mask_from_layout,
 )
-from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.configuration import LongformerZhConfig, token_window_blocks
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -177,7 +178,7 @@ def _check_kernel_against_sdpa(kernel, L, block, n, global_blocks, pads, globals
     ours = torch.autograd.grad(out, (q, k, v), grad)
     theirs = torch.autograd.grad(ref, (q, k, v), grad)
     for name, a, b in zip("qkv", ours, theirs):
-        assert (a - b).abs().max().item() <= 1e-5, f"d{name} differs"
+        assert (a - b).abs().max().item() <= 1e-5, f"d{name} differs {(a-b).abs().max().item()} {b.abs().max().item()}"
 
 
 def test_dense_mask_from_layout_is_the_rule():
@@ -312,7 +313,7 @@ def _config(**overrides):
     settings = dict(
         hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
         max_position_embeddings=256, attention_window=32, attention_backend="block_sparse",
-        sparse_block_size=16, attention_probs_dropout_prob=0.0,
+        sparse_window_mode="block", sparse_block_size=16, attention_probs_dropout_prob=0.0,
     )
     settings.update(overrides)
     return LongformerZhConfig(**settings)
@@ -383,7 +384,7 @@ def test_module_rejects_unpadded_length_with_a_clear_error():
     module = BlockSparseSelfAttention(_config(), layer_id=0)
     hidden = torch.randn(1, 40, 32)
     masks = torch.zeros(1, 40, dtype=torch.bool)
-    with pytest.raises(ValueError, match="multiple of sparse_block_size=16"):
+    with pytest.raises(ValueError, match="multiple of the block size 16"):
         module(hidden, masks, masks)
 
 
@@ -694,3 +695,122 @@ def test_forcing_the_flex_kernel_on_the_cpu_is_refused_where_a_backward_pass_wou
     nothing = torch.zeros(1, 64, dtype=torch.bool)
     with pytest.raises(ValueError, match="FlexAttention does not run on cpu here; use kernel='torch'"):
         module(hidden, nothing, nothing)
+
+
+# ------------------------------------------------------------------------------------------- token mode
+def test_token_geometry_puts_every_key_outside_the_window_in_the_two_outermost_band_blocks():
+    for window in (2, 4, 12, 16, 30, 64, 200, 384, 500, 510, 512, 514, 524, 1024):
+        for preferred in (8, 64):
+            block, k = token_window_blocks(window, preferred)
+            assert k * block - window // 2 in (0, 1), (window, preferred)
+    assert token_window_blocks(512, 64) == (64, 4)  # the default geometry is block mode's: 9 blocks of 64
+
+
+def _hf_longformer_twin(module, window):
+    from transformers import LongformerConfig
+    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+    hf_config = LongformerConfig(hidden_size=module.embed_dim, num_attention_heads=module.num_heads,
+                                 attention_window=[window], attention_probs_dropout_prob=0.0)
+    hf = LongformerSelfAttention(hf_config, layer_id=0)
+    hf.load_state_dict(module.state_dict())
+    return hf
+
+
+def _padded(x, multiple, value):
+    extra = -x.shape[1] % multiple
+    return F.pad(x, (0, 0, 0, extra) if x.dim() == 3 else (0, extra), value=value)
+
+
+TOKEN_CASES = [
+    # (real length, attention window, preferred block, padding per sample, global tokens per sample, chunk budget)
+    pytest.param(40, 16, 8, [0, 9], [[0, 17], [0, 3, 25]], None, id="w16-block8-L40-not-a-window-multiple"),
+    pytest.param(61, 30, 8, [5, 0], [[0], [2, 60]], None, id="w30-block8-2x8-reach16-not-a-block-multiple"),
+    pytest.param(50, 12, 8, [0, 20], [[0, 1], []], None, id="w12-block7-reach7"),
+    pytest.param(100, 64, 8, [30, 0], [list(range(0, 100, 9)), [50]], None, id="w64-4-blocks-each-side-11-globals"),
+    pytest.param(10, 30, 8, [0, 4], [[9], [0]], None, id="band-clipped-to-a-short-input"),
+    pytest.param(33, 8, 8, [0, 0], [[], []], None, id="no-padding-no-globals"),
+    # one window per chunk: the edge masks follow every part of a head
+    pytest.param(61, 30, 8, [5, 0], [[0], [2, 60]], 1, id="w30-one-window-per-chunk"),
+    pytest.param(100, 64, 8, [30, 0], [list(range(0, 100, 9)), [50]], 1, id="w64-one-window-per-chunk"),
+]
+
+
+@pytest.mark.parametrize("L, window, preferred, pads, globals_, budget", TOKEN_CASES)
+def test_token_mode_equals_transformers_longformer_self_attention_outputs_and_gradients(
+    L, window, preferred, pads, globals_, budget, monkeypatch, probabilities
+):
+    from lfzh_ds.attention import block_sparse
+
+    if budget is not None:
+        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+    torch.manual_seed(L + window)
+    config = _config(attention_window=window, sparse_block_size=preferred, sparse_window_mode="token")
+    ours = BlockSparseSelfAttention(config, layer_id=0)
+    with torch.no_grad():  # distinct global projections, so using the wrong ones would show
+        for p in ours.parameters():
+            p.normal_(0.0, 0.2)
+    hf = _hf_longformer_twin(ours, window)
+    assert ours.token_window == window // 2 and ours.global_block_indices == []
+    B, E = 2, config.hidden_size
+    hidden = torch.randn(B, L, E, requires_grad=True)
+    key_padding_mask, global_tokens = masks_for(B, L, pads, globals_)
+    grad = torch.randn(B, L, E).masked_fill(key_padding_mask[..., None], 0.0)
+
+    # ours padded to its block, transformers' to its window (as LongformerModel does), padding masked
+    out = ours(_padded(hidden, ours.block_size, 0.0), _padded(key_padding_mask, ours.block_size, True),
+               _padded(global_tokens, ours.block_size, False))[0][:, :L]
+    additive = torch.zeros(B, L).masked_fill(key_padding_mask, -10000.0).masked_fill(global_tokens, 10000.0)
+    is_masked = _padded(key_padding_mask, window, True)
+    is_global = _padded(global_tokens, window, False)
+    ref = hf(_padded(hidden, window, 0.0), attention_mask=_padded(additive, window, -10000.0),
+             is_index_masked=is_masked, is_index_global_attn=is_global, is_global_attn=bool(is_global.any()))[0][:, :L]
+    real = ~key_padding_mask
+    assert (out[real] - ref[real]).abs().max().item() <= 1e-5
+    inputs = [hidden, *ours.parameters()]
+    # (without global tokens the global projections get no gradient; key_global.bias shifts every score of a
+    # row alike: our folded global path never uses it, its gradient is 0)
+    ours_grads = torch.autograd.grad(out, inputs, grad, allow_unused=True, materialize_grads=True)
+    hf_grads = torch.autograd.grad(ref, [hidden, *hf.parameters()], grad, allow_unused=True, materialize_grads=True)
+    names = ["hidden"] + [name for name, _ in ours.named_parameters()]
+    assert names[1:] == [name for name, _ in hf.named_parameters()]
+    for name, a, b in zip(names, ours_grads, hf_grads):
+        # weight gradients sum over all B*L positions (entries up to ~25 here): compare relative to their size
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), f"d{name} differs"
+
+
+def test_token_mode_masks_exactly_the_keys_beyond_the_window():
+    # the kernel alone, against dense attention under the token-window mask (one-hot values read the weights)
+    torch.manual_seed(3)
+    L, block, n, w = 48, 8, 5, 15  # reach 16 = w + 1
+    q, k = torch.randn(1, 1, L, L), torch.randn(1, 1, L, L)
+    v = torch.eye(L)[None, None]
+    weights = block_sparse_attention(q, k, v, block_size=block, num_sliding_window_blocks=n, global_block_indices=[],
+                                     token_window=w)[0, 0]
+    distance = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs()
+    assert torch.equal(weights > 0, distance <= w)
+
+
+def test_token_mode_refuses_a_band_that_does_not_reach_the_window_edge_and_global_blocks():
+    q = torch.randn(1, 1, 32, 8)
+    with pytest.raises(ValueError, match="token_window=10 needs a band reaching 10 or 11 tokens"):
+        block_sparse_attention(q, q, q, block_size=8, num_sliding_window_blocks=3, global_block_indices=[],
+                               token_window=10)
+    with pytest.raises(ValueError, match="token mode has no global blocks"):
+        block_sparse_attention(q, q, q, block_size=8, num_sliding_window_blocks=3, global_block_indices=[0],
+                               token_window=8)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_path_computes_the_token_window_too():
+    from lfzh_ds.attention.flex import flex_block_sparse_attention
+
+    torch.manual_seed(2)
+    B, H, L, D = 2, 2, 96, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    key_padding_mask, global_tokens = masks_for(B, L, [0, 30], [[3, 70], [7]])
+    kwargs = dict(block_size=8, num_sliding_window_blocks=5, global_block_indices=[], token_window=15,
+                  key_padding_mask=key_padding_mask, global_tokens=global_tokens)
+    flex = flex_block_sparse_attention(q, k, v, compiled=False, **kwargs)
+    ours = block_sparse_attention(q, k, v, **kwargs)
+    assert (flex - ours).abs().max().item() <= 1e-5

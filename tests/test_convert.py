@@ -61,6 +61,8 @@ def test_converted_model_with_a_window_covering_the_input_gives_the_short_models
     long = AutoModelForMaskedLM.from_pretrained(tmp_path / "long")
     assert type(long) is LongformerZhForMaskedLM
     assert long.config.max_position_embeddings == 160 and long.config.attention_window == 48
+    # the block kernel, computing Longformer's token window exactly
+    assert (long.config.attention_backend, long.config.sparse_window_mode) == ("block_sparse", "token")
     # position rows tiled; global projections start as copies of the local ones
     table = long.bert.embeddings.position_embeddings.weight
     assert torch.equal(table[:40], short.bert.embeddings.position_embeddings.weight)
@@ -150,7 +152,9 @@ def test_released_longformer_zh_layout_loads_with_no_missing_or_unexpected_keys(
     model, info = LongformerZhForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"]
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.config.attention_window == [512, 512] and model.config.attention_backend == "sliding_chunks"
+    # no backend in its config: the block kernel in token mode, the attention it was trained with
+    assert model.config.attention_window == [512, 512]
+    assert (model.config.attention_backend, model.config.sparse_window_mode) == ("block_sparse", "token")
 
     input_ids, attention_mask = padded_batch(seq_len=24, pad_from=17)
     attention_mask[0, 0] = 2  # released convention: [CLS] global
@@ -174,6 +178,7 @@ def test_transformers_longformer_checkpoint_loads_with_shifted_positions(tmp_pat
     ours, info = LongformerZhForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert ours.config.max_position_embeddings == 64 and not ours.training
+    assert (ours.config.attention_backend, ours.config.sparse_window_mode) == ("block_sparse", "token")
 
     input_ids, attention_mask = padded_batch(seq_len=19, pad_from=12, vocab=300, pad_id=pad_token_id)
     global_attention_mask = torch.zeros_like(input_ids)
@@ -354,3 +359,141 @@ def test_an_explicit_problem_type_survives_the_export(tmp_path):
     ours = model(input_ids, attention_mask=attention_mask, labels=labels)
     assert abs(ours.loss.item() - torch.nn.functional.mse_loss(ours.logits, labels).item()) <= TOL
     assert abs(stock(input_ids, attention_mask=attention_mask, labels=labels).loss.item() - ours.loss.item()) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- window modes
+@pytest.mark.parametrize("seq_len", [300, 510])
+def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_len, caplog):
+    """A block-sparse model in token mode (what pretraining trains) is the stock Longformer it exports to."""
+    config = LongformerZhConfig(max_position_embeddings=512, attention_window=64, attention_backend="block_sparse",
+                                sparse_block_size=16, **SMALL)
+    assert config.sparse_window_mode == "token"
+    model = LongformerZhForMaskedLM(config).eval()
+    with caplog.at_level("WARNING", logger="lfzh_ds.convert"):
+        stock = LongformerForMaskedLM.from_pretrained(export_to_hf_longformer(model, tmp_path / "stock", write_tokenizer=False)).eval()
+    assert "differ" not in caplog.text
+    input_ids, attention_mask = padded_batch(seq_len=seq_len, pad_from=seq_len - 40)
+    global_attention_mask = torch.zeros_like(input_ids)
+    global_attention_mask[:, [0, 100, 250]] = 1
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    real = attention_mask.bool()
+    assert max_diff(model(input_ids, **kwargs).logits[real], stock(input_ids, **kwargs).logits[real]) <= TOL
+
+
+def test_a_block_mode_model_still_warns_on_export_and_differs(tmp_path, caplog):
+    config = LongformerZhConfig(max_position_embeddings=512, attention_window=64, attention_backend="block_sparse",
+                                sparse_window_mode="block", sparse_block_size=16, **SMALL)
+    model = LongformerZhForMaskedLM(config).eval()
+    with caplog.at_level("WARNING", logger="lfzh_ds.convert"):
+        stock = LongformerForMaskedLM.from_pretrained(export_to_hf_longformer(model, tmp_path / "stock", write_tokenizer=False)).eval()
+    assert "block mode: stock Longformer uses a token-level sliding window" in caplog.text
+    input_ids, attention_mask = padded_batch(seq_len=300, pad_from=260)
+    real = attention_mask.bool()
+    assert max_diff(model(input_ids, attention_mask=attention_mask).logits[real],
+                    stock(input_ids, attention_mask=attention_mask).logits[real]) > 1e-3
+
+
+def test_a_block_sparse_config_saved_before_window_modes_keeps_its_block_layout(tmp_path):
+    model = LongformerZhForMaskedLM(LongformerZhConfig(max_position_embeddings=64, attention_window=16,
+                                                       attention_backend="block_sparse", sparse_window_mode="block",
+                                                       sparse_block_size=8, **SMALL))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["sparse_window_mode"] == "block"
+    del saved["sparse_window_mode"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert LongformerZhConfig.from_pretrained(tmp_path).sparse_window_mode == "block"
+    # a sliding-chunks config switched to the block kernel gets the exact token mode
+    model.config.attention_backend = "sliding_chunks"
+    model.config.sparse_window_mode = "token"
+    model.save_pretrained(tmp_path / "sliding")
+    switched = LongformerZhConfig.from_pretrained(tmp_path / "sliding", attention_backend="block_sparse")
+    assert switched.sparse_window_mode == "token" and switched.global_block_indices == [0]  # (unused in token mode)
+
+
+def _init_from(model_dir, attention_backend=None):
+    from argparse import Namespace
+
+    from lfzh_ds.training.pretraining import build_model
+
+    model = build_model(Namespace(init_from=str(model_dir), attention_backend=attention_backend), None)
+    attention = model.bert.encoder.layer[0].attention.self
+    return model.config.attention_backend, model.config.sparse_window_mode, type(attention).__name__, \
+        getattr(attention, "token_window", None)
+
+
+def test_init_from_runs_the_block_kernel_in_token_mode_unless_told_otherwise(tmp_path):
+    """--init-from: converted, released-layout, transformers-layout and sliding-chunks models run the block kernel
+    with their exact token window; a block-mode model keeps its layout; --attention-backend overrides."""
+    short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=40, **SMALL))
+    short.save_pretrained(tmp_path / "short")
+    convert_bert_to_longformer(tmp_path / "short", tmp_path / "converted", max_pos=64, attention_window=32)
+    token = ("block_sparse", "token", "BlockSparseSelfAttention", 16)
+    assert _init_from(tmp_path / "converted") == token
+    assert _init_from(tmp_path / "converted", "sliding_chunks")[2] == "SlidingChunksSelfAttention"
+
+    sliding = LongformerZhForMaskedLM(LongformerZhConfig(max_position_embeddings=64, attention_window=32, **SMALL))
+    sliding.save_pretrained(tmp_path / "sliding")
+    assert _init_from(tmp_path / "sliding") == token
+    released = json.loads((tmp_path / "sliding" / "config.json").read_text())
+    for key in ("attention_backend", "sparse_window_mode", "sparse_block_size", "num_sliding_window_blocks",
+                "global_block_indices", "global_block_end_indices"):
+        del released[key]
+    (tmp_path / "sliding" / "config.json").write_text(json.dumps({**released, "model_type": "bert"}))
+    assert _init_from(tmp_path / "sliding") == token  # the released layout
+
+    small_hf_longformer(pad_token_id=0).save_pretrained(tmp_path / "hf")
+    assert _init_from(tmp_path / "hf") == ("block_sparse", "token", "BlockSparseSelfAttention", 4)
+
+    block = LongformerZhForMaskedLM(LongformerZhConfig(max_position_embeddings=64, attention_window=32, sparse_block_size=8,
+                                                       attention_backend="block_sparse", sparse_window_mode="block", **SMALL))
+    block.save_pretrained(tmp_path / "block")
+    assert _init_from(tmp_path / "block") == ("block_sparse", "block", "BlockSparseSelfAttention", None)
+
+
+@pytest.mark.slow  # torch.distributed stays up in this process, as in test_pretrain's in-process runs
+def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_block_kernel(tmp_path, shard_folder,
+                                                                                           monkeypatch, frugal_torch,
+                                                                                           capsys):
+    """launch/pretrain.py --init-from a converted model: the block kernel in token mode (asked for by nothing),
+    with the losses of the same run on transformers' sliding chunks, step by step (fp32, hidden dropout on)."""
+    import socket
+
+    from launch.pretrain import main
+    from lfzh_ds.training.checkpoint import load_model_from_run
+    from lfzh_ds.training.metrics import read_metrics
+
+    short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                                       attention_probs_dropout_prob=0.0, **SMALL))
+    short.save_pretrained(tmp_path / "short")
+    # window 16: token mode takes blocks of 9 (one each side); sequences of 144 tokens, a multiple of 9 and of 16,
+    # are padded by neither backend, so hidden dropout draws the same masks in both runs
+    convert_bert_to_longformer(tmp_path / "short", tmp_path / "converted", max_pos=144, attention_window=16)
+    data = shard_folder({"train": [[900, 700, 600]], "validation": [[100]]}, seq_len=144)
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}, "zero_optimization": {"stage": 2},
+    }))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LFZH_FAULT", raising=False)
+
+    def losses(run_dir, *extra):
+        assert main(["--deepspeed_config", str(ds_config), "--data", str(data), "--output-dir", str(run_dir),
+                     "--init-from", str(tmp_path / "converted"), "--max-steps", "4", "--save-interval", "4",
+                     "--eval-interval", "0", "--log-interval", "1", *extra]) == 0
+        return [record["loss"] for record in read_metrics(run_dir)[0]]
+
+    token = losses(tmp_path / "token")
+    assert "attention block_sparse" in capsys.readouterr().out
+    trained = load_model_from_run(tmp_path / "token").config
+    assert (trained.attention_backend, trained.sparse_window_mode) == ("block_sparse", "token")
+    sliding = losses(tmp_path / "sliding", "--attention-backend", "sliding_chunks")
+    assert "attention sliding_chunks" in capsys.readouterr().out
+    assert len(token) == len(sliding) == 4 and len(set(token)) == 4  # the model trains
+    assert max(abs(a - b) for a, b in zip(token, sliding)) <= 1e-5

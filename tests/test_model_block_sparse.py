@@ -1,8 +1,8 @@
 """The full model on the block_sparse backend (the kernel itself is tested in its own files).
 
-When both layouts cover the whole input, block-sparse and sliding-chunks attention are the same
-computation (full attention plus Longformer's global tokens), so the two backends must agree; with a
-narrow window they must not.
+In token mode block-sparse and sliding-chunks attention are the same computation at any window. In
+block mode they are when both layouts cover the whole input (full attention plus Longformer's global
+tokens), so the two backends must agree there; with a narrow window they must not.
 """
 import pytest
 import torch
@@ -22,7 +22,7 @@ def config(backend, attention_window=16, **overrides):
     fields = dict(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=128, attention_window=attention_window, attention_backend=backend, sparse_block_size=8,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        sparse_window_mode="block", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     fields.update(overrides)
     return LongformerZhConfig(**fields)
@@ -142,3 +142,29 @@ def test_block_sparse_model_saves_and_loads_and_a_sliding_checkpoint_can_switch_
     assert switched.config.attention_backend == "block_sparse"
     real = attention_mask.bool()
     assert max_diff(switched(input_ids, **kwargs).logits[real], sliding(input_ids, **kwargs).logits[real]) <= TOL
+
+
+@pytest.mark.parametrize("windows, seq_len", [([16, 32], 61), (24, 70), ([8, 16], 33)])
+def test_token_mode_equals_sliding_chunks_on_a_whole_model_where_block_mode_does_not(windows, seq_len):
+    # bands of 1-2 blocks each side (window 24 at a preferred block of 8: two blocks of 6), lengths not a
+    # multiple of any window, padding and global tokens; logits and every parameter's gradient
+    sliding = LongformerZhForMaskedLM(config("sliding_chunks", windows)).eval()
+    token = LongformerZhForMaskedLM(config("block_sparse", windows, sparse_window_mode="token")).eval()
+    block = LongformerZhForMaskedLM(config("block_sparse", windows)).eval()
+    for other in (token, block):
+        other.load_state_dict(sliding.state_dict())
+    input_ids, attention_mask, global_attention_mask = batch(seq_len, pad_from=seq_len - 9)
+    labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100).masked_fill(attention_mask == 0, -100)
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    real = attention_mask.bool()
+    expected = sliding(input_ids, **kwargs).logits
+    assert max_diff(token(input_ids, **kwargs).logits[real], expected[real]) <= TOL
+    # the block layout sees other keys: the comparison can tell the modes apart
+    assert max_diff(block(input_ids, **kwargs).logits[real], expected[real]) > 1e-3
+
+    token(input_ids, labels=labels, **kwargs).loss.backward()
+    sliding(input_ids, labels=labels, **kwargs).loss.backward()
+    sliding_params = dict(sliding.named_parameters())
+    for name, p in token.named_parameters():
+        token_grad = p.grad if p.grad is not None else torch.zeros_like(p)  # (key biases: zero either way)
+        assert max_diff(token_grad, sliding_params[name].grad) <= TOL, name

@@ -205,15 +205,18 @@ def test_per_layer_windows_must_divide_the_largest_as_in_transformers_longformer
 
 def test_keyword_overrides_in_from_pretrained_are_validated(tmp_path):
     LongformerZhForMaskedLM(small_config()).save_pretrained(tmp_path)  # window 8, sliding_chunks
-    # block_sparse with 64-token blocks cannot hold a window of 8: refused on direct construction, and now here too
+    # block mode with 64-token blocks cannot hold a window of 8: refused on direct construction, and now here too
     with pytest.raises(ValueError, match="sparse_block_size=64"):
-        LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse")
+        LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse", sparse_window_mode="block")
+    with pytest.raises(ValueError, match="sparse_window_mode='tokens': choose one of"):
+        LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse", sparse_window_mode="tokens")
     with pytest.raises(ValueError, match=r"attention_window\[0\]=7 must be a positive even int"):
         LongformerZhConfig.from_pretrained(tmp_path, attention_window=7)
     with pytest.raises(ValueError, match="does not divide the largest"):
         AutoModelForMaskedLM.from_pretrained(tmp_path, attention_window=[6, 8])
     # valid overrides still apply
-    model = LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse", sparse_block_size=8)
+    model = LongformerZhForMaskedLM.from_pretrained(tmp_path, attention_backend="block_sparse", sparse_block_size=8,
+                                                    sparse_window_mode="block")
     assert model.config.attention_backend == "block_sparse" and model.config.padding_multiple() == 8
 
 

@@ -7,6 +7,12 @@ come Longformer's token-level global tokens: every token also attends to them (r
 and their own outputs are recomputed with ``query_global/key_global/value_global`` over all
 non-padding tokens. Padding keys are never attended; padding queries get a zero output.
 
+Token mode (``token_window=w``, no global blocks) is exactly Longformer's attention: each token sees
+the keys within ``w`` tokens of it. With ``k`` band blocks each side and ``k * block`` equal to ``w``
+or ``w + 1``, the band holds every such key, and the keys farther than ``w`` all lie in the band's two
+outermost blocks, in a triangle that is the same for every block row: two fixed ``[block, block]``
+masks, added to those two blocks of the scores.
+
 How the kernel works (``_BandAttention``, forward and backward written out; ``_Plan`` the layout):
 
 * The keys a query block sees split into the *band* (its own block and ``w`` blocks each side:
@@ -45,6 +51,7 @@ __all__ = [
     "global_blocks_of",
     "dense_mask_from_layout",
     "block_sparse_attention",
+    "check_token_geometry",
     "BlockSparseSelfAttention",
     "empty_cache",
 ]
@@ -109,6 +116,19 @@ def dense_mask_from_layout(
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask[:, None, None, :]
     return mask
+
+
+def check_token_geometry(block_size, num_sliding_window_blocks, token_window, global_block_indices) -> None:
+    """Token mode's band: the keys outside the window must all sit in its two outermost blocks."""
+    reach = (num_sliding_window_blocks // 2) * block_size
+    if reach - token_window not in (0, 1):
+        raise ValueError(
+            f"token_window={token_window} needs a band reaching {token_window} or {token_window + 1} tokens each "
+            f"side, got {num_sliding_window_blocks} blocks of {block_size} ({reach}); see configuration.token_window_blocks"
+        )
+    if len(global_block_indices):
+        raise ValueError(f"token mode has no global blocks (got global_block_indices={list(global_block_indices)}); "
+                         "Longformer's global attention is per token: pass global_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- kernel
@@ -238,12 +258,14 @@ class _Plan:
     slow per-matrix loop on CPU).
 
     Masks: a key is attended in the band unless it lies outside the sequence, is padding or is a
-    global key (those are counted once, in the global columns); the global keys of each batch element
+    global key (those are counted once, in the global columns), or, in token mode, is farther than the
+    token window from the query (``edge_bias``: the two outermost band blocks); the global keys of each batch element
     (tokens of global blocks and token-level global tokens, padded to ``G`` with masked slots); the
     rows of global blocks, which attend every key.
     """
 
-    def __init__(self, q, block, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens):
+    def __init__(self, q, block, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens,
+                 token_window=None):
         B, H, L, D = q.shape
         device, dtype = q.device, q.dtype
         self.B, self.H, self.L, self.D, self.N = B, H, L, D, B * H
@@ -253,6 +275,15 @@ class _Plan:
         self.pad = self.half * block
         self.T = self.N * self.nb
         neg = _masked_value(dtype)
+        # token mode: query row r of a block sees band column c of the first block at distance
+        # half * block + r - c, and column c of the last block at half * block + c - r. (A band clipped
+        # to a short sequence holds no key farther than the window: nothing to mask.)
+        self.edge_bias = None
+        if token_window is not None and self.half == num_sliding_window_blocks // 2:
+            r = torch.arange(block, device=device)
+            too_far = (self.half * block + r[:, None] - r[None, :]) > token_window  # [row, column] of the first block
+            first = torch.zeros(block, block, dtype=dtype, device=device).masked_fill_(too_far, neg)
+            self.edge_bias = (first, first.T.contiguous())
 
         in_global_block = torch.zeros(L, dtype=torch.bool, device=device)
         for g in global_blocks:
@@ -358,6 +389,9 @@ class _Plan:
         c = self.chunks[chunk]
         probs = _SCRATCH.take((c.t1 - c.t0, self.block, self.width), q_flat.dtype, q_flat.device)
         probs.baddbmm_(self.windows(q_flat)[c.t0 : c.t1], self.bands(k_flat, self.width)[c.t0 : c.t1], beta=0.0)
+        if self.edge_bias is not None:
+            probs[..., : self.block].add_(self.edge_bias[0])
+            probs[..., self.W - self.block : self.W].add_(self.edge_bias[1])
         if self.chunk_masks[chunk] is not None:
             probs.transpose(1, 2)[self.chunk_masks[chunk]] = _masked_value(probs.dtype)
         if self.G:
@@ -586,6 +620,7 @@ def block_sparse_attention(
     global_block_end_indices=None,
     key_padding_mask: torch.Tensor | None = None,
     global_tokens: torch.Tensor | None = None,
+    token_window: int | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
     scale: float | None = None,
@@ -597,11 +632,16 @@ def block_sparse_attention(
     token, with the regular key/value). The rows of global tokens are *not* recomputed here (that
     needs the global projections; ``BlockSparseSelfAttention`` does it). Equal, up to rounding, to
     ``scaled_dot_product_attention`` with ``dense_mask_from_layout(...)`` on non-padding rows.
+    ``token_window`` (token mode): the band is cut to the keys within that many tokens of each query
+    (Longformer's one-sided window); needs ``(num_sliding_window_blocks // 2) * block_size`` equal to
+    it or one more (``configuration.token_window_blocks`` picks such a geometry) and no global blocks.
     The output may be a strided view.
     """
     B, H, L, D = q.shape
     if L % block_size:
         raise ValueError(f"sequence length {L} is not a multiple of block_size={block_size}; pad the input first")
+    if token_window is not None:
+        check_token_geometry(block_size, num_sliding_window_blocks, token_window, global_block_indices)
     device = q.device
     if key_padding_mask is None:
         key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
@@ -609,7 +649,7 @@ def block_sparse_attention(
         global_tokens = torch.zeros(B, L, dtype=torch.bool, device=device)
     global_tokens = global_tokens & ~key_padding_mask
     global_blocks = global_blocks_of(L // block_size, global_block_indices, global_block_end_indices)
-    plan = _Plan(q, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens)
+    plan = _Plan(q, block_size, num_sliding_window_blocks, global_blocks, key_padding_mask, global_tokens, token_window)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     # (inside autograd.Function.forward grad mode is always off and needs_input_grad ignores no_grad)
     saving = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -624,7 +664,9 @@ class BlockSparseSelfAttention(nn.Module):
     Parameters as BERT's self-attention plus ``query_global, key_global, value_global``.
     ``forward(hidden_states [B, L, H], is_index_masked [B, L], is_index_global_attn [B, L])`` returns
     ``(context [B, L, H], None)``: the block-sparse kernel never builds attention matrices, so
-    ``output_attentions`` gives ``None``. ``L`` must be a multiple of ``config.sparse_block_size``.
+    ``output_attentions`` gives ``None``. ``L`` must be a multiple of ``config.layer_block_size(layer_id)``
+    (``config.sparse_block_size`` in block mode). ``config.sparse_window_mode`` chooses the pattern: ``"token"``
+    is exactly Longformer's (``sliding_chunks``), ``"block"`` the DeepSpeed block layout.
     """
 
     def __init__(self, config, layer_id: int):
@@ -644,11 +686,14 @@ class BlockSparseSelfAttention(nn.Module):
         self.key_global = nn.Linear(self.embed_dim, self.embed_dim)
         self.value_global = nn.Linear(self.embed_dim, self.embed_dim)
         self.dropout = config.attention_probs_dropout_prob
-        self.block_size = config.sparse_block_size
+        self.block_size = config.layer_block_size(layer_id)
         self.num_sliding_window_blocks = config.layer_sliding_window_blocks(layer_id)
-        self.global_block_indices = list(config.global_block_indices)
+        token_mode = config.sparse_window_mode == "token"
+        # token mode: Longformer's one-sided window, and no global blocks (its global attention is per token)
+        self.token_window = config.layer_attention_window(layer_id) // 2 if token_mode else None
+        self.global_block_indices = [] if token_mode else list(config.global_block_indices)
         self.global_block_end_indices = (
-            None if config.global_block_end_indices is None else list(config.global_block_end_indices)
+            None if token_mode or config.global_block_end_indices is None else list(config.global_block_end_indices)
         )
         # "auto": FlexAttention on CUDA GPUs that support it when no dropout applies (see flex.py),
         # the pure-PyTorch kernel elsewhere; "torch" / "flex" force one path.
@@ -676,7 +721,7 @@ class BlockSparseSelfAttention(nn.Module):
         B, L, _ = hidden_states.shape
         if L % self.block_size:
             raise ValueError(
-                f"sequence length {L} is not a multiple of sparse_block_size={self.block_size} "
+                f"sequence length {L} is not a multiple of the block size {self.block_size} "
                 f"(layer {self.layer_id}); pad the input (LongformerZhModel does this for you)"
             )
         is_index_global_attn = is_index_global_attn & ~is_index_masked
@@ -690,6 +735,7 @@ class BlockSparseSelfAttention(nn.Module):
             global_block_end_indices=self.global_block_end_indices,
             key_padding_mask=is_index_masked,
             global_tokens=is_index_global_attn,
+            token_window=self.token_window,
         )
         if self._use_flex(q):
             from .flex import flex_block_sparse_attention

@@ -2,8 +2,9 @@
 
 Same semantics as ``block_sparse.block_sparse_attention``: the layout of ``block_sparse_layout``
 (sliding window of blocks + global blocks), every query also attending the token-level global tokens,
-padding keys never attended, padding query rows zero. The block mask is built from the same layout
-tensor, so results agree with the pure-PyTorch kernel up to floating-point rounding.
+padding keys never attended, padding query rows zero; in token mode (``token_window``) the token-level
+sliding window ``|q - k| <= token_window`` instead of the block layout. The mask is built from the same
+layout tensor (or window), so results agree with the pure-PyTorch kernel up to floating-point rounding.
 
 Where it runs: compiled FlexAttention needs a CUDA GPU of compute capability 8.0 or newer (Ampere,
 Hopper, ...) for forward and backward. It has no attention dropout, so ``BlockSparseSelfAttention``
@@ -19,7 +20,7 @@ import functools
 
 import torch
 
-from .block_sparse import block_sparse_layout
+from .block_sparse import block_sparse_layout, check_token_geometry
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -51,17 +52,22 @@ def _compiled_flex():
 
 
 def block_mask_for(L, block, num_sliding_window_blocks, global_block_indices, global_block_end_indices,
-                   key_padding_mask, global_tokens, device):
-    """FlexAttention ``BlockMask`` of the layout plus token-level global keys minus padding keys
-    (``key_padding_mask``, ``global_tokens``: [B, L] bool)."""
+                   key_padding_mask, global_tokens, device, token_window=None):
+    """FlexAttention ``BlockMask`` of the layout (or, with ``token_window``, the token-level window) plus
+    token-level global keys minus padding keys (``key_padding_mask``, ``global_tokens``: [B, L] bool)."""
     layout = block_sparse_layout(L // block, num_sliding_window_blocks, global_block_indices,
                                  global_block_end_indices)[0].to(device)
     B = key_padding_mask.shape[0]
     attendable = ~key_padding_mask  # [B, L]
     extra = global_tokens & attendable  # [B, L]
 
+    def local(q_idx, kv_idx):
+        if token_window is None:
+            return layout[q_idx // block, kv_idx // block]
+        return (q_idx - kv_idx).abs() <= token_window
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return (layout[q_idx // block, kv_idx // block] | extra[b, kv_idx]) & attendable[b, kv_idx]
+        return (local(q_idx, kv_idx) | extra[b, kv_idx]) & attendable[b, kv_idx]
 
     return create_block_mask(mask_mod, B, None, L, L, device=device, _compile=device.type == "cuda")
 
@@ -77,6 +83,7 @@ def flex_block_sparse_attention(
     global_block_end_indices=None,
     key_padding_mask: torch.Tensor | None = None,
     global_tokens: torch.Tensor | None = None,
+    token_window: int | None = None,
     scale: float | None = None,
     compiled: bool = True,
     block_mask=None,
@@ -91,28 +98,31 @@ def flex_block_sparse_attention(
     B, H, L, D = q.shape
     if L % block_size:
         raise ValueError(f"sequence length {L} is not a multiple of block_size={block_size}; pad the input first")
+    if token_window is not None:
+        check_token_geometry(block_size, num_sliding_window_blocks, token_window, global_block_indices)
     if key_padding_mask is None:
         key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=q.device)
     if global_tokens is None:
         global_tokens = torch.zeros(B, L, dtype=torch.bool, device=q.device)
     if block_mask is None:
         block_mask = block_mask_for(L, block_size, num_sliding_window_blocks, global_block_indices,
-                                    global_block_end_indices, key_padding_mask, global_tokens, q.device)
+                                    global_block_end_indices, key_padding_mask, global_tokens, q.device, token_window)
     attend = _compiled_flex() if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask, scale=scale)
     return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
 
 
 class FlexBlockSparse:
-    """A fixed layout, callable on ``(q, k, v, key_padding_mask=None, global_tokens=None)``.
+    """A fixed layout (or token window), callable on ``(q, k, v, key_padding_mask=None, global_tokens=None)``.
 
     Calls without padding or global tokens reuse one block mask per (batch, length, device): building
     it costs more than the attention itself on CPU (``create_block_mask`` is not compiled there).
     """
 
     def __init__(self, block_size, num_sliding_window_blocks, global_block_indices=(0,), global_block_end_indices=None,
-                 compiled: bool = True):
+                 compiled: bool = True, token_window: int | None = None):
         self.layout = (block_size, num_sliding_window_blocks, global_block_indices, global_block_end_indices)
+        self.token_window = token_window
         self.compiled = compiled
         self.masks = {}
 
@@ -124,10 +134,11 @@ class FlexBlockSparse:
             key = (B, L, q.device)
             if key not in self.masks:
                 nothing = torch.zeros(B, L, dtype=torch.bool, device=q.device)
-                self.masks[key] = block_mask_for(L, block_size, windows, starts, ends, nothing, nothing, q.device)
+                self.masks[key] = block_mask_for(L, block_size, windows, starts, ends, nothing, nothing, q.device,
+                                                 self.token_window)
             block_mask = self.masks[key]
         return flex_block_sparse_attention(
             q, k, v, block_size=block_size, num_sliding_window_blocks=windows, global_block_indices=starts,
             global_block_end_indices=ends, key_padding_mask=key_padding_mask, global_tokens=global_tokens,
-            compiled=self.compiled, block_mask=block_mask,
+            token_window=self.token_window, compiled=self.compiled, block_mask=block_mask,
         )

@@ -162,10 +162,17 @@ def recorded_validation_bpc(metrics_path) -> tuple[float | None, float | None]:
 
 
 def build_model(args: Namespace, model_config):
+    """--init-from continues a model with the attention it was trained for, on the block kernel: a converted,
+    released, transformers-layout or sliding-chunks model runs block_sparse in token mode (exactly its
+    Longformer window), a block-sparse model keeps its own window mode; --attention-backend overrides."""
+    from ..convert import read_config_dict
     from ..modeling import LongformerZhForMaskedLM
 
     if args.init_from:
-        kwargs = {"attention_backend": args.attention_backend} if getattr(args, "attention_backend", None) else {}
+        backend = getattr(args, "attention_backend", None)
+        if backend is None and read_config_dict(args.init_from).get("attention_backend") != "block_sparse":
+            backend = "block_sparse"
+        kwargs = {"attention_backend": backend} if backend else {}
         return LongformerZhForMaskedLM.from_pretrained(args.init_from, **kwargs)
     return LongformerZhForMaskedLM(model_config)
 
