@@ -17,7 +17,7 @@ is, and why"); the quick start itself trains with the ``deepspeed`` launcher.
 A recipe is ``name`` or comma-separated ``key=value`` changes to the base recipe (keys: mask, lr, warmup,
 batch, hidden, layers, heads, ffn, window, static, data2 (a second shard folder), switch (the step at which
 training moves on to data2), bias (1: the output bias starts at the training split's log character frequencies),
-steps (this recipe's number of steps instead of --steps)).
+steps (this recipe's number of steps instead of --steps), dropout (hidden and attention dropout, BERT's 0.1)).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from lfzh_ds.training.evaluation import (collate, frequency_baseline_bpc,  # noq
 from lfzh_ds.training.pretraining import init_output_bias_to_unigram  # noqa: E402
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
-        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0}
+        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1}
 
 
 def parse_recipe(text: str) -> dict:
@@ -79,7 +79,8 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
                                 num_attention_heads=int(recipe["heads"]), intermediate_size=int(recipe["ffn"]),
                                 max_position_embeddings=max(max_len, val.seq_len),
                                 attention_window=int(recipe["window"]), attention_backend="block_sparse",
-                                sparse_block_size=64)
+                                sparse_block_size=64, hidden_dropout_prob=float(recipe["dropout"]),
+                                attention_probs_dropout_prob=float(recipe["dropout"]))
     model = LongformerZhForMaskedLM(config)
     if recipe["bias"]:
         init_output_bias_to_unigram(model, token_counts(train))

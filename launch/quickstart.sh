@@ -16,8 +16,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 OUT="${1:-quickstart_out}"
-STEPS="${QUICKSTART_STEPS:-300}"
-MASK_PROB=0.3
+STEPS="${QUICKSTART_STEPS:-600}"
 START=$SECONDS
 
 stage() { echo; echo "=== $* ($((SECONDS - START)) s)"; }
@@ -54,7 +53,9 @@ cat > "$OUT/model_config.json" <<'JSONEOF'
   "max_position_embeddings": 512,
   "attention_window": 128,
   "attention_backend": "block_sparse",
-  "sparse_block_size": 64
+  "sparse_block_size": 64,
+  "hidden_dropout_prob": 0.0,
+  "attention_probs_dropout_prob": 0.0
 }
 JSONEOF
 if [ -e "$RUN" ]; then  # never delete a run the user may have continued
@@ -64,7 +65,7 @@ if [ -e "$RUN" ]; then  # never delete a run the user may have continued
 fi
 deepspeed --num_gpus 2 --master_port "${QUICKSTART_PORT:-29533}" launch/pretrain.py \
   --deepspeed_config ds_configs/quickstart_cpu.json --data "$OUT/shards" --output-dir "$RUN" \
-  --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic --mask-prob "$MASK_PROB" \
+  --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic \
   --output-bias-init unigram --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
   --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42
 

@@ -106,6 +106,12 @@ class LongformerZhConfig(BertConfig):
         (result[0] if isinstance(result, tuple) else result).validate_longformer()
         return result
 
+    @classmethod
+    def from_json_file(cls, json_file):
+        """Through :meth:`from_dict`, so a saved file gets the same defaults as ``from_pretrained`` (a block-sparse
+        config saved before window modes existed keeps its block layout)."""
+        return cls.from_dict(cls._dict_from_json_file(json_file))
+
     # ------------------------------------------------------------------ validation
     def validate_longformer(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

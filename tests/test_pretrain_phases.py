@@ -168,3 +168,15 @@ def test_mask_prob_with_static_masks_or_against_the_checkpoint_is_refused(setup,
     capsys.readouterr()
     assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume", "--mask-prob", "0.2") == 2
     assert "--mask-prob 0.2 differs from the run being resumed" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_window_mode_its_checkpoint_was_trained_with(setup, in_process, capsys):
+    tmp_path, short, _ = setup
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY_MODEL, "sparse_window_mode": "block"}))
+    run_dir = tmp_path / "run"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "2") == 0
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_MODEL))  # no mode: token, the default now
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume") == 0
+    assert "trained with sparse_window_mode 'block': keeping it" in capsys.readouterr().out
+    assert json.loads((run_dir / "checkpoints" / "step_4" / "config.json").read_text())["sparse_window_mode"] == "block"

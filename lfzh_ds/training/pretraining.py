@@ -331,6 +331,21 @@ def continued_model_config(args: Namespace):
     return config, ckpt_dir, tag, ckpt.read_training_state(ckpt_dir / tag)
 
 
+def keep_window_mode(model_config, tag_dir, say) -> None:
+    """A resumed run keeps the attention its checkpoint was trained with, whatever its --model-config now says
+    (a config naming no window mode meant the block layout before token mode existed)."""
+    from ..configuration import LongformerZhConfig
+
+    saved_file = tag_dir / ckpt.MODEL_CONFIG_FILENAME
+    if model_config is None or not saved_file.is_file():
+        return
+    saved = LongformerZhConfig.from_json_file(str(saved_file))
+    if saved.attention_backend == model_config.attention_backend == "block_sparse" and \
+            saved.sparse_window_mode != model_config.sparse_window_mode:
+        say(f"note: the checkpoint was trained with sparse_window_mode {saved.sparse_window_mode!r}: keeping it")
+        model_config.sparse_window_mode = saved.sparse_window_mode
+
+
 def set_learning_rate(engine, rate: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = rate
@@ -398,6 +413,7 @@ def run(args: Namespace) -> RunSummary:
     if resume is not None:
         continue_checkpoint_settings(args, resume, resolved, run_dir, say)
         continued = None  # the run's own checkpoint now holds everything
+        keep_window_mode(model_config, ckpt.checkpoints_dir(run_dir) / resume.tag, say)
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.masking = args.masking or DEFAULT_MASKING
     if args.mask_prob is not None and args.masking != "dynamic":
