@@ -47,7 +47,7 @@ class FilterOptions:
     min_cjk_share: float | None = 0.2
     max_symbol_share: float | None = 0.6
     max_repeated_line_share: float | None = 0.5
-    max_repeated_ngram_share: float | None = 0.65
+    max_repeated_ngram_share: float | None = 0.75
     max_boilerplate_share: float | None = 0.5
 
     def active(self) -> tuple[str, ...]:

@@ -146,7 +146,8 @@ class PipelineConfig:
         }
 
     def near_dedup_config(self) -> dict | None:
-        if not self.near_dedup:
+        """The near-dedup rule, or None when it is off (``near_dedup=False``, or ``dedup=False``: keep every copy)."""
+        if not (self.dedup and self.near_dedup):
             return None
         return {"threshold": self.near_dedup_threshold, "ngram": near_duplicates.NGRAM,
                 "bands": near_duplicates.NUM_BANDS, "rows_per_band": near_duplicates.BAND_ROWS}
@@ -491,7 +492,7 @@ def run(config: PipelineConfig) -> RunResult:
 
 def _document_options(config: PipelineConfig) -> DocumentOptions:
     return DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, clean=config.clean,
-                           filters=config.filters, near_dedup=config.near_dedup)
+                           filters=config.filters, near_dedup=config.near_dedup_config() is not None)
 
 
 def _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session):
@@ -559,10 +560,10 @@ def _plan(config, keys, work, rejects: RejectsReport):
             seen[digest] = (chunk.meta["path"], int(lines[row]))
             docs.append((number, row, int(lengths[row]), digest, int(chars[row])))
             rows.append(row)
-        if config.near_dedup:
+        if config.near_dedup_config():
             bands.append(chunk.bands()[rows])
     stages.merge(exact)
-    if config.near_dedup:
+    if config.near_dedup_config():
         near = StageCounts(["near_dedup"])
         removed = _near_duplicates(config, keys, work, docs, np.concatenate(bands), rejects)
         for index, doc in enumerate(docs):

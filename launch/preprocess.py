@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
     p.add_argument("--min-chars", type=int, default=10, help="drop documents shorter than this after cleaning")
     p.add_argument("--max-chars", type=int, default=1_000_000, help="drop documents longer than this")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    p.add_argument("--no-dedup", action="store_true", help="keep duplicate documents (exact and near: no dedup at all)")
     p.add_argument("--no-near-dedup", action="store_true",
                    help="keep near-duplicate documents (MinHash LSH over character 5-grams, checked by exact Jaccard)")
     p.add_argument("--near-dedup-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="JACCARD",
