@@ -565,7 +565,8 @@ def _plan(config, keys, work, rejects: RejectsReport):
     stages.merge(exact)
     if config.near_dedup_config():
         near = StageCounts(["near_dedup"])
-        removed = _near_duplicates(config, keys, work, docs, np.concatenate(bands), rejects)
+        bands = np.concatenate(bands) if bands else np.zeros((0, near_duplicates.NUM_BANDS), np.uint64)
+        removed = _near_duplicates(config, keys, work, docs, bands, rejects)
         for index, doc in enumerate(docs):
             near.enter("near_dedup", doc[4])
             if index not in removed:

@@ -7,8 +7,8 @@ two documents are near-duplicates when the Jaccard similarity of their sets of c
 - :func:`shingles`: the sorted, unique 64-bit hashes of a text's character n-grams (numpy,
   vectorised: code points -> polynomial hash of each window -> a 64-bit mixer).
 - :func:`band_keys`: the text's LSH keys: ``NUM_BANDS`` MinHash bands of ``BAND_ROWS`` values
-  (hash functions ``(a x + b) mod 2**64``, top 32 bits), every band folded to one 64-bit key. Two documents become candidates when they
-  share a key in the same band; with 20 bands of 5 a pair at Jaccard 0.8 is a candidate with
+  (hash functions ``(a x + b) mod 2**64``, top 32 bits), every band folded to one 64-bit key.
+  Two documents become candidates when they share a key in the same band; with 20 bands of 5 a pair at Jaccard 0.8 is a candidate with
   probability 0.9997, at 0.5 with 0.47 (and the exact check then rejects it).
 - :func:`candidate_pairs`: from the keys of a whole corpus, the pairs ``(i, j)``, ``i < j``,
   that share a bucket: each document is paired with the first and with the previous document
@@ -31,7 +31,6 @@ BAND_ROWS = 5
 DEFAULT_THRESHOLD = 0.8
 
 _U64 = np.uint64
-_MASK64 = (1 << 64) - 1
 _POLY = _U64(0x100000001B3)  # FNV-1a's 64-bit prime: multiplier of the n-gram polynomial
 
 
