@@ -68,6 +68,8 @@ def cpu_and_wall(fn, *args, **kwargs):
 
 def stage_rates(texts: list[str], seq_len: int) -> dict:
     from data_service.clean import _jionlp, clean_document
+    from data_service.filters import FilterOptions, failed_filter
+    from lfzh_ds.near_duplicates import band_keys
     from data_service.pack import build_shard
     from data_service.segment import WordTokenizer, _jieba
     from lfzh_ds.tokenization import load_tokenizer, normalize_text
@@ -99,6 +101,10 @@ def stage_rates(texts: list[str], seq_len: int) -> dict:
     rates["pack + mask x2 + Arrow encode"] = chars / t
     _, t = timed(lambda: [clean_document(x) for x in texts])
     rates["clean_document (jionlp + normalise)"] = chars / t
+    _, t = timed(lambda: [failed_filter(x, FilterOptions()) for x in normalised])
+    rates["quality filters (all five)"] = chars / t
+    _, t = timed(lambda: [band_keys(x) for x in normalised])
+    rates["MinHash LSH keys (near dedup, worker side)"] = chars / t
     return rates
 
 
