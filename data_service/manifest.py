@@ -14,6 +14,10 @@
                         (document_tokens: the documents' own tokens; tokens: packed tokens before the
                         padding, [CLS]/[SEP] included, as in the splits)
     rejects             {reason: count}
+    stages              [{stage, documents_in, characters_in, documents_out, characters_out}] in the
+                        order the stages run: read (records in, documents out; characters of the
+                        records that decode), max_length, clean (characters after cleaning leave it),
+                        min_length, each quality filter that is on, tokenize, exact_dedup, near_dedup
 
 ``documents_sha256`` hashes the content hashes of the shard's documents in order; a rerun uses
 it to know that an existing shard file was built from the same documents.
@@ -49,6 +53,42 @@ def dumps(obj) -> bytes:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_bytes_atomic(path, dumps(obj))
+
+
+class StageCounts:
+    """Documents and characters entering and leaving each stage of the pipeline, in stage order."""
+
+    def __init__(self, names=()):
+        self.rows: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in names}
+
+    def enter(self, stage: str, chars: int) -> None:
+        row = self.rows[stage]
+        row[0] += 1
+        row[1] += chars
+
+    def leave(self, stage: str, chars: int) -> None:
+        row = self.rows[stage]
+        row[2] += 1
+        row[3] += chars
+
+    def merge(self, other: "StageCounts") -> None:
+        for name, counts in other.rows.items():
+            row = self.rows.setdefault(name, [0, 0, 0, 0])
+            for k, value in enumerate(counts):
+                row[k] += value
+
+    def to_json(self) -> list[dict]:
+        return [{"stage": name, "documents_in": r[0], "characters_in": r[1], "documents_out": r[2],
+                 "characters_out": r[3]} for name, r in self.rows.items()]
+
+    def to_state(self) -> list:
+        return [[name, row] for name, row in self.rows.items()]
+
+    @classmethod
+    def from_state(cls, state) -> "StageCounts":
+        counts = cls()
+        counts.rows = {name: list(row) for name, row in state}
+        return counts
 
 
 class RejectsReport:

@@ -15,10 +15,13 @@ it open. ``num_workers`` caps the tasks in flight on a cluster or an existing co
 What runs where:
 1. driver: list the inputs, hash them, detect formats, cut them into chunks (byte ranges ending on
    a record boundary) and ship each chunk's bytes to a worker;
-2. workers (``process.process_chunk``): parse, clean, drop short/long documents, hash, segment
-   and tokenize; the driver stores each result under ``OUTPUT/_work/chunks/``;
-3. driver: global exact dedup and the train/validation split (by content hash, so a document and
-   its duplicates land in one split), then the shard plan (documents never cross shards);
+2. workers (``process.process_chunk``): parse, clean, drop short/long documents, apply the quality
+   filters (``filters.py``), hash, segment and tokenize, and compute each document's MinHash LSH
+   keys; the driver stores each result under ``OUTPUT/_work/chunks/``;
+3. driver: global exact dedup, then near dedup (``lfzh_ds.near_duplicates``: candidate pairs from
+   the LSH keys of the whole corpus, checked by exact Jaccard on the stored cleaned texts; the
+   earliest copy in input order is kept), the train/validation split (by content hash, so a
+   document and its duplicates land in one split), then the shard plan (documents never cross shards);
 4. workers (``pack.build_shard``): pack, mask ``dupe_factor`` times, encode the Arrow file;
    the driver writes it atomically (temporary name, fsync, rename);
 5. driver: ``rejects.json``, then ``manifest.json`` (its presence means the job is complete),
@@ -47,13 +50,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lfzh_ds import near_duplicates
 from lfzh_ds.constants import DEFAULT_SEQ_LEN, SCHEMA_VERSION, VOCAB_SIZE
 from lfzh_ds.shards import MANIFEST_NAME, MAX_SEQ_LEN, SPLITS, file_sha256, shard_name
 from lfzh_ds.tokenization import vocab_md5
 
 from . import readers
 from .clean import CleanOptions, jionlp_version
-from .manifest import REJECTS_NAME, RejectsReport, write_bytes_atomic, write_json_atomic
+from .filters import FilterOptions
+from .manifest import REJECTS_NAME, RejectsReport, StageCounts, write_bytes_atomic, write_json_atomic
 from .pack import build_shard
 from .process import DocumentOptions, process_chunk
 from .segment import jieba_dictionary_id
@@ -89,7 +94,10 @@ class PipelineConfig:
     min_chars: int = 10
     max_chars: int = 1_000_000
     dedup: bool = True
+    near_dedup: bool = True
+    near_dedup_threshold: float = near_duplicates.DEFAULT_THRESHOLD
     clean: CleanOptions = CleanOptions()
+    filters: FilterOptions = FilterOptions()
     rows_per_shard: int = 1024
     # runtime options: they change how the job runs, never its output
     chunk_bytes: int = 4 << 20
@@ -118,6 +126,11 @@ class PipelineConfig:
             raise ValueError(f"--wwm-max-word-len must be at least 1, got {self.wwm_max_word_len}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.near_dedup_threshold <= 1.0:
+            raise ValueError(f"--near-dedup-threshold must be in (0, 1], got {self.near_dedup_threshold}")
+        for name, value in dataclasses.asdict(self.filters).items():
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
 
@@ -128,8 +141,16 @@ class PipelineConfig:
             "seq_len": self.seq_len, "mask_prob": self.mask_prob, "max_predictions": self.max_predictions,
             "dupe_factor": self.dupe_factor, "wwm_max_word_len": self.wwm_max_word_len, "seed": self.seed,
             "val_fraction": self.val_fraction, "min_chars": self.min_chars, "max_chars": self.max_chars,
-            "dedup": self.dedup, "clean": dataclasses.asdict(self.clean), "rows_per_shard": self.rows_per_shard,
+            "dedup": self.dedup, "near_dedup": self.near_dedup_config(), "clean": dataclasses.asdict(self.clean),
+            "filters": dataclasses.asdict(self.filters), "rows_per_shard": self.rows_per_shard,
         }
+
+    def near_dedup_config(self) -> dict | None:
+        """The near-dedup rule, or None when it is off (``near_dedup=False``, or ``dedup=False``: keep every copy)."""
+        if not (self.dedup and self.near_dedup):
+            return None
+        return {"threshold": self.near_dedup_threshold, "ngram": near_duplicates.NGRAM,
+                "bands": near_duplicates.NUM_BANDS, "rows_per_band": near_duplicates.BAND_ROWS}
 
 
 @dataclasses.dataclass
@@ -277,14 +298,19 @@ def _write_chunk_result(path: Path, job_id: str, chunk_bytes: int, key, input_pa
     lengths = result["token_lengths"]
     offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64))
     meta = {"job": job_id, "key": list(key), "chunk_bytes": chunk_bytes, "path": input_path,
-            "records": result["records"], "rejects": result["rejects"]}
-    table = pa.table({
+            "records": result["records"], "rejects": result["rejects"], "stages": result["stages"]}
+    columns = {
         "line": result["line"], "offset": result["offset"], "chars": result["chars"],
         "hash": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(lengths),
                                                      [None, pa.py_buffer(result["hashes"].tobytes())]),
         "tokens": pa.LargeListArray.from_arrays(offsets, pa.array(result["tokens"], pa.uint16())),
         "word_starts": pa.LargeListArray.from_arrays(offsets, pa.array(result["word_starts"], pa.uint8())),
-    }).replace_schema_metadata({_CHUNK_META: json.dumps(meta)})
+    }
+    if "bands" in result:  # near dedup: the LSH keys and the cleaned text (for the exact Jaccard check)
+        columns["bands"] = pa.FixedSizeListArray.from_arrays(pa.array(result["bands"].reshape(-1), pa.uint64()),
+                                                             near_duplicates.NUM_BANDS)
+        columns["text"] = pa.array(result["texts"], pa.large_string())
+    table = pa.table(columns).replace_schema_metadata({_CHUNK_META: json.dumps(meta)})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -312,6 +338,23 @@ class _ChunkFile:
 
     def hashes(self) -> list[bytes]:
         return self.table.column("hash").to_pylist()
+
+    def bands(self) -> np.ndarray:
+        """[documents, NUM_BANDS] uint64 LSH keys (stored when near dedup is on)."""
+        values = self.table.column("bands").combine_chunks().values.to_numpy()
+        return values.reshape(-1, near_duplicates.NUM_BANDS)
+
+    def text(self, row: int) -> str:
+        return self.table.column("text")[row].as_py()
+
+
+def _cached_chunk(cache: OrderedDict, number: int, keys, work: Path, size: int = 4) -> _ChunkFile:
+    """Chunk ``number`` of the plan, from a small cache of the last ``size`` chunks opened."""
+    if number not in cache:
+        cache[number] = _ChunkFile(_chunk_path(work, keys[number]))
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return cache[number]
 
 
 def _load_chunk(path: Path, job_id: str, chunk_bytes: int) -> _ChunkFile | None:
@@ -430,13 +473,13 @@ def run(config: PipelineConfig) -> RunResult:
     ray_session = _RaySession(config)
     try:
         keys = _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session)
-        plan, totals = _plan(config, keys, work, rejects)
+        plan, totals, stages = _plan(config, keys, work, rejects)
         shards = _build_all_shards(config, plan, work, output, progress, result, ray_session)
     finally:
         progress.close()
         ray_session.close()
 
-    manifest = _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects)
+    manifest = _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects, stages)
     rejects_json = rejects.to_json()
     write_json_atomic(output / REJECTS_NAME, rejects_json)
     write_json_atomic(output / MANIFEST_NAME, manifest)
@@ -447,9 +490,14 @@ def run(config: PipelineConfig) -> RunResult:
     return result
 
 
+def _document_options(config: PipelineConfig) -> DocumentOptions:
+    return DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, clean=config.clean,
+                           filters=config.filters, near_dedup=config.near_dedup_config() is not None)
+
+
 def _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session):
     """Stage 2 for every chunk not already stored; returns the chunk keys in input order."""
-    options = DocumentOptions(min_chars=config.min_chars, max_chars=config.max_chars, clean=config.clean)
+    options = _document_options(config)
     keys = []
     window = None
     task = None
@@ -484,29 +532,55 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
 
 
 def _plan(config, keys, work, rejects: RejectsReport):
-    """Global dedup, train/validation split, and the shard plan (pure function of the chunk results)."""
+    """Global exact and near dedup, train/validation split, and the shard plan (pure function of the
+    chunk results). Returns the plan, the totals and the stage counts."""
     seen: dict[bytes, tuple] = {}
-    split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
+    docs = []  # documents left after exact dedup, in input order: (chunk number, row, tokens, hash, characters)
+    bands = []
+    stages = StageCounts(_document_options(config).stages())
+    exact = StageCounts(["exact_dedup"])
     totals = {"records": 0, "documents": 0, "characters": 0, "document_tokens": 0}
     for number, key in enumerate(keys):
         chunk = _ChunkFile(_chunk_path(work, key))
         totals["records"] += chunk.meta["records"]
         rejects.merge(RejectsReport.from_state(chunk.meta["rejects"]))
+        stages.merge(StageCounts.from_state(chunk.meta["stages"]))
         lines, offsets, chars = chunk.column("line"), chunk.column("offset"), chunk.column("chars")
         lengths = np.diff(chunk.token_offsets)
+        rows = []
         for row, digest in enumerate(chunk.hashes()):
+            exact.enter("exact_dedup", int(chars[row]))
             if config.dedup and digest in seen:
                 first = seen[digest]
                 rejects.add(readers.DUPLICATE, (key[0], int(offsets[row])),
                             {"file": chunk.meta["path"], "line": int(lines[row]), "byte_offset": int(offsets[row]),
                              "detail": f"same text as {first[0]} line {first[1]}", "snippet": ""})
                 continue
+            exact.leave("exact_dedup", int(chars[row]))
             seen[digest] = (chunk.meta["path"], int(lines[row]))
-            split = "validation" if _is_validation(digest, config.val_fraction) else "train"
-            split_docs[split].append((number, row, int(lengths[row]), digest))
-            totals["documents"] += 1
-            totals["characters"] += int(chars[row])
-            totals["document_tokens"] += int(lengths[row])
+            docs.append((number, row, int(lengths[row]), digest, int(chars[row])))
+            rows.append(row)
+        if config.near_dedup_config():
+            bands.append(chunk.bands()[rows])
+    stages.merge(exact)
+    if config.near_dedup_config():
+        near = StageCounts(["near_dedup"])
+        bands = np.concatenate(bands) if bands else np.zeros((0, near_duplicates.NUM_BANDS), np.uint64)
+        removed = _near_duplicates(config, keys, work, docs, bands, rejects)
+        for index, doc in enumerate(docs):
+            near.enter("near_dedup", doc[4])
+            if index not in removed:
+                near.leave("near_dedup", doc[4])
+        docs = [doc for index, doc in enumerate(docs) if index not in removed]
+        stages.merge(near)
+
+    split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
+    for number, row, length, digest, chars in docs:
+        split = "validation" if _is_validation(digest, config.val_fraction) else "train"
+        split_docs[split].append((number, row, length, digest))
+        totals["documents"] += 1
+        totals["characters"] += chars
+        totals["document_tokens"] += length
 
     body = config.seq_len - 2
     target = config.rows_per_shard * body
@@ -521,7 +595,40 @@ def _plan(config, keys, work, rejects: RejectsReport):
                 current, stream = [], 0
         if current:
             plan[split].append(current)
-    return {"keys": keys, "shards": plan}, totals
+    return {"keys": keys, "shards": plan}, totals, stages
+
+
+def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport) -> set[int]:
+    """Indices into ``docs`` of the near-duplicates of earlier kept documents, each added to ``rejects``
+    with the location of the document it repeats."""
+    cache, shingles = OrderedDict(), OrderedDict()
+
+    def shingle_set(index):
+        if index not in shingles:
+            number, row = docs[index][:2]
+            shingles[index] = near_duplicates.shingles(_cached_chunk(cache, number, keys, work, 64).text(row))
+            while len(shingles) > 4096:
+                shingles.popitem(last=False)
+        return shingles[index]
+
+    def location(index):
+        number, row = docs[index][:2]
+        chunk = _cached_chunk(cache, number, keys, work, 64)
+        return chunk, int(chunk.column("line")[row]), int(chunk.column("offset")[row])
+
+    pairs = near_duplicates.candidate_pairs(bands)
+    removed = near_duplicates.near_duplicates(
+        pairs, lambda i, j: near_duplicates.jaccard(shingle_set(i), shingle_set(j)), config.near_dedup_threshold)
+    for index, (first, score) in removed.items():
+        chunk, line, offset = location(index)
+        kept, kept_line, kept_offset = location(first)
+        original = {"file": kept.meta["path"], "line": kept_line, "byte_offset": kept_offset}
+        rejects.add(readers.NEAR_DUPLICATE, (chunk.meta["key"][0], offset),
+                    {"file": chunk.meta["path"], "line": line, "byte_offset": offset,
+                     "detail": f"Jaccard {score:.3f} of character {near_duplicates.NGRAM}-grams with "
+                               f"{original['file']} line {kept_line}",
+                     "snippet": chunk.text(int(docs[index][1]))[:60], "duplicate_of": original})
+    return set(removed)
 
 
 def _documents_sha256(docs) -> str:
@@ -535,11 +642,7 @@ def _gather(docs, keys, work, cache: OrderedDict):
     """Concatenated tokens/word starts and lengths of a shard's documents, from the stored chunks."""
     tokens, starts, lengths = [], [], []
     for number, row, n, _ in docs:
-        if number not in cache:
-            cache[number] = _ChunkFile(_chunk_path(work, keys[number]))
-            while len(cache) > 4:
-                cache.popitem(last=False)
-        chunk = cache[number]
+        chunk = _cached_chunk(cache, number, keys, work)
         a, b = chunk.token_offsets[row], chunk.token_offsets[row + 1]
         tokens.append(chunk.tokens[a:b])
         starts.append(chunk.word_starts[a:b])
@@ -613,7 +716,8 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
     return entries
 
 
-def _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects: RejectsReport) -> dict:
+def _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects: RejectsReport,
+              stages: StageCounts) -> dict:
     splits = {}
     for split in SPLITS:
         entries = shards[split]
@@ -632,6 +736,7 @@ def _manifest(manifest_config, inputs, formats, shards, plan, totals, rejects: R
         "totals": {**totals, "rows": sum(s["rows"] for s in splits.values()),
                    "tokens": sum(s["tokens"] for s in splits.values()), "rejected": rejects.total},
         "rejects": dict(sorted(rejects.counts.items())),
+        "stages": stages.to_json(),
     }
 
 
@@ -654,6 +759,10 @@ def summary_table(result: RunResult) -> str:
         lines.append(f"rejected   {t['rejected']:,}: {reasons}  (examples in {result.output / REJECTS_NAME})")
     else:
         lines.append("rejected   0")
+    lines.append(f"{'stage':<17}{'documents in':>14}{'out':>11}{'characters in':>16}{'out':>14}")
+    for st in m["stages"]:
+        lines.append(f"{st['stage']:<17}{st['documents_in']:>14,}{st['documents_out']:>11,}"
+                     f"{st['characters_in']:>16,}{st['characters_out']:>14,}")
     if result.seconds and result.characters_processed:
         lines.append(f"time       {result.seconds:.1f} s, {result.characters_processed / result.seconds:,.0f} "
                      f"characters/s segmented end to end")

@@ -43,6 +43,7 @@ EMPTY_FILE = "empty_file"
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
 PROCESSING_ERROR = "processing_error"
 BAD_COMPRESSION = "bad_compression"
 

@@ -14,7 +14,24 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/preprocess.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_service.filters import FilterOptions
 from lfzh_ds.constants import DEFAULT_SEQ_LEN
+from lfzh_ds.near_duplicates import DEFAULT_THRESHOLD
+
+
+_FILTER_FLAGS = (  # defaults: data_service.filters.FilterOptions (README: "Quality filters")
+    ("min-cjk-share", "drop documents whose share of CJK characters (whitespace aside) is below this"),
+    ("max-symbol-share", "drop documents whose share of digits, punctuation and symbols is above this"),
+    ("max-repeated-line-share", "drop documents whose share of characters in repeated lines is above this"),
+    ("max-repeated-ngram-share",
+     "drop documents whose share of characters in repeats of an earlier character 10-gram is above this"),
+    ("max-boilerplate-share",
+     "drop documents whose share of characters in boilerplate lines (copyright, 点击查看, navigation) is above this"),
+)
+
+
+def _threshold(value: str):
+    return None if value.lower() == "off" else float(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
     p.add_argument("--min-chars", type=int, default=10, help="drop documents shorter than this after cleaning")
     p.add_argument("--max-chars", type=int, default=1_000_000, help="drop documents longer than this")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    p.add_argument("--no-dedup", action="store_true", help="keep duplicate documents (exact and near: no dedup at all)")
+    p.add_argument("--no-near-dedup", action="store_true",
+                   help="keep near-duplicate documents (MinHash LSH over character 5-grams, checked by exact Jaccard)")
+    p.add_argument("--near-dedup-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="JACCARD",
+                   help="a document whose character 5-gram Jaccard with an earlier kept one is at least this is dropped")
+    for name, help_text in _FILTER_FLAGS:
+        default = getattr(FilterOptions(), name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=_threshold, default=default, metavar="SHARE|off",
+                       help=f"{help_text} (default {default}; off: no such filter)")
+    p.add_argument("--no-filters", action="store_true", help="switch every quality filter off")
     p.add_argument("--no-clean", action="store_true", help="skip jionlp cleaning (normalisation still runs)")
     p.add_argument("--remove-parentheses", action="store_true", help="jionlp: delete bracketed text")
     p.add_argument("--remove-redundant-char", action="store_true", help="jionlp: collapse repeated characters")
@@ -61,12 +87,15 @@ def config_from_args(args):
     clean = CleanOptions(remove_parentheses=args.remove_parentheses, remove_redundant_char=args.remove_redundant_char,
                          convert_full2half=args.convert_full2half, remove_phone_number=not args.keep_phone_numbers,
                          enabled=not args.no_clean)
+    thresholds = {name.replace("-", "_"): None if args.no_filters else getattr(args, name.replace("-", "_"))
+                  for name, _ in _FILTER_FLAGS}
     return PipelineConfig(
         inputs=tuple(args.input), output=args.output, format=args.format, field=args.field, text_docs=args.text_docs,
         seq_len=args.seq_len, mask_prob=args.mask_prob, max_predictions=args.max_predictions,
         dupe_factor=args.dupe_factor, wwm_max_word_len=args.wwm_max_word_len, seed=args.seed,
         val_fraction=args.val_fraction, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
-        clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        near_dedup=not args.no_near_dedup, near_dedup_threshold=args.near_dedup_threshold,
+        filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         ray_address=args.ray_address, num_workers=args.num_workers, keep_work=args.keep_work,
         overwrite=args.overwrite, progress=not args.quiet)
 

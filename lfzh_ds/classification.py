@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .constants import SEP_ID
+from .near_duplicates import DEFAULT_THRESHOLD as NEAR_DUPLICATE_THRESHOLD
+from .near_duplicates import near_duplicates_of
 from .tokenization import normalize_text
 
 CCF_TASK = "ccf-sentiment"
@@ -84,7 +86,8 @@ class TaskData:
             lines.append(
                 "  dedup of train: {train_before} -> {train_after} documents; dropped {exact_duplicates} exact duplicates, "
                 "{conflicting_label_documents} documents in {conflicting_label_groups} groups with conflicting labels, "
-                "{overlap_with_dev} also in dev, {overlap_with_test} also in test "
+                "{overlap_with_dev} also in dev, {overlap_with_test} also in test, "
+                "{near_overlap_with_dev} near-copies of dev and {near_overlap_with_test} of test documents "
                 "(dev/test share {dev_test_overlap} documents, kept as published)".format(**dedup)
             )
         return lines
@@ -291,10 +294,14 @@ def dedup_key(example: Example) -> str:
     return re.sub(r"\s+", "", example.title) + "\x1f" + re.sub(r"\s+", "", example.text)
 
 
-def deduplicate_train(train: list[Example], dev: list[Example], test: list[Example]) -> tuple[list[Example], dict]:
+def deduplicate_train(train: list[Example], dev: list[Example], test: list[Example],
+                      near_threshold: float | None = NEAR_DUPLICATE_THRESHOLD) -> tuple[list[Example], dict]:
     """Remove from train: documents also in dev or test, all copies of a document that appears in
-    train with conflicting labels, and repeated copies of a document (the first is kept).
-    Dev and test are left as they are; their overlap is only counted."""
+    train with conflicting labels, repeated copies of a document (the first is kept), and then
+    near-copies of a dev or test document: the data service's near-duplicate rule
+    (:mod:`lfzh_ds.near_duplicates`: Jaccard of character 5-grams, whitespace removed, at least
+    ``near_threshold``; ``None`` skips this step). Dev and test are left as they are; their overlap
+    is only counted."""
     dev_keys = {dedup_key(e) for e in dev}
     test_keys = {dedup_key(e) for e in test}
     labels_by_key = defaultdict(set)
@@ -317,6 +324,12 @@ def deduplicate_train(train: list[Example], dev: list[Example], test: list[Examp
         else:
             seen.add(key)
             kept.append(e)
+    if near_threshold is not None:
+        held_out = dev + test
+        leaks = near_duplicates_of([e.joined() for e in kept], [e.joined() for e in held_out], near_threshold)
+        for index, (ref, _) in leaks.items():
+            counts["near_overlap_with_dev" if ref < len(dev) else "near_overlap_with_test"] += 1
+        kept = [e for index, e in enumerate(kept) if index not in leaks]
     report = {
         "train_before": len(train),
         "train_after": len(kept),
@@ -325,6 +338,9 @@ def deduplicate_train(train: list[Example], dev: list[Example], test: list[Examp
         "conflicting_label_documents": counts["conflicting_label_documents"],
         "overlap_with_dev": counts["overlap_with_dev"],
         "overlap_with_test": counts["overlap_with_test"],
+        "near_overlap_with_dev": counts["near_overlap_with_dev"],
+        "near_overlap_with_test": counts["near_overlap_with_test"],
+        "near_duplicate_threshold": near_threshold,
         "dev_test_overlap": len(dev_keys & test_keys),
     }
     return kept, report

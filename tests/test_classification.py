@@ -116,8 +116,30 @@ def test_dedup_drops_dev_test_documents_conflicting_labels_and_repeats():
     assert [e.id for e in kept] == ["a", "same-text-other-title"]
     assert report == {
         "train_before": 8, "train_after": 2, "exact_duplicates": 1, "conflicting_label_groups": 1,
-        "conflicting_label_documents": 3, "overlap_with_dev": 1, "overlap_with_test": 1, "dev_test_overlap": 0,
+        "conflicting_label_documents": 3, "overlap_with_dev": 1, "overlap_with_test": 1, "near_overlap_with_dev": 0,
+        "near_overlap_with_test": 0, "near_duplicate_threshold": 0.8, "dev_test_overlap": 0,
     }
+
+
+def test_near_copies_of_dev_and_test_documents_leave_train_as_the_data_service_finds_them():
+    """The data service's near-duplicate rule (Jaccard of character 5-grams >= 0.8): a train document with a
+    sentence changed or a line added to a dev/test document is removed and counted apart from exact overlaps."""
+    from data_service.corpora import inews_documents
+
+    docs = [d for d in inews_documents("dev") if 500 <= len(d["content"]) <= 1500][:4]
+    dev = [Example("d1", docs[0]["content"], 0, docs[0]["title"])]
+    test = [Example("t1", docs[1]["content"], 2, docs[1]["title"])]
+    train = [
+        Example("changed", docs[0]["content"].replace("。", "。据记者了解，情况并非如此。", 1), 1, docs[0]["title"]),
+        Example("appended", docs[1]["content"] + "\n（来源：本地晨报）", 2, docs[1]["title"]),
+        Example("other", docs[2]["content"], 1, docs[2]["title"]),
+        Example("half", docs[3]["content"][: len(docs[3]["content"]) // 2], 1, docs[3]["title"]),
+    ]
+    kept, report = cls.deduplicate_train(train, dev, test)
+    assert [e.id for e in kept] == ["other", "half"]
+    assert (report["near_overlap_with_dev"], report["near_overlap_with_test"], report["overlap_with_dev"]) == (1, 1, 0)
+    kept, report = cls.deduplicate_train(train, dev, test, near_threshold=None)
+    assert len(kept) == 4 and report["near_overlap_with_dev"] == 0
 
 
 def test_conflicting_label_groups_count_only_documents_that_stay_out_for_that_reason():
@@ -141,6 +163,7 @@ def test_ccf_task_never_trains_on_a_dev_or_test_document():
     d = task.report["dedup"]
     assert d["train_before"] == 5355 and d["train_after"] == len(task.train)
     assert d["overlap_with_dev"] + d["overlap_with_test"] >= 40 and d["conflicting_label_groups"] >= 5
+    assert d["near_overlap_with_dev"] >= 20 and d["near_overlap_with_test"] >= 5  # 25 and 8 with the package's data
     assert len(task.dev) == len(task.test) == 999  # evaluation sets stay as published
     assert "also in dev" in "\n".join(task.summary_lines())
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pytest
 
 from data_service.clean import CleanOptions, clean_document
+from data_service.filters import FilterOptions, failed_filter
 from data_service.corpora import inews_documents, write_inews_corpus
 from data_service.pipeline import JobConflict, PipelineConfig, run
 from data_service.process import content_hash
@@ -29,6 +30,7 @@ from data_service.segment import WordTokenizer
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
 from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
 from lfzh_ds.tokenization import load_tokenizer
+from test_data_service_quality import brute_force_near_duplicates, near_copies
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -48,11 +50,13 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def news(tmp_path_factory):
-    """300 real news documents (news2016zh layout) plus 5 exact duplicates of earlier ones."""
+    """300 real news documents (news2016zh layout) plus 5 exact duplicates of earlier ones (lines 301-305), two
+    near-copies of earlier ones (306: a sentence changed, 307: a paragraph appended) and two unrelated documents
+    sharing a boilerplate footer (308, 309)."""
     folder = tmp_path_factory.mktemp("news")
     full = write_inews_corpus(folder / "full", split="train")[0]
     lines = full.read_text(encoding="utf-8").splitlines()[:300]
-    lines += lines[10:15]
+    lines += lines[10:15] + near_copies(lines)
     path = folder / "news.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -116,20 +120,29 @@ def test_one_and_two_workers_and_any_chunk_size_give_identical_bytes(ray_local, 
 
 
 def test_shards_hold_the_cleaned_deduplicated_documents_in_order(reference, news):
+    """Oracle: clean, drop short documents and those a quality filter rejects, exact dedup, then near dedup by
+    brute force (exact Jaccard of every pair, the earliest copy kept)."""
     tok = load_tokenizer()
     manifest = read_manifest(reference)
-    seen, expected = set(), {"train": [], "validation": []}
+    seen, texts = set(), []
     for line in news.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         text = clean_document(record["title"] + "\n" + record["content"])
         digest = content_hash(text)
-        if len(text) < 10 or digest in seen:
+        if len(text) < 10 or failed_filter(text, FilterOptions()) or digest in seen:
             continue
         seen.add(digest)
-        split = "validation" if int.from_bytes(digest[:8], "big") < 0.1 * 2.0 ** 64 else "train"
-        expected[split].append(tok(text, add_special_tokens=False)["input_ids"])
+        texts.append(text)
+    near = brute_force_near_duplicates(texts)
+    expected = {"train": [], "validation": []}
+    for index, text in enumerate(texts):
+        if index not in near:
+            digest = content_hash(text)
+            split = "validation" if int.from_bytes(digest[:8], "big") < 0.1 * 2.0 ** 64 else "train"
+            expected[split].append(tok(text, add_special_tokens=False)["input_ids"])
     assert manifest["totals"]["documents"] == len(expected["train"]) + len(expected["validation"])
-    assert manifest["rejects"] == {"duplicate": 5}  # the 5 repeated lines; the 300 originals are all kept
+    # the 5 repeated lines, the 2 constructed near-copies, and two real pages the filters reject
+    assert manifest["rejects"] == {"duplicate": 5, "near_duplicate": 2, "mostly_symbols": 1, "repeated_ngrams": 1}
     assert 0 < len(expected["validation"]) < len(expected["train"])
 
     for split, docs in expected.items():
@@ -172,6 +185,34 @@ def test_manifest_records_config_vocab_jieba_inputs_and_checksums(reference, new
     dup = rejects["reasons"]["duplicate"]
     assert dup["count"] == 5 and [e["line"] for e in dup["examples"]] == [301, 302, 303, 304, 305]
     assert dup["examples"][0]["detail"] == f"same text as {news} line 11"
+    # each near-copy names the document it repeats (the originals: the first two of 600-1500 characters)
+    originals = [n for n, line in enumerate(news.read_text(encoding="utf-8").splitlines()[:300], start=1)
+                 if 600 <= len(json.loads(line)["content"]) <= 1500][:2]
+    near = rejects["reasons"]["near_duplicate"]["examples"]
+    assert [(e["line"], e["duplicate_of"]["line"]) for e in near] == [(306, originals[0]), (307, originals[1])]
+    assert near[0]["duplicate_of"]["file"] == str(news) and f"line {originals[0]}" in near[0]["detail"]
+    assert m["config"]["near_dedup"] == {"threshold": 0.8, "ngram": 5, "bands": 20, "rows_per_band": 5}
+
+
+def test_stage_statistics_follow_every_document_from_record_to_shard(reference):
+    """Each stage's output is the next stage's input; what a stage drops is what the rejects report counts for it;
+    the last stage leaves the documents and characters that are in the shards."""
+    m = read_manifest(reference)
+    stages = m["stages"]
+    assert [s["stage"] for s in stages] == ["read", "max_length", "clean", "min_length", "low_cjk_share",
+                                            "mostly_symbols", "repeated_lines", "repeated_ngrams", "boilerplate",
+                                            "tokenize", "exact_dedup", "near_dedup"]
+    for before, after in zip(stages, stages[1:]):
+        assert (before["documents_out"], before["characters_out"]) == (after["documents_in"], after["characters_in"])
+    assert stages[0]["documents_in"] == m["totals"]["records"] == 309
+    assert (stages[-1]["documents_out"], stages[-1]["characters_out"]) == (m["totals"]["documents"],
+                                                                          m["totals"]["characters"])
+    dropped = {s["stage"]: s["documents_in"] - s["documents_out"] for s in stages}
+    assert dropped == {"read": 0, "max_length": 0, "clean": 0, "min_length": 0, "low_cjk_share": 0,
+                       "mostly_symbols": 1, "repeated_lines": 0, "repeated_ngrams": 1, "boilerplate": 0,
+                       "tokenize": 0, "exact_dedup": 5, "near_dedup": 2}
+    clean = stages[2]
+    assert clean["characters_out"] < clean["characters_in"]  # cleaning removed characters (URLs, markup)
 
 
 # ---------------------------------------------------------------- faults and resume
@@ -443,10 +484,21 @@ def test_no_dedup_keeps_every_copy_of_a_repeated_document(ray_local, news, tmp_p
     small = tmp_path / "repeats.jsonl"
     small.write_text("\n".join(lines + lines[2:5]) + "\n", encoding="utf-8")
     deduped = run(config([small], tmp_path / "dedup", val_fraction=0.0))
-    kept = run(config([small], tmp_path / "all", val_fraction=0.0, dedup=False))
+    kept = run(config([small], tmp_path / "all", val_fraction=0.0, dedup=False))  # no dedup at all, exact or near
     assert deduped.manifest["totals"]["documents"] == 12 and deduped.manifest["rejects"] == {"duplicate": 3}
     assert kept.manifest["totals"]["documents"] == 15 and kept.manifest["rejects"] == {}
+    assert kept.manifest["config"]["near_dedup"] is None
     assert kept.manifest["totals"]["document_tokens"] > deduped.manifest["totals"]["document_tokens"]
+    # near-copies stay with --no-near-dedup, and go without it
+    near = tmp_path / "near.jsonl"
+    near.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[-4:]) + "\n", encoding="utf-8")
+    both = tmp_path / "both.jsonl"
+    both.write_text(small.read_text(encoding="utf-8") + near.read_text(encoding="utf-8"), encoding="utf-8")
+    on = run(config([both], tmp_path / "near-on", val_fraction=0.0))
+    off = run(config([both], tmp_path / "near-off", val_fraction=0.0, near_dedup=False))
+    assert on.manifest["rejects"] == {"duplicate": 3, "near_duplicate": 2} and off.manifest["rejects"] == {"duplicate": 3}
+    assert off.manifest["totals"]["documents"] == on.manifest["totals"]["documents"] + 2
+    assert [s["stage"] for s in off.manifest["stages"]][-1] == "exact_dedup"
 
 
 # ---------------------------------------------------------------- readers without Ray

@@ -2,7 +2,8 @@
 
 The reference is an uninterrupted run of ``launch/preprocess.py`` with one worker on its own local
 Ray; an interrupted-then-resumed run and a run on a ``ray.cluster_utils.Cluster`` with two nodes
-(one CPU each) must produce the same bytes.
+(one CPU each) must produce the same bytes. Near dedup and the quality filters are on (the defaults),
+and the corpus holds near-copies that they remove.
 """
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from data_service.corpora import write_inews_corpus
 from data_service.pipeline import PipelineConfig, run
+from test_data_service_quality import near_copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +39,8 @@ def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     full = write_inews_corpus(folder / "full", split="train")[0]
     path = folder / "news.jsonl"
-    path.write_text("\n".join(full.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    lines = full.read_text(encoding="utf-8").splitlines()[:150]
+    path.write_text("\n".join(lines + near_copies(lines)) + "\n", encoding="utf-8")
     return path
 
 
@@ -52,6 +55,7 @@ def reference(corpus, tmp_path_factory):
     assert progress and re.search(r"docs +[\d,]+ \([\d,]+/s\) +chars +[\d,]+ \([\d,]+/s\) +tokens", progress[-1])
     assert re.search(r"^train +\d+ +[\d,]+ +[\d,]+ +[\d,]+$", done.stdout, re.M), done.stdout
     assert "rejected" in done.stdout and "[preprocess]" not in done.stdout
+    assert "near_duplicate 2" in done.stdout and re.search(r"^near_dedup +[\d,]+ +[\d,]+", done.stdout, re.M)
     return out
 
 
