@@ -92,7 +92,7 @@ def test_fp16_checkpoint_resumes_on_one_process_through_a_universal_checkpoint(r
     # step 4's overflow halves the scale as in the 2-process run.
     assert scale_trace(run_dir) == scale_trace(reference[0])
     ours, theirs = train_losses(run_dir), train_losses(reference[0])
-    for step in (3, 4):  # fp16 sums in another order on one process: close, not equal
+    for step in (3, 4):  # measured equal (zero2.json's warm-up rate is still ~0); ZeRO may reduce in another order
         assert abs(ours[step] - theirs[step]) < 1e-3, (step, ours[step], theirs[step])
 
 
