@@ -72,7 +72,9 @@ def test_bf16_run_exports_and_evaluates_in_fp32(reference, shards, tmp_path):
 
     from_run, from_export = bpc(run_dir), bpc(exported)
     assert from_run.pop("model") == str(run_dir) and from_export.pop("model") == str(exported)
-    assert from_run == from_export  # the same fp32 master weights
+    # The same fp32 master weights; the folder runs as stock transformers Longformer (other kernels): 6e-6 apart.
+    assert from_run["masked_tokens"] == from_export["masked_tokens"]
+    assert abs(from_run["bpc"] - from_export["bpc"]) < 1e-4
     last_val = read_metrics(run_dir)[1][-1]  # computed in bf16 during training
     assert from_run["masked_tokens"] == last_val["val_masked_tokens"]
     assert abs(from_run["bpc"] - last_val["val_bpc"]) < 1e-3  # measured 2.6e-6
