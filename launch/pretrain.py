@@ -8,7 +8,8 @@ Run by the ``deepspeed`` launcher, one process per GPU (or per ``--num_gpus`` on
     deepspeed launch/pretrain.py ... --init-from MODEL_DIR --start-step 3000  # continue a released model's schedule
     deepspeed launch/pretrain.py ... --data SHARDS_4096 --output-dir RUN2 --continue-from RUN_DIR   # a second phase
 
-Exit status: 0 done, 2 bad arguments or config (nothing was computed), 3 the loss stayed non-finite.
+Exit status: 0 done, 2 bad arguments or config (nothing was computed), 3 the loss stayed non-finite, 4 another
+process of the run (on this node or another) stopped: restart every node with --resume.
 """
 from __future__ import annotations
 
@@ -73,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "ends (default zero)")
     p.add_argument("--max-nonfinite-steps", type=int, default=50,
                    help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="one device's peak TFLOP/s at the run's precision, for the MFU in the log (default: a table of "
+                        "common GPUs' fp16/bf16 peaks; none on CPU)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lfzh_ds.training.engine import ConfigError, rank_from_env
+    from lfzh_ds.training.engine import ConfigError, lost_a_peer, rank_from_env
     from lfzh_ds.training.pretraining import TrainingDiverged, run
 
     if args.start_step and not args.init_from:
@@ -105,6 +109,14 @@ def main(argv=None) -> int:
         if rank_from_env() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 3
+    except Exception as err:
+        if not lost_a_peer(err):
+            raise
+        reason = str(err).strip().splitlines()[-1].rpartition("] ")[2].partition(". ")[0][:200] or type(err).__name__
+        print(f"error: rank {rank_from_env()} lost contact with another process of the run ({reason}): a process or "
+              f"node stopped (see its log). Stopping; once all nodes are back, start the same command with --resume "
+              f"on every node to continue from the last checkpoint in {args.output_dir}", file=sys.stderr, flush=True)
+        return 4
     if rank_from_env() == 0:
         bpc = ""
         if summary.first_val_bpc is not None and summary.last_val_bpc is not None:

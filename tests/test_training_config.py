@@ -81,6 +81,20 @@ def test_fp16_on_the_cpu_accelerator_falls_back_to_fp32_in_one_line(tmp_path):
     assert resolved.config["tensorboard"]["output_path"] == str(tmp_path / "tensorboard")
 
 
+@pytest.mark.parametrize("value, kept", [("1", True), ("0", False), ("yes", False)])
+def test_fp16_rehearsal_on_the_cpu_accelerator_is_an_explicit_opt_in(tmp_path, monkeypatch, value, kept):
+    monkeypatch.setenv("LFZH_REHEARSE_FP16_ON_CPU", value)
+    resolved = load_deepspeed_config(CONFIGS / "zero2.json", world_size=2, run_dir=tmp_path)
+    assert (resolved.precision == "fp16") is kept
+    if kept:
+        assert resolved.config["fp16"]["initial_scale_power"] == 16  # the file's block, untouched
+        assert [n for n in resolved.notes if "fp16" in n] == [
+            "LFZH_REHEARSE_FP16_ON_CPU=1: rehearsing the GPU fp16 recipe on the CPU accelerator (DeepSpeed's fp16 "
+            "optimizer and dynamic loss scaling; slower than fp32, for tests only)"]
+    else:
+        assert any("training in fp32 instead" in n for n in resolved.notes)
+
+
 def test_auto_total_steps_comes_from_max_steps(tmp_path):
     resolved = load_deepspeed_config(CONFIGS / "cpu.json", world_size=2, max_steps=300)
     assert resolved.config["scheduler"]["params"]["total_num_steps"] == 300

@@ -151,7 +151,8 @@ def save_checkpoint(engine, run_dir, state: TrainingState, model_config, keep: i
 
     ckpt_dir = checkpoints_dir(run_dir)
     tag = tag_for_step(state.step)
-    client_state = {CLIENT_STATE_KEY: {**asdict(state), "rng": gather_rng_states()}}
+    client_state = {CLIENT_STATE_KEY: {**asdict(state), "rng": gather_rng_states(),
+                                       "loss_scaler": loss_scaler_state(engine)}}
     # save_latest=False: DeepSpeed would write `latest` from rank 0 before the other ranks' ZeRO shards are done.
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = ckpt_dir / tag
@@ -245,6 +246,27 @@ def convert_to_universal(ckpt_dir, tag: str) -> str:
         if (ckpt_dir / tag / name).is_file():
             shutil.copy2(ckpt_dir / tag / name, out / name)
     return universal_tag
+
+
+# The dynamic loss scaler's moving parts (DeepSpeed's DynamicLossScaler; fp16 only).
+_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(engine) -> dict | None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return None
+    return {name: getattr(scaler, name) for name in _LOSS_SCALER_FIELDS if hasattr(scaler, name)}
+
+
+def restore_loss_scaler(engine, client_state: dict) -> None:
+    """Put the saved loss scale (and hysteresis, overflow counters) back: DeepSpeed's ZeRO checkpoints carry the
+    scaler, but a universal checkpoint's load starts a fresh one at the initial scale."""
+    saved = client_state[CLIENT_STATE_KEY].get("loss_scaler")
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if saved and scaler is not None and getattr(scaler, "dynamic", False):
+        for name, value in saved.items():
+            setattr(scaler, name, value)
 
 
 def client_training_state(client_state: dict | None, where: str) -> tuple[TrainingState, list[dict]]:

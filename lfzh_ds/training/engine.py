@@ -10,8 +10,9 @@ keys). The checks, in order:
    DeepSpeed knows, with only the ``params`` its constructor takes;
 3. ``total_num_steps: "auto"`` becomes --max-steps, and a fixed one below --max-steps is refused;
    the batch sizes divide: ``train_batch_size = micro_batch x gradient_accumulation x processes``;
-4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line; on the
-   CPU accelerator, offloading to CPU is dropped and AdamW uses torch's implementation;
+4. precision the accelerator cannot run (fp16 on the CPU accelerator) falls back, saying so in one line, unless
+   ``LFZH_REHEARSE_FP16_ON_CPU=1`` asks to rehearse the GPU fp16 recipe on CPU; on the CPU accelerator, offloading
+   to CPU is dropped and AdamW uses torch's implementation;
 5. DeepSpeed's own validation of every block (after torch.distributed is up, so the world size is right).
 """
 from __future__ import annotations
@@ -61,6 +62,11 @@ def deepspeed_top_level_keys() -> frozenset[str]:
 
 # Values our loader resolves itself (HF-style "auto"); DeepSpeed never sees them.
 AUTO = "auto"
+
+
+# Opt-in for tests: DeepSpeed's real fp16 path (fp16 weights, ZeRO's fp16 optimizer, dynamic loss scaling) on the CPU
+# accelerator, which is slower than fp32 there. Only the accelerator's fp16 capability answer is overridden.
+REHEARSE_FP16_ENV = "LFZH_REHEARSE_FP16_ON_CPU"
 
 
 class ConfigError(ValueError):
@@ -326,7 +332,10 @@ def adapt_to_accelerator(config: dict, source: str, notes: list[str]) -> None:
     accelerator = get_accelerator()
     name = accelerator.device_name()
     fp16 = config.get("fp16", {})
-    if fp16.get("enabled") and (name == "cpu" or not accelerator.is_fp16_supported()):
+    if fp16.get("enabled") and name == "cpu" and rehearsing_fp16_on_cpu():
+        notes.append(f"{REHEARSE_FP16_ENV}=1: rehearsing the GPU fp16 recipe on the CPU accelerator (DeepSpeed's fp16 "
+                     "optimizer and dynamic loss scaling; slower than fp32, for tests only)")
+    elif fp16.get("enabled") and (name == "cpu" or not accelerator.is_fp16_supported()):
         config.pop("fp16")
         config.pop("amp", None)
         notes.append(f"fp16 is not available on the {name.upper()} accelerator: training in fp32 instead "
@@ -343,6 +352,18 @@ def adapt_to_accelerator(config: dict, source: str, notes: list[str]) -> None:
             # FusedAdam is a CUDA kernel; on CPU DeepSpeed would JIT-build a C++ Adam for ~45 s per fresh machine.
             params["torch_adam"] = True
             notes.append("CPU accelerator: the optimizer uses torch's implementation (\"torch_adam\": true)")
+
+
+def rehearsing_fp16_on_cpu() -> bool:
+    return os.environ.get(REHEARSE_FP16_ENV, "") == "1"
+
+
+def allow_fp16_on_cpu_accelerator() -> None:
+    """Let DeepSpeed's engine accept fp16 on the CPU accelerator (its sanity check asks ``is_fp16_supported``; the
+    accelerator already lists torch.float16 among its dtypes)."""
+    from deepspeed.accelerator import get_accelerator
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
 
 
 def resolve_auto_values(config: dict, max_steps: int | None, source: str) -> None:
@@ -453,6 +474,21 @@ def init_distributed() -> int | None:
     return threads
 
 
+# How a collective fails when a peer process dies: gloo's and torch.distributed's wording (a plain RuntimeError for
+# gloo; DistError and its subclasses elsewhere).
+_LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
+                      "NCCL communicator was aborted")
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """True when ``err`` is a collective that failed because another process of the run stopped."""
+    import torch.distributed as dist
+
+    distributed_error = getattr(dist, "DistError", ())
+    return isinstance(err, distributed_error) or (
+        isinstance(err, RuntimeError) and any(marker in str(err) for marker in _LOST_PEER_MARKERS))
+
+
 def share_cpu_threads() -> int | None:
     """Split this machine's cores between the launcher's local processes (unless OMP_NUM_THREADS is set):
     N processes with all-core OpenMP pools each made CPU steps up to 10x slower here."""
@@ -483,6 +519,10 @@ def build_engine(model, resolved: ResolvedConfig):
     """``deepspeed.initialize`` with BERT's parameter groups; returns the engine."""
     import deepspeed
 
+    from deepspeed.accelerator import get_accelerator
+
+    if resolved.precision == "fp16" and get_accelerator().device_name() == "cpu":  # kept only when rehearsing
+        allow_fp16_on_cpu_accelerator()
     weight_decay = resolved.config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
                                            config=resolved.config)

@@ -3,11 +3,14 @@
 Only rank 0 writes. A training line::
 
     {"kind": "train", "step": 12, "loss": 9.81, "bpc": 14.15, "lr": 3e-05, "loss_scale": 65536.0,
-     "skipped_steps": 0, "tokens": 98304, "samples": 96, "tokens_per_second": 5120.3, "wall_time": 1764080000.1,
-     "elapsed_seconds": 19.2}
+     "skipped_steps": 0, "tokens": 98304, "samples": 96, "tokens_per_second": 5120.3, "padding_efficiency": 0.97,
+     "tflops_per_second": 41.3, "mfu": 0.079, "wall_time": 1764080000.1, "elapsed_seconds": 19.2}
 
 ``tokens`` and ``samples`` are cumulative (non-padding tokens and sequences the model has trained on),
-``wall_time`` is the Unix time. A validation line: ``{"kind": "val", "step": 12, "val_loss": ..., "val_bpc": ...,
+``wall_time`` is the Unix time. ``tokens_per_second`` (non-padding tokens of all processes), ``padding_efficiency``
+(the step's non-padding share of its positions), ``tflops_per_second`` (model FLOPs of all processes, counted by
+``ModelFlops``) and ``mfu`` (``tflops_per_second`` over the peak of all processes; null without a known peak) are
+the step's own, from its start to the end of its optimizer step. A validation line: ``{"kind": "val", "step": 12, "val_loss": ..., "val_bpc": ...,
 "val_masked_tokens": ..., "val_sequences": ..., "wall_time": ...}``. When a run resumes, lines past the checkpoint
 it resumes from (written by the interrupted run) are dropped, so every step appears once.
 """
@@ -47,7 +50,8 @@ class MetricsLogger:
         if self.monitor is not None:
             step = record["step"]
             events = [(f"train/{key}", float(record[key]), step)
-                      for key in ("loss", "bpc", "lr", "loss_scale", "skipped_steps", "tokens_per_second", "samples")
+                      for key in ("loss", "bpc", "lr", "loss_scale", "skipped_steps", "tokens_per_second", "samples",
+                                  "padding_efficiency", "tflops_per_second", "mfu")
                       if record.get(key) is not None and math.isfinite(float(record[key]))]
             self.monitor.write_events(events)
 
@@ -107,7 +111,9 @@ def read_metrics(path) -> tuple[list[dict], list[dict]]:
 def format_step(record: dict, max_steps: int) -> str:
     return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | bpc {record['bpc']:.3f} | "
             f"lr {record['lr']:.3g} | loss scale {record['loss_scale']:g} | skipped {record['skipped_steps']} | "
-            f"{record['tokens_per_second']:,.0f} tokens/s | samples {record['samples']:,}")
+            f"{record['tokens_per_second']:,.0f} tokens/s | padding eff. {record['padding_efficiency']:.1%} | "
+            f"{record['tflops_per_second']:.3g} TFLOP/s" + (f" | MFU {record['mfu']:.1%}" if record.get("mfu") is not None
+                                                           else "") + f" | samples {record['samples']:,}")
 
 
 def plot_curves(run_dir, out_path=None) -> Path:
@@ -166,17 +172,93 @@ def run_title(run_dir) -> str:
 
 
 class Throughput:
-    """Tokens per second over the steps since the previous call."""
+    """Tokens per second over the steps since the previous call (``seconds``: that interval)."""
 
     def __init__(self):
         self._time = time.perf_counter()
         self._tokens = 0
+        self.seconds = 0.0
 
     def update(self, tokens_total: int) -> float:
         now = time.perf_counter()
-        rate = (tokens_total - self._tokens) / max(now - self._time, 1e-9)
+        self.seconds = max(now - self._time, 1e-9)
+        rate = (tokens_total - self._tokens) / self.seconds
         self._time, self._tokens = now, tokens_total
         return rate
 
     def reset(self, tokens_total: int) -> None:
         self._time, self._tokens = time.perf_counter(), tokens_total
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense 16-bit (fp16/bf16) tensor-core peaks in TFLOP/s per GPU, fp32 accumulation, no sparsity (vendors' datasheets),
+# matched against torch.cuda.get_device_name() in this order. fp32 runs, and other devices, need --peak-tflops.
+GPU_PEAK_TFLOPS_16BIT = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                         ("V100-PCIE", 112.0), ("V100", 125.0), ("TITAN RTX", 130.0), ("RTX 4090", 165.0),
+                         ("RTX 3090", 71.0), ("T4", 65.0))
+
+
+def peak_tflops_of(device_name: str | None, precision: str) -> float | None:
+    """The table's peak for a GPU name and a 16-bit precision, else None."""
+    if not device_name or precision not in ("fp16", "bf16"):
+        return None
+    for key, peak in GPU_PEAK_TFLOPS_16BIT:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def attention_pairs(config, seq_len: int, layer: int) -> int:
+    """(query, key) pairs one head of ``layer`` scores in a sequence padded to ``seq_len``: the attention band
+    (block-sparse: the block layout's blocks x block size squared; sliding chunks: keys within half the window on
+    each side, clipped at the ends), never a dense ``seq_len`` squared. Token-level global attention, which
+    pretraining does not use, is not counted."""
+    if config.attention_backend == "block_sparse":
+        from ..attention.block_sparse import block_sparse_layout
+
+        block = config.sparse_block_size
+        layout = block_sparse_layout(-(-seq_len // block), config.layer_sliding_window_blocks(layer),
+                                     config.global_block_indices, config.global_block_end_indices)
+        return int(layout[0].sum()) * block * block
+    half = config.layer_attention_window(layer) // 2
+    return sum(min(i + half, seq_len - 1) - max(i - half, 0) + 1 for i in range(seq_len))
+
+
+class ModelFlops:
+    """Training FLOPs of a micro-batch: 3x the forward (the backward costs twice the forward; activation
+    checkpointing's recomputation is not counted, as MFU does not count it). A multiply-add is 2 FLOPs.
+
+    Forward, per sequence padded to L and per layer: the Q, K, V and output projections ``8 L h^2``, the
+    feed-forward ``4 L h f``, and attention ``4 h P`` (scores and weighted values over the ``P`` pairs of
+    ``attention_pairs``, all heads together); per masked token, the masked-LM head ``2 h^2 + 2 h V`` (the head only
+    runs on masked positions). Embeddings, LayerNorm, softmax and dropout are left out (elementwise).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self._per_sequence: dict[int, int] = {}
+
+    def encoder_forward(self, seq_len: int) -> int:
+        if seq_len not in self._per_sequence:
+            c = self.config
+            multiple = c.padding_multiple()
+            padded = -(-seq_len // multiple) * multiple
+            h, f = c.hidden_size, c.intermediate_size
+            self._per_sequence[seq_len] = sum(8 * padded * h * h + 4 * padded * h * f
+                                              + 4 * h * attention_pairs(c, padded, layer)
+                                              for layer in range(c.num_hidden_layers))
+        return self._per_sequence[seq_len]
+
+    def head_forward(self, masked_tokens: int) -> int:
+        h = self.config.hidden_size
+        return masked_tokens * (2 * h * h + 2 * h * self.config.vocab_size)
+
+    def training(self, sequences: int, seq_len: int, masked_tokens: int) -> int:
+        return 3 * (sequences * self.encoder_forward(seq_len) + self.head_forward(masked_tokens))
+
+    def of_batch(self, batch: dict) -> int:
+        from ..constants import IGNORE_INDEX
+
+        sequences, seq_len = batch["input_ids"].shape
+        return self.training(sequences, seq_len, int((batch["labels"] != IGNORE_INDEX).sum()))

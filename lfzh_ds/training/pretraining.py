@@ -27,7 +27,7 @@ from .engine import (ConfigError, ResolvedConfig, build_engine, enable_activatio
                      rank_from_env, uses_activation_checkpointing, validate_with_deepspeed, world_size_from_env)
 from .evaluation import (BpcResult, all_reduce_result, collate, frequency_baseline, masked_lm_cross_entropy,
                          token_counts, validation_indices)
-from .metrics import MetricsLogger, Throughput, format_step, plot_curves
+from .metrics import MetricsLogger, ModelFlops, Throughput, format_step, peak_tflops_of, plot_curves
 from .sampler import ResumableDistributedSampler
 
 PRETRAINING_DEFAULT_BACKEND = "block_sparse"
@@ -55,14 +55,20 @@ class FaultInjection:
 
     ``kill_at_step=N``: rank 0 SIGKILLs itself when step N starts (a crash in the middle of a run);
     ``kill_in_save=N``: rank 0 SIGKILLs itself after every file of step N's checkpoint is written but before
-    ``latest`` moves (a crash during a save); ``nan_from_step=N``: the loss is multiplied by NaN from step N on.
+    ``latest`` moves (a crash during a save); ``nan_from_step=N``: the loss is multiplied by NaN from step N on;
+    ``inf_grad_at_step=N`` (or ``N+M+...``): in those steps rank 0's gradients become infinite (the loss's gradient
+    is multiplied by inf in the backward pass; the loss itself stays finite), an fp16 overflow.
     """
 
     def __init__(self, spec: str | None, rank: int):
         self.rank = rank
         self.kill_at_step = self.kill_in_save = self.nan_from_step = None
+        self.inf_grad_at_step: set[int] = set()
         for item in filter(None, (spec or "").split(",")):
             name, _, value = item.partition("=")
+            if name == "inf_grad_at_step":
+                self.inf_grad_at_step = {int(v) for v in value.split("+")}
+                continue
             if name not in ("kill_at_step", "kill_in_save", "nan_from_step"):
                 raise ValueError(f"LFZH_FAULT: unknown fault {name!r}")
             setattr(self, name, int(value))
@@ -82,6 +88,8 @@ class FaultInjection:
     def poison(self, loss, step: int):
         if self.nan_from_step is not None and step >= self.nan_from_step:
             return loss * float("nan")
+        if step in self.inf_grad_at_step and self.rank == 0:
+            loss.register_hook(lambda grad: grad * float("inf"))
         return loss
 
 
@@ -510,6 +518,8 @@ def run(args: Namespace) -> RunSummary:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt.checkpoints_dir(run_dir) / tag}")
         saved, rng_states = ckpt.client_training_state(client_state, load_path)
+        if universal:
+            ckpt.restore_loss_scaler(engine, client_state)
         lr_knots = schedule_after_restore(engine, saved, resolved, args)
         if len(rng_states) == world_size:
             ckpt.restore_rng_state(rng_states[rank])
@@ -528,9 +538,11 @@ def run(args: Namespace) -> RunSummary:
         # schedule position of another run's checkpoint, a new data stream from its beginning.
         source_dir, source_tag, saved = continued
         tag = source_tag + ckpt.UNIVERSAL_SUFFIX if continued_universal else source_tag
-        load_path, _ = engine.load_checkpoint(str(source_dir), tag=tag)
+        load_path, client_state = engine.load_checkpoint(str(source_dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {source_dir / tag}")
+        if continued_universal:
+            ckpt.restore_loss_scaler(engine, client_state)
         state.lr_knots = schedule_after_restore(engine, saved, resolved, args)
         state.step, state.tokens_seen, state.elapsed_seconds = saved.step, saved.tokens_seen, saved.elapsed_seconds
         if state.lr_knots is not None:
@@ -597,6 +609,9 @@ def run(args: Namespace) -> RunSummary:
                         dynamic_ncols=True)
     throughput = Throughput()
     throughput.reset(state.tokens_seen)
+    model_flops = ModelFlops(model_config)
+    peak_tflops = getattr(args, "peak_tflops", None) or peak_tflops_of(
+        torch.cuda.get_device_name() if torch.cuda.is_available() else None, resolved.precision)
     run_started = time.time() - state.elapsed_seconds
     nonfinite_run = 0
     engine.train()
@@ -607,7 +622,7 @@ def run(args: Namespace) -> RunSummary:
             set_learning_rate(engine, rate_at(state.lr_knots, step))
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = 0
+        tokens = positions_seen = flops = 0
         for j, positions in enumerate(sampler.micro_batches(state.samples_consumed)):
             torch.manual_seed(dropout_seed(args.seed, step, sampler.global_micro_batch_index(j)))
             batch = fetch(train_data, positions, engine.device)
@@ -616,7 +631,10 @@ def run(args: Namespace) -> RunSummary:
             engine.step()
             loss_sum += loss.detach().double().cpu()
             tokens += int(batch["attention_mask"].sum())
-        totals = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=engine.device)
+            positions_seen += batch["attention_mask"].numel()
+            flops += model_flops.of_batch(batch)
+        totals = torch.tensor([float(loss_sum), float(tokens), float(positions_seen), float(flops)],
+                              dtype=torch.float64, device=engine.device)
         dist.all_reduce(totals)
         step_loss = float(totals[0]) / (sampler.accumulation_steps * world_size)
         state.step, state.learning_rate = step, lr
@@ -629,6 +647,9 @@ def run(args: Namespace) -> RunSummary:
                   "tokens": state.tokens_seen, "samples": state.samples_consumed,
                   "tokens_per_second": throughput.update(state.tokens_seen), "wall_time": time.time(),
                   "elapsed_seconds": state.elapsed_seconds}
+        record["padding_efficiency"] = float(totals[1] / totals[2])  # throughput: all processes, this step
+        record["tflops_per_second"] = float(totals[3]) / throughput.seconds / 1e12
+        record["mfu"] = record["tflops_per_second"] / (peak_tflops * world_size) if peak_tflops else None
         metrics.log_train(record)
         if progress is not None:
             progress.update(1)
