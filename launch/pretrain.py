@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed launch/pretrain.py` runs this file as a script
@@ -101,14 +102,14 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run(args)
-    except ConfigError as err:
+    except (ConfigError, TrainingDiverged) as err:
+        # Every process stops with the same error; rank 0 says it. The launcher ends all processes as soon as one
+        # exits, so the others give rank 0 a moment to print first.
         if rank_from_env() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingDiverged as err:
-        if rank_from_env() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 3
+        else:
+            time.sleep(3)
+        return 2 if isinstance(err, ConfigError) else 3
     except Exception as err:
         if not lost_a_peer(err):
             raise

@@ -63,11 +63,12 @@ if [ -e "$RUN" ]; then  # never delete a run the user may have continued
   mv "$RUN" "$KEPT"
   echo "$RUN already existed: moved it to $KEPT"
 fi
+# --peak-tflops: one CPU core's measured fp32 matmul peak (about 96 GFLOP/s), so the log's MFU means something here
 deepspeed --num_gpus 2 --master_port "${QUICKSTART_PORT:-29533}" launch/pretrain.py \
   --deepspeed_config ds_configs/quickstart_cpu.json --data "$OUT/shards" --output-dir "$RUN" \
   --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic \
   --output-bias-init unigram --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
-  --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42
+  --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42 --peak-tflops 0.096
 
 stage "5/5 exporting the model, filling a [MASK], scoring blanks from held-out news"
 "$PY" launch/export.py --from "$RUN" --to "$OUT/model"
@@ -95,6 +96,11 @@ gap = last["frequency_baseline_bpc"] - last["val_bpc"]
 print(f"  character frequencies alone score {last['frequency_baseline_bpc']:.3f} on the same masks: the model is "
       f"{gap:.2f} bits below them (a uniform guess scores 14.37; the upstream's 12-layer model went 14.78 -> 3.10 "
       "in 3K steps on 4 GPUs)")
+steady = train[len(train) // 2:]  # the second half: no start-up, no first validation
+tokens_per_second = sum(r["tokens_per_second"] for r in steady) / len(steady)
+mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
+print(f"throughput: {tokens_per_second:,.0f} tokens/s over both processes"
+      + (f", MFU {100 * sum(mfu) / len(mfu):.1f}% of two cores' fp32 matmul peak" if mfu else ""))
 print(f"fill-mask: {fill[0]}\n  {fill[1]}")
 print(f"""
 where everything is:

@@ -138,14 +138,14 @@ def test_a_finished_universal_copy_is_reused_and_a_half_written_one_is_redone(tm
 
 # ---------------------------------------------------------------------------------------------- resumed settings
 
-def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_steps=10):
+def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_steps=10, **flags):
     from argparse import Namespace
 
     from lfzh_ds.training.checkpoint import ResumePoint, TrainingState
     from lfzh_ds.training.engine import ResolvedConfig
     from lfzh_ds.training.pretraining import continue_checkpoint_settings
 
-    args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps)
+    args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps, **flags)
     resolved = ResolvedConfig(source="ds.json", config={"scheduler": {"params": {"total_num_steps": total_num_steps}}},
                               world_size=1)
     said = []
@@ -174,6 +174,13 @@ def test_a_resumed_run_takes_its_checkpoints_seed_and_masking_and_refuses_other_
 def test_a_resumed_run_says_when_its_schedule_now_ends_at_another_step(tmp_path):
     _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=10), total_num_steps=20)
     assert len(said) == 1 and "total_num_steps changes from 10 (the checkpoint's) to 20" in said[0]
-    assert "from step 5 on the learning rate follows the new schedule" in said[0]
+    # by default the rate decays on from where it was (no jump up); the old stretch is asked for by name
+    assert "from step 5 on the learning rate decays on from where it was to 0 at step 20" in said[0]
+    _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=10), total_num_steps=20,
+                              stretch_schedule=True)
+    assert "from step 5 on the learning rate follows the new schedule (--stretch-schedule)" in said[0]
+    _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=10), total_num_steps=20,
+                              rewarm_steps=30)
+    assert "climbs back to its peak over 30 steps (--rewarm-steps), then decays to 0 at step 20" in said[0]
     _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=None), total_num_steps=20)
     assert said == []  # an older checkpoint did not record its schedule
