@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 OUT="${1:-quickstart_out}"
-STEPS="${QUICKSTART_STEPS:-800}"
+STEPS="${QUICKSTART_STEPS:-400}"
 START=$SECONDS
 
 stage() { echo; echo "=== $* ($((SECONDS - START)) s)"; }
