@@ -180,3 +180,15 @@ def test_a_resumed_run_keeps_the_window_mode_its_checkpoint_was_trained_with(set
     assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume") == 0
     assert "trained with sparse_window_mode 'block': keeping it" in capsys.readouterr().out
     assert json.loads((run_dir / "checkpoints" / "step_4" / "config.json").read_text())["sparse_window_mode"] == "block"
+
+
+def test_unigram_output_bias_starts_the_run_at_the_frequency_baseline(setup, in_process, capsys):
+    """With the output bias at the training tokens' log frequencies, the untrained model's validation BPC is that of
+    the frequency table (up to the tiny contribution of random hidden states); without it, a uniform guess."""
+    tmp_path, short, _ = setup
+    assert pretrain(tmp_path, short, tmp_path / "run", "--max-steps", "1", "--eval-interval", "1",
+                    "--output-bias-init", "unigram") == 0
+    first = read_metrics(tmp_path / "run")[1][0]
+    assert first["step"] == 0 and abs(first["val_bpc"] - first["frequency_baseline_bpc"]) < 0.3
+    assert pretrain(tmp_path, short, tmp_path / "plain", "--max-steps", "1", "--eval-interval", "1") == 0
+    assert read_metrics(tmp_path / "plain")[1][0]["val_bpc"] > 14.0

@@ -64,11 +64,11 @@ def token_counts(dataset) -> np.ndarray:
     return counts
 
 
-def frequency_baseline(train_dataset, eval_dataset, indices: list[int]) -> BpcResult:
+def frequency_baseline(train_dataset, eval_dataset, indices: list[int], counts=None) -> BpcResult:
     """What character frequencies alone score on ``eval_dataset``'s masked tokens at ``indices``: a unigram model
     of the training split's tokens (add-one smoothed over the vocab). A masked LM that has learned anything from
     context scores below it."""
-    counts = token_counts(train_dataset).astype(np.float64) + 1.0
+    counts = (token_counts(train_dataset) if counts is None else np.asarray(counts)).astype(np.float64) + 1.0
     neg_log_p = -np.log(counts / counts.sum())
     per_sequence = []
     for i in indices:

@@ -485,8 +485,11 @@ def run(args: Namespace) -> RunSummary:
                                             final_sequences or args.eval_sequences)}
     # What character frequencies alone score on the same masks: the number a model must get below to have
     # learned anything from context.
-    baseline = {final: frequency_baseline(train_data, val_data, indices) if main and args.eval_interval > 0 else None
-                for final, indices in val_indices.items()}
+    # one pass over the training shards serves the baselines and the output-bias start
+    needs_counts = (main and args.eval_interval > 0) or args.output_bias_init == "unigram"
+    train_counts = token_counts(train_data) if needs_counts else None
+    baseline = {final: frequency_baseline(train_data, val_data, indices, train_counts)
+                if main and args.eval_interval > 0 else None for final, indices in val_indices.items()}
 
     # 4. Model and engine (same initial weights on every process; DeepSpeed also broadcasts rank 0's).
     seed_everything(args.seed)
@@ -495,7 +498,7 @@ def run(args: Namespace) -> RunSummary:
         if args.init_from or args.continue_from:
             raise ConfigError("--output-bias-init unigram is for a model trained from scratch (--model-config); "
                               "a pretrained model keeps its own output bias")
-        init_output_bias_to_unigram(model, token_counts(train_data))
+        init_output_bias_to_unigram(model, train_counts)
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
     if uses_activation_checkpointing(resolved):
