@@ -39,10 +39,11 @@ from lfzh_ds.modeling import LongformerZhForMaskedLM  # noqa: E402
 from lfzh_ds.shards import ShardDataset  # noqa: E402
 from lfzh_ds.training.evaluation import (collate, frequency_baseline_bpc,  # noqa: E402
                                          masked_lm_cross_entropy, token_counts, validation_indices)
-from lfzh_ds.training.pretraining import init_output_bias_to_unigram  # noqa: E402
+from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noqa: E402
+                                             init_word_embeddings_from_cooccurrence)
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
-        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1}
+        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0}
 
 
 def parse_recipe(text: str) -> dict:
@@ -69,7 +70,10 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
                                                                 "mask_prob": recipe["mask"]}
         if not recipe["static"] and recipe["mask"] is None:
             kwargs = {"masking": "dynamic"}
-        return ShardDataset(folder, "train", seed=args.seed, verify=False, **kwargs)
+        dataset = ShardDataset(folder, "train", seed=args.seed, verify=False, **kwargs)
+        if recipe["wordlen"]:
+            dataset.config["wwm_max_word_len"] = int(recipe["wordlen"])
+        return dataset
 
     train = open_train(args.data)
     val = ShardDataset(args.data, "validation", masking="static", verify=False)
@@ -82,8 +86,12 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
                                 sparse_block_size=64, hidden_dropout_prob=float(recipe["dropout"]),
                                 attention_probs_dropout_prob=float(recipe["dropout"]))
     model = LongformerZhForMaskedLM(config)
+    counts = token_counts(train)
     if recipe["bias"]:
-        init_output_bias_to_unigram(model, token_counts(train))
+        init_output_bias_to_unigram(model, counts)
+    if recipe["cooc"]:
+        init_word_embeddings_from_cooccurrence(model, train, float(recipe["cooc"]))
+    output_vocab = torch.from_numpy(np.flatnonzero(np.asarray(counts))) if recipe["vocab"] else None
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -126,7 +134,7 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
         cursor += batch
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(**data).loss
+        loss = model(**data, output_vocab=output_vocab).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

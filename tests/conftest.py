@@ -18,7 +18,8 @@ def shard_folder(tmp_path):
     """Factory for a small dataset folder in the real shard format, without Ray: documents of random real
     token ids (words of ``word_len`` tokens) packed and statically masked by the data service's own
     ``build_shard``, plus a manifest. ``shards`` maps a split to a list of shards, each a list of document
-    lengths in tokens. Returns the folder."""
+    lengths in tokens; ``tokens`` (optional) maps a split to each shard's token ids instead of random ones.
+    Returns the folder."""
     import json
 
     import numpy as np
@@ -28,7 +29,7 @@ def shard_folder(tmp_path):
     from lfzh_ds.shards import MANIFEST_NAME, shard_name
 
     def make(shards, name="data", seq_len=64, dupe_factor=2, mask_prob=0.15, max_predictions=20,
-             wwm_max_word_len=None, seed=0, word_len=2):
+             wwm_max_word_len=None, seed=0, word_len=2, tokens=None):
         folder = tmp_path / name
         folder.mkdir()
         config = {"seq_len": seq_len, "dupe_factor": dupe_factor, "mask_prob": mask_prob,
@@ -39,9 +40,10 @@ def shard_folder(tmp_path):
             entries = []
             for index, doc_lengths in enumerate(shards.get(split, [])):
                 n = int(sum(doc_lengths))
-                tokens = rng.integers(FIRST_REAL_TOKEN_ID, VOCAB_SIZE, size=n).astype(np.uint16)
+                ids = (rng.integers(FIRST_REAL_TOKEN_ID, VOCAB_SIZE, size=n) if tokens is None
+                       else np.asarray(tokens[split][index])).astype(np.uint16)
                 starts = np.concatenate([(np.arange(d) % word_len == 0) for d in doc_lengths]).astype(np.uint8)
-                data, stats = build_shard(split, index, tokens, starts, np.asarray(doc_lengths, np.int64), config)
+                data, stats = build_shard(split, index, ids, starts, np.asarray(doc_lengths, np.int64), config)
                 (folder / shard_name(split, index)).write_bytes(data)
                 entries.append({"file": shard_name(split, index), "rows": stats["rows"], "tokens": stats["tokens"],
                                 "documents": len(doc_lengths), "sha256": stats["sha256"]})

@@ -252,6 +252,31 @@ def test_mlm_head_runs_only_at_labelled_positions_with_the_full_logits_loss():
         assert max_diff(sparse_grads[n], full_grads[n]) <= TOL, n
 
 
+def test_output_vocab_gives_the_full_head_s_columns_and_their_softmax_loss():
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    input_ids, attention_mask, _ = batch()
+    labels = torch.full_like(input_ids, -100)
+    labelled = torch.rand(input_ids.shape) < 0.15
+    labelled[0, 0] = True
+    labels[labelled] = torch.randint(0, VOCAB // 2, (int(labelled.sum()),))
+    vocab = torch.unique(torch.cat([labels[labelled], torch.arange(VOCAB // 3, VOCAB - 10)]))
+
+    full = model(input_ids, attention_mask=attention_mask, labels=labels)
+    restricted = model(input_ids, attention_mask=attention_mask, labels=labels, output_vocab=vocab)
+    assert max_diff(restricted.logits, full.logits[:, vocab]) <= TOL
+    columns = torch.searchsorted(vocab, labels[labelled])
+    expected = torch.nn.functional.cross_entropy(full.logits[:, vocab], columns)
+    assert abs(restricted.loss.item() - expected.item()) <= TOL
+    everything = model(input_ids, attention_mask=attention_mask, labels=labels, output_vocab=torch.arange(VOCAB))
+    assert abs(everything.loss.item() - full.loss.item()) <= TOL
+
+    missing = int(labels[0, 0])
+    with pytest.raises(ValueError, match=f"label id {missing} is not in output_vocab"):
+        model(input_ids, attention_mask=attention_mask, labels=labels, output_vocab=vocab[vocab != missing])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids, attention_mask=attention_mask, output_vocab=vocab)
+
+
 def test_a_batch_without_labelled_tokens_gives_zero_loss_not_nan():
     model = LongformerZhForMaskedLM(small_config()).eval()
     input_ids, attention_mask, _ = batch()

@@ -192,3 +192,74 @@ def test_unigram_output_bias_starts_the_run_at_the_frequency_baseline(setup, in_
     assert first["step"] == 0 and abs(first["val_bpc"] - first["frequency_baseline_bpc"]) < 0.3
     assert pretrain(tmp_path, short, tmp_path / "plain", "--max-steps", "1", "--eval-interval", "1") == 0
     assert read_metrics(tmp_path / "plain")[1][0]["val_bpc"] > 14.0
+
+
+# ---------------------------------------------------------------------------------------------- starting points
+
+def paired_corpus(shard_folder, pairs=10, length=600):
+    """Documents of two-token words (A_i, B_i) in random order: A_i is always followed by B_i, B_i by any A_j."""
+    rng = np.random.default_rng(7)
+    first = 1000 + 2 * np.arange(pairs)
+    words = rng.integers(0, pairs, size=length // 2)
+    tokens = np.stack([first[words], first[words] + 1], axis=1).ravel()
+    return shard_folder({"train": [[length]]}, seq_len=64, tokens={"train": [tokens]}), first
+
+
+def test_cooccurrence_vectors_put_a_word_s_two_characters_closest(shard_folder):
+    from lfzh_ds.training.initialization import cooccurrence_vectors
+
+    folder, first = paired_corpus(shard_folder)
+    data = ShardDataset(folder, "train")
+    ids, vectors = cooccurrence_vectors(data, dim=16)
+    again_ids, again = cooccurrence_vectors(data, dim=16)
+    assert np.array_equal(ids, again_ids) and np.array_equal(vectors, again)  # deterministic
+    row = {int(t): i for i, t in enumerate(ids)}
+    for a in first:
+        dots = {int(t): float(vectors[row[int(a)]] @ vectors[row[int(t)]]) for t in ids if t >= 1000 and t != a}
+        assert max(dots, key=dots.get) == a + 1  # B_i, of all the corpus's other characters
+
+
+def test_cooccurrence_embedding_init_changes_only_the_corpus_tokens(shard_folder, frugal_torch):
+    from lfzh_ds.configuration import LongformerZhConfig
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+    from lfzh_ds.training.initialization import COOCCURRENCE_SCALE, init_word_embeddings_from_cooccurrence
+
+    folder, first = paired_corpus(shard_folder)
+    model = LongformerZhForMaskedLM(LongformerZhConfig(**TINY_MODEL))
+    before = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    init_word_embeddings_from_cooccurrence(model, ShardDataset(folder, "train"))
+    after = model.bert.embeddings.word_embeddings.weight.detach()
+    changed = (after != before).any(dim=1).nonzero().ravel().tolist()
+    assert set(first.tolist()) | set((first + 1).tolist()) <= set(changed) and len(changed) <= 2 * len(first) + 3
+    assert float(after[changed].std()) == pytest.approx(COOCCURRENCE_SCALE * 0.02, rel=0.2)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
+
+
+def test_starting_points_are_for_models_trained_from_scratch(setup, in_process, capsys):
+    tmp_path, short, _ = setup
+    phase1 = tmp_path / "phase1"
+    assert pretrain(tmp_path, short, phase1, "--max-steps", "2", "--embedding-init", "cooccurrence") == 0
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, tmp_path / "phase2", "--continue-from", str(phase1), "--max-steps", "3",
+                    "--embedding-init", "cooccurrence", model=False) == 2
+    assert "--embedding-init cooccurrence is for a model trained from scratch" in capsys.readouterr().err
+
+
+def test_training_softmax_over_the_training_tokens_is_kept_on_resume(setup, in_process, capsys):
+    """--output-vocab training: the same start, so the first step's loss is below the full softmax's (fewer
+    columns share the probability); a resumed run keeps the choice and refuses another."""
+    tmp_path, short, _ = setup
+    losses = {}
+    for choice in ("all", "training"):
+        run_dir = tmp_path / choice
+        assert pretrain(tmp_path, short, run_dir, "--max-steps", "2", "--output-vocab", choice) == 0
+        losses[choice] = read_metrics(run_dir)[0][0]["loss"]
+    assert losses["training"] < losses["all"] - 0.1
+    run_dir = tmp_path / "training"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "3", "--resume") == 0
+    state = json.loads((run_dir / "checkpoints" / "step_3" / "training_state.json").read_text())
+    assert state["output_vocab"] == "training"
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume", "--output-vocab", "all") == 2
+    assert "--output-vocab all differs from the --output-vocab training of the run being resumed" in \
+        capsys.readouterr().err

@@ -27,6 +27,7 @@ from .engine import (ConfigError, ResolvedConfig, build_engine, enable_activatio
                      rank_from_env, uses_activation_checkpointing, validate_with_deepspeed, world_size_from_env)
 from .evaluation import (BpcResult, all_reduce_result, collate, frequency_baseline, masked_lm_cross_entropy,
                          token_counts, validation_indices)
+from .initialization import init_output_bias_to_unigram, init_word_embeddings_from_cooccurrence
 from .metrics import MetricsLogger, ModelFlops, Throughput, format_step, peak_tflops_of, plot_curves
 from .sampler import ResumableDistributedSampler
 
@@ -185,15 +186,6 @@ def build_model(args: Namespace, model_config):
     return LongformerZhForMaskedLM(model_config)
 
 
-def init_output_bias_to_unigram(model, counts) -> None:
-    """Start the masked-LM head's output bias at the log frequencies of the training tokens (add-one smoothed):
-    the untrained model then predicts character frequencies (about 9.6 BPC on Chinese news) instead of a uniform
-    guess (14.4), and training spends its first steps on context rather than on re-learning frequencies."""
-    counts = torch.as_tensor(counts, dtype=torch.float64) + 1.0
-    with torch.no_grad():
-        model.cls.predictions.bias.copy_((counts / counts.sum()).log().to(model.cls.predictions.bias.dtype))
-
-
 def check_model_fits_data(model_config, seq_len: int, data_dir) -> None:
     from ..constants import VOCAB_SIZE
 
@@ -248,13 +240,13 @@ def evaluate(engine, dataset, indices, batch_size: int, rank: int, world_size: i
 
 
 def continue_checkpoint_settings(args: Namespace, resume, resolved: ResolvedConfig, run_dir, say) -> None:
-    """A resumed run keeps its checkpoint's --seed and --masking (a flag that disagrees is refused) and says so
+    """A resumed run keeps its checkpoint's --seed, --masking and --output-vocab (a flag that disagrees is refused) and says so
     when its learning-rate schedule now ends at another step (total_num_steps "auto" follows --max-steps)."""
     saved = resume.state
     where = ckpt.checkpoints_dir(run_dir) / resume.tag / ckpt.STATE_FILENAME
-    for flag, name in (("--seed", "seed"), ("--masking", "masking")):
+    for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--output-vocab", "output_vocab")):
         kept = getattr(saved, name)
-        given = getattr(args, name)
+        given = getattr(args, name, None)
         if kept is None:  # a checkpoint from before masking was recorded
             continue
         if given is not None and given != kept:
@@ -424,6 +416,7 @@ def run(args: Namespace) -> RunSummary:
         keep_window_mode(model_config, ckpt.checkpoints_dir(run_dir) / resume.tag, say)
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.masking = args.masking or DEFAULT_MASKING
+    args.output_vocab = getattr(args, "output_vocab", None) or "all"
     if args.mask_prob is not None and args.masking != "dynamic":
         raise ConfigError(f"--mask-prob {args.mask_prob} chooses the masks at training time: it needs --masking "
                           "dynamic (static masks were fixed by the data service's --mask-prob)")
@@ -486,7 +479,9 @@ def run(args: Namespace) -> RunSummary:
     # What character frequencies alone score on the same masks: the number a model must get below to have
     # learned anything from context.
     # one pass over the training shards serves the baselines and the output-bias start
-    needs_counts = (main and args.eval_interval > 0) or args.output_bias_init == "unigram"
+    embedding_init = getattr(args, "embedding_init", "normal")
+    needs_counts = ((main and args.eval_interval > 0) or args.output_bias_init == "unigram"
+                    or args.output_vocab == "training")
     train_counts = token_counts(train_data) if needs_counts else None
     baseline = {final: frequency_baseline(train_data, val_data, indices, train_counts)
                 if main and args.eval_interval > 0 else None for final, indices in val_indices.items()}
@@ -499,12 +494,20 @@ def run(args: Namespace) -> RunSummary:
             raise ConfigError("--output-bias-init unigram is for a model trained from scratch (--model-config); "
                               "a pretrained model keeps its own output bias")
         init_output_bias_to_unigram(model, train_counts)
+    if embedding_init == "cooccurrence":
+        if args.init_from or args.continue_from:
+            raise ConfigError("--embedding-init cooccurrence is for a model trained from scratch (--model-config); "
+                              "a pretrained model keeps its own embeddings")
+        init_word_embeddings_from_cooccurrence(model, train_data)
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
     if uses_activation_checkpointing(resolved):
         enable_activation_checkpointing(model)
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, resolved)
+    # every training label is a token of the training shards, so a softmax over those alone is exact for them
+    output_vocab = (torch.from_numpy(np.flatnonzero(train_counts)).to(engine.device)
+                    if args.output_vocab == "training" else None)
     say(f"model: {num_parameters:,} parameters, {model_config.num_hidden_layers} layers, "
         f"hidden {model_config.hidden_size}, attention {model_config.attention_backend}; precision "
         f"{resolved.precision}, ZeRO stage {resolved.zero_stage}")
@@ -513,7 +516,8 @@ def run(args: Namespace) -> RunSummary:
     # 5. Counters, RNG and data position: from the checkpoint, from --start-step, or fresh.
     state = ckpt.TrainingState(global_batch_size=resolved.global_batch_size, world_size=world_size, seed=args.seed,
                                zero_stage=resolved.zero_stage, masking=args.masking,
-                               total_num_steps=resolved.total_num_steps, mask_prob=args.mask_prob)
+                               total_num_steps=resolved.total_num_steps, mask_prob=args.mask_prob,
+                               output_vocab=args.output_vocab)
     seed_everything(args.seed * 1000 + rank + 1)  # dropout differs across processes, reproducibly
     if resume is not None:
         tag = resume.universal_tag if universal else resume.tag
@@ -534,7 +538,7 @@ def run(args: Namespace) -> RunSummary:
         state = ckpt.TrainingState(**{**asdict(saved), "global_batch_size": resolved.global_batch_size,
                                       "world_size": world_size, "zero_stage": resolved.zero_stage,
                                       "masking": args.masking, "total_num_steps": resolved.total_num_steps,
-                                      "lr_knots": lr_knots})
+                                      "lr_knots": lr_knots, "output_vocab": args.output_vocab})
         say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
     elif continued is not None:
         # A new phase of a run (ModernBERT's context extension, or new data): the weights, optimizer state and
@@ -629,7 +633,7 @@ def run(args: Namespace) -> RunSummary:
         for j, positions in enumerate(sampler.micro_batches(state.samples_consumed)):
             torch.manual_seed(dropout_seed(args.seed, step, sampler.global_micro_batch_index(j)))
             batch = fetch(train_data, positions, engine.device)
-            loss = fault.poison(engine(**batch).loss, step)
+            loss = fault.poison(engine(**batch, output_vocab=output_vocab).loss, step)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double().cpu()
