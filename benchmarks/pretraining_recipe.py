@@ -17,7 +17,10 @@ is, and why"); the quick start itself trains with the ``deepspeed`` launcher.
 A recipe is ``name`` or comma-separated ``key=value`` changes to the base recipe (keys: mask, lr, warmup,
 batch, hidden, layers, heads, ffn, window, static, data2 (a second shard folder), switch (the step at which
 training moves on to data2), bias (1: the output bias starts at the training split's log character frequencies),
-steps (this recipe's number of steps instead of --steps), dropout (hidden and attention dropout, BERT's 0.1)).
+steps (this recipe's number of steps instead of --steps), dropout (hidden and attention dropout, BERT's 0.1),
+wordlen (mask words of at most this many tokens, longer ones token by token), vocab (1: the training softmax over
+the training split's tokens), cooc (the word embeddings start at co-occurrence vectors, this many times BERT's
+init scale), coocwindow (their window, default 2)).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noq
                                              init_word_embeddings_from_cooccurrence)
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
-        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0}
+        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0, "coocwindow": 2}
 
 
 def parse_recipe(text: str) -> dict:
@@ -90,7 +93,7 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
     if recipe["bias"]:
         init_output_bias_to_unigram(model, counts)
     if recipe["cooc"]:
-        init_word_embeddings_from_cooccurrence(model, train, float(recipe["cooc"]))
+        init_word_embeddings_from_cooccurrence(model, train, float(recipe["cooc"]), int(recipe["coocwindow"]))
     output_vocab = torch.from_numpy(np.flatnonzero(np.asarray(counts))) if recipe["vocab"] else None
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]

@@ -9,7 +9,7 @@
 #   5. export the model (launch/export.py), fill a [MASK] with it and score it on blanks from held-out news.
 # Usage: bash launch/quickstart.sh [OUT_DIR]   (default: quickstart_out/ in the repository)
 # Environment: QUICKSTART_STEPS (default below), QUICKSTART_SKIP_INSTALL=1 to skip step 1.
-# The recipe (mask rate, learning rate, output-bias start, steps) was chosen by measurement: see the README,
+# The recipe (mask rate, learning rate, starting points, steps) was chosen by measurement: see the README,
 # "What the quick start's recipe is, and why".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,8 +66,8 @@ fi
 # --peak-tflops: one CPU core's measured fp32 matmul peak (about 96 GFLOP/s), so the log's MFU means something here
 deepspeed --num_gpus 2 --master_port "${QUICKSTART_PORT:-29533}" launch/pretrain.py \
   --deepspeed_config ds_configs/quickstart_cpu.json --data "$OUT/shards" --output-dir "$RUN" \
-  --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic \
-  --output-bias-init unigram --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
+  --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic --mask-prob 0.3 \
+  --output-bias-init unigram --embedding-init cooccurrence --output-vocab training --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
   --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42 --peak-tflops 0.096
 
 stage "5/5 exporting the model, filling a [MASK], scoring blanks from held-out news"

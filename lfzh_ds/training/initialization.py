@@ -64,13 +64,13 @@ def cooccurrence_vectors(dataset, dim: int, window: int = 2, context_smoothing: 
     return ids, u[:, positive] * np.sqrt(values[positive])
 
 
-def init_word_embeddings_from_cooccurrence(model, dataset, scale: float = COOCCURRENCE_SCALE) -> None:
+def init_word_embeddings_from_cooccurrence(model, dataset, scale: float = COOCCURRENCE_SCALE, window: int = 2) -> None:
     """Start the word embeddings (tied to the masked-LM decoder) of the tokens that occur in ``dataset`` at their
     co-occurrence vectors, rescaled to ``scale`` times the config's ``initializer_range``; tokens that never occur
     keep their random start. Characters that keep company start close together, so the head's dot products
     already rank a masked character's likely neighbours, and training starts from there."""
     weight = model.base_model.embeddings.word_embeddings.weight
-    ids, vectors = cooccurrence_vectors(dataset, weight.shape[1])
+    ids, vectors = cooccurrence_vectors(dataset, weight.shape[1], window=window)
     start = np.zeros((ids.size, weight.shape[1]))
     start[:, :vectors.shape[1]] = vectors
     start *= scale * model.config.initializer_range / start.std()

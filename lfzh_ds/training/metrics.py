@@ -232,11 +232,13 @@ class ModelFlops:
     Forward, per sequence padded to L and per layer: the Q, K, V and output projections ``8 L h^2``, the
     feed-forward ``4 L h f``, and attention ``4 h P`` (scores and weighted values over the ``P`` pairs of
     ``attention_pairs``, all heads together); per masked token, the masked-LM head ``2 h^2 + 2 h V`` (the head only
-    runs on masked positions). Embeddings, LayerNorm, softmax and dropout are left out (elementwise).
+    runs on masked positions; ``V`` is ``output_vocab_size`` when the training softmax runs over fewer tokens than
+    the vocab). Embeddings, LayerNorm, softmax and dropout are left out (elementwise).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, output_vocab_size: int | None = None):
         self.config = config
+        self.output_vocab_size = output_vocab_size or config.vocab_size
         self._per_sequence: dict[int, int] = {}
 
     def encoder_forward(self, seq_len: int) -> int:
@@ -252,7 +254,7 @@ class ModelFlops:
 
     def head_forward(self, masked_tokens: int) -> int:
         h = self.config.hidden_size
-        return masked_tokens * (2 * h * h + 2 * h * self.config.vocab_size)
+        return masked_tokens * (2 * h * h + 2 * h * self.output_vocab_size)
 
     def training(self, sequences: int, seq_len: int, masked_tokens: int) -> int:
         return 3 * (sequences * self.encoder_forward(seq_len) + self.head_forward(masked_tokens))

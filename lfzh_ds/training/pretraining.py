@@ -616,7 +616,7 @@ def run(args: Namespace) -> RunSummary:
                         dynamic_ncols=True)
     throughput = Throughput()
     throughput.reset(state.tokens_seen)
-    model_flops = ModelFlops(model_config)
+    model_flops = ModelFlops(model_config, None if output_vocab is None else output_vocab.numel())
     peak_tflops = getattr(args, "peak_tflops", None) or peak_tflops_of(
         torch.cuda.get_device_name() if torch.cuda.is_available() else None, resolved.precision)
     run_started = time.time() - state.elapsed_seconds
