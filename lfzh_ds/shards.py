@@ -173,14 +173,17 @@ class ShardDataset:
     """
 
     def __init__(self, data_dir, split: str = "train", masking: str = "static", seed: int = 0,
-                 verify: bool = True, mask_prob: float | None = None, max_predictions: int | None = None):
+                 verify: bool = True, mask_prob: float | None = None, max_predictions: int | None = None,
+                 mask_unit: str | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if masking not in ("static", "dynamic"):
             raise ValueError(f"masking must be 'static' or 'dynamic', got {masking!r}")
-        if (mask_prob is not None or max_predictions is not None) and masking != "dynamic":
-            raise ValueError("mask_prob and max_predictions choose the masks at training time: they need "
+        if (mask_prob is not None or max_predictions is not None or mask_unit is not None) and masking != "dynamic":
+            raise ValueError("mask_prob, max_predictions and mask_unit choose the masks at training time: they need "
                              "masking='dynamic' (static masks were fixed by the data service)")
+        if mask_unit not in (None, "word", "character"):
+            raise ValueError(f"mask_unit must be 'word' or 'character', got {mask_unit!r}")
         if mask_prob is not None and not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be between 0 and 1, got {mask_prob}")
         self.data_dir = Path(data_dir)
@@ -194,6 +197,8 @@ class ShardDataset:
         if max_predictions is None:
             max_predictions = self.seq_len if mask_prob is not None else self.config.get("max_predictions")
         self.max_predictions = max_predictions
+        # whole words up to the shards' word length (the upstream's rule), or every character on its own
+        self.max_word_len = 1 if mask_unit == "character" else self.config.get("wwm_max_word_len")
         self.shards = list(self.manifest["splits"][split]["shards"])
         for entry in self.shards:
             path = self.data_dir / entry["file"]
@@ -252,7 +257,7 @@ class ShardDataset:
             positions, replacement = whole_word_mask(
                 ids, shard.word_starts[local], mask_rng(self.seed, self.epoch, index),
                 mask_prob=self.mask_prob, max_predictions=self.max_predictions,
-                max_word_len=self.config.get("wwm_max_word_len"))
+                max_word_len=self.max_word_len)
         masked, labels = apply_mask(ids, positions, replacement)
         attention = np.zeros(self.seq_len, dtype=np.int64)
         attention[: int(shard.num_tokens[local])] = 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lfzh_ds.masking import whole_word_spans
 from lfzh_ds.shards import ShardDataset
 from lfzh_ds.training.checkpoint import load_model_from_run
 from lfzh_ds.training.metrics import read_metrics
@@ -156,6 +157,39 @@ def test_dynamic_masking_masks_the_share_chosen_at_training_time(shard_folder):
             assert abs(maskable - target) <= 1  # words of two tokens: within one token of the target
     with pytest.raises(ValueError, match="masking='dynamic'"):
         ShardDataset(folder, "train", masking="static", mask_prob=0.3)
+
+
+def test_character_masks_split_words_and_whole_word_masks_never_do(shard_folder):
+    folder = shard_folder({"train": [[60] * 20]}, seq_len=64, word_len=2)
+    split_words = {}
+    for unit in ("word", "character"):
+        data = ShardDataset(folder, "train", masking="dynamic", mask_prob=0.3, mask_unit=unit, seed=3)
+        split_words[unit] = 0
+        for i in range(len(data)):
+            ids, starts, num_tokens = data.sequence(i)
+            masked = data[i]["labels"].numpy() != -100
+            for begin, length in zip(*whole_word_spans(ids[:num_tokens], starts[:num_tokens])):
+                part = masked[begin:begin + length]
+                split_words[unit] += int(part.any() and not part.all())
+    assert split_words["word"] == 0 and split_words["character"] > 20
+    with pytest.raises(ValueError, match="mask_unit must be"):
+        ShardDataset(folder, "train", masking="dynamic", mask_unit="sentence")
+
+
+def test_mask_unit_is_recorded_and_needs_dynamic_masks(setup, in_process, capsys):
+    tmp_path, short, _ = setup
+    run_dir = tmp_path / "run"
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "2", "--mask-unit", "character") == 2
+    assert "--mask-unit character chooses the masks at training time: it needs --masking dynamic" in \
+        capsys.readouterr().err
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "2", "--masking", "dynamic", "--mask-unit",
+                    "character") == 0
+    assert json.loads((run_dir / "checkpoints" / "step_2" / "training_state.json").read_text())["mask_unit"] == \
+        "character"
+    capsys.readouterr()
+    assert pretrain(tmp_path, short, run_dir, "--max-steps", "4", "--resume", "--mask-unit", "word") == 2
+    assert "--mask-unit word differs from the --mask-unit character of the run being resumed" in \
+        capsys.readouterr().err
 
 
 def test_mask_prob_with_static_masks_or_against_the_checkpoint_is_refused(setup, in_process, capsys):

@@ -240,11 +240,12 @@ def evaluate(engine, dataset, indices, batch_size: int, rank: int, world_size: i
 
 
 def continue_checkpoint_settings(args: Namespace, resume, resolved: ResolvedConfig, run_dir, say) -> None:
-    """A resumed run keeps its checkpoint's --seed, --masking and --output-vocab (a flag that disagrees is refused) and says so
+    """A resumed run keeps its checkpoint's --seed, --masking, --mask-unit and --output-vocab (a flag that disagrees is refused) and says so
     when its learning-rate schedule now ends at another step (total_num_steps "auto" follows --max-steps)."""
     saved = resume.state
     where = ckpt.checkpoints_dir(run_dir) / resume.tag / ckpt.STATE_FILENAME
-    for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--output-vocab", "output_vocab")):
+    for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--mask-unit", "mask_unit"),
+                       ("--output-vocab", "output_vocab")):
         kept = getattr(saved, name)
         given = getattr(args, name, None)
         if kept is None:  # a checkpoint from before masking was recorded
@@ -417,6 +418,10 @@ def run(args: Namespace) -> RunSummary:
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.masking = args.masking or DEFAULT_MASKING
     args.output_vocab = getattr(args, "output_vocab", None) or "all"
+    args.mask_unit = getattr(args, "mask_unit", None) or "word"
+    if args.mask_unit != "word" and args.masking != "dynamic":
+        raise ConfigError(f"--mask-unit {args.mask_unit} chooses the masks at training time: it needs --masking "
+                          "dynamic (static masks were fixed by the data service)")
     if args.mask_prob is not None and args.masking != "dynamic":
         raise ConfigError(f"--mask-prob {args.mask_prob} chooses the masks at training time: it needs --masking "
                           "dynamic (static masks were fixed by the data service's --mask-prob)")
@@ -462,7 +467,8 @@ def run(args: Namespace) -> RunSummary:
     dist.broadcast_object_list(problem, src=0)  # every process stops with the same message
     if problem[0]:
         raise ConfigError(problem[0])
-    masks_chosen_now = {"mask_prob": args.mask_prob, "max_predictions": args.max_predictions} \
+    masks_chosen_now = {"mask_prob": args.mask_prob, "max_predictions": args.max_predictions,
+                        "mask_unit": args.mask_unit} \
         if args.masking == "dynamic" else {}
     try:
         train_data = ShardDataset(args.data, "train", masking=args.masking, seed=args.seed, verify=False,
@@ -517,7 +523,7 @@ def run(args: Namespace) -> RunSummary:
     state = ckpt.TrainingState(global_batch_size=resolved.global_batch_size, world_size=world_size, seed=args.seed,
                                zero_stage=resolved.zero_stage, masking=args.masking,
                                total_num_steps=resolved.total_num_steps, mask_prob=args.mask_prob,
-                               output_vocab=args.output_vocab)
+                               mask_unit=args.mask_unit, output_vocab=args.output_vocab)
     seed_everything(args.seed * 1000 + rank + 1)  # dropout differs across processes, reproducibly
     if resume is not None:
         tag = resume.universal_tag if universal else resume.tag
@@ -538,7 +544,8 @@ def run(args: Namespace) -> RunSummary:
         state = ckpt.TrainingState(**{**asdict(saved), "global_batch_size": resolved.global_batch_size,
                                       "world_size": world_size, "zero_stage": resolved.zero_stage,
                                       "masking": args.masking, "total_num_steps": resolved.total_num_steps,
-                                      "lr_knots": lr_knots, "output_vocab": args.output_vocab})
+                                      "lr_knots": lr_knots, "output_vocab": args.output_vocab,
+                                      "mask_unit": args.mask_unit})
         say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
     elif continued is not None:
         # A new phase of a run (ModernBERT's context extension, or new data): the weights, optimizer state and
