@@ -64,6 +64,8 @@ def long_pretraining(args, quickstart: Path, work: Path) -> Path:
                "--seed", str(qs_args["seed"]), "--resume"]
     if qs_args.get("mask_prob") is not None:
         command += ["--mask-prob", str(qs_args["mask_prob"])]
+    if qs_args.get("mask_unit"):
+        command += ["--mask-unit", qs_args["mask_unit"]]
     command += ["--embedding-init", qs_args.get("embedding_init") or "normal",
                 "--output-vocab", qs_args.get("output_vocab") or "all"]
     run(command, work / "long_run.log")
