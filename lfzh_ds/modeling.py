@@ -292,11 +292,10 @@ class LongformerZhForMaskedLM(LongformerZhPreTrainedModel):
     def _logits_over(self, output_vocab: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor):
         """The head's logits over the ids ``output_vocab`` only, and the targets as columns of them."""
         head = self.cls.predictions
-        columns = torch.searchsorted(output_vocab, targets)
-        found = columns < output_vocab.numel()
-        found[found.clone()] = output_vocab[columns[found]] == targets[found]
-        if not bool(found.all()):
-            raise ValueError(f"label id {int(targets[~found][0])} is not in output_vocab")
+        columns = torch.searchsorted(output_vocab, targets).clamp(max=output_vocab.numel() - 1)
+        missing = output_vocab[columns] != targets
+        if bool(missing.any()):
+            raise ValueError(f"label id {int(targets[missing][0])} is not in output_vocab")
         weight = head.decoder.weight.index_select(0, output_vocab)
         return F.linear(head.transform(hidden), weight, head.bias.index_select(0, output_vocab)), columns
 

@@ -240,8 +240,9 @@ def evaluate(engine, dataset, indices, batch_size: int, rank: int, world_size: i
 
 
 def continue_checkpoint_settings(args: Namespace, resume, resolved: ResolvedConfig, run_dir, say) -> None:
-    """A resumed run keeps its checkpoint's --seed, --masking, --mask-unit and --output-vocab (a flag that disagrees is refused) and says so
-    when its learning-rate schedule now ends at another step (total_num_steps "auto" follows --max-steps)."""
+    """A resumed run keeps its checkpoint's --seed, --masking, --mask-unit and --output-vocab (a flag that disagrees
+    is refused) and says so when its learning-rate schedule now ends at another step (total_num_steps "auto"
+    follows --max-steps)."""
     saved = resume.state
     where = ckpt.checkpoints_dir(run_dir) / resume.tag / ckpt.STATE_FILENAME
     for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--mask-unit", "mask_unit"),
@@ -484,7 +485,7 @@ def run(args: Namespace) -> RunSummary:
                                             final_sequences or args.eval_sequences)}
     # What character frequencies alone score on the same masks: the number a model must get below to have
     # learned anything from context.
-    # one pass over the training shards serves the baselines and the output-bias start
+    # one pass over the training shards serves the baselines, the output-bias start and the training softmax's tokens
     embedding_init = getattr(args, "embedding_init", "normal")
     needs_counts = ((main and args.eval_interval > 0) or args.output_bias_init == "unigram"
                     or args.output_vocab == "training")
@@ -504,7 +505,8 @@ def run(args: Namespace) -> RunSummary:
         if args.init_from or args.continue_from:
             raise ConfigError("--embedding-init cooccurrence is for a model trained from scratch (--model-config); "
                               "a pretrained model keeps its own embeddings")
-        init_word_embeddings_from_cooccurrence(model, train_data)
+        if resume is None:  # a resumed run loads its own weights
+            init_word_embeddings_from_cooccurrence(model, train_data)
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
     if uses_activation_checkpointing(resolved):
