@@ -373,6 +373,46 @@ def _process_and_store(chunk: readers.Chunk, options: DocumentOptions, path: str
                                  f"--shared-storage off to write it from this machine only") from None
 
 
+def _jaccard_of_pairs(refs, paths) -> list[float]:
+    """Exact Jaccard of candidate pairs ``((chunk number, row), (chunk number, row))``, on a worker that
+    sees the stored chunk results (chunk ``number`` at ``paths[number]``)."""
+    cache, sets = OrderedDict(), {}
+
+    def shingle_set(ref):
+        if ref not in sets:
+            sets[ref] = near_duplicates.shingles(_cached_chunk(cache, ref[0], paths, 64).text(ref[1]))
+        return sets[ref]
+
+    return [near_duplicates.jaccard(shingle_set(a), shingle_set(b)) for a, b in refs]
+
+
+def _pair_similarities_on_workers(config: PipelineConfig, result: RunResult, ray_session: _RaySession):
+    """With shared storage (and Ray up), a ``similarities`` for ``_plan`` that spreads the candidate pairs'
+    exact Jaccard over the workers in batches of consecutive pairs; otherwise None (the driver does it)."""
+    if not result.shared_storage or config.near_dedup_config() is None:
+        return None
+
+    def similarities(refs, paths):
+        window, scores = _Window(_max_in_flight(config, ray_session), result), [None] * len(refs)
+
+        def finish_one():
+            start, batch = window.wait_one()
+            scores[start:start + len(batch)] = batch
+
+        step = max(256, -(-len(refs) // window.limit))
+        for start in range(0, len(refs), step):
+            batch = refs[start:start + step]
+            while window.full():
+                finish_one()
+            needed = {number: paths[number] for pair in batch for number, _ in pair}
+            window.submit(_remote(_jaccard_of_pairs).remote(batch, needed), start)
+        while window.pending:
+            finish_one()
+        return scores
+
+    return similarities
+
+
 def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: str, shard_config: dict) -> dict:
     """Stage 4 on a worker that sees the output: gather the shard's documents from the stored chunk
     results, pack and mask them, write the shard. Returns its stats."""
@@ -553,7 +593,7 @@ def run(config: PipelineConfig) -> RunResult:
     ray_session = _RaySession(config)
     try:
         keys = _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session)
-        plan, totals, stages = _plan(config, keys, work, rejects)
+        plan, totals, stages = _plan(config, keys, work, rejects, _pair_similarities_on_workers(config, result, ray_session))
         shards = _build_all_shards(config, plan, work, output, progress, result, ray_session)
     finally:
         progress.close()
@@ -621,9 +661,10 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
     return keys
 
 
-def _plan(config, keys, work, rejects: RejectsReport):
+def _plan(config, keys, work, rejects: RejectsReport, similarities=None):
     """Global exact and near dedup, train/validation split, and the shard plan (pure function of the
-    chunk results). Returns the plan, the totals and the stage counts."""
+    chunk results). Returns the plan, the totals and the stage counts. ``similarities``, if given,
+    computes the exact Jaccard of candidate pairs elsewhere (see ``_near_duplicates``)."""
     seen: dict[bytes, tuple] = {}
     docs = []  # documents left after exact dedup, in input order: (chunk number, row, tokens, hash, characters)
     bands = []
@@ -656,7 +697,7 @@ def _plan(config, keys, work, rejects: RejectsReport):
     if config.near_dedup_config():
         near = StageCounts(["near_dedup"])
         bands = np.concatenate(bands) if bands else np.zeros((0, near_duplicates.NUM_BANDS), np.uint64)
-        removed = _near_duplicates(config, keys, work, docs, bands, rejects)
+        removed = _near_duplicates(config, keys, work, docs, bands, rejects, similarities)
         for index, doc in enumerate(docs):
             near.enter("near_dedup", doc[4])
             if index not in removed:
@@ -689,9 +730,11 @@ def _plan(config, keys, work, rejects: RejectsReport):
     return {"keys": keys, "shards": plan}, totals, stages
 
 
-def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport) -> set[int]:
+def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport, similarities=None) -> set[int]:
     """Indices into ``docs`` of the near-duplicates of earlier kept documents, each added to ``rejects``
-    with the location of the document it repeats."""
+    with the location of the document it repeats. The exact Jaccard of the candidate pairs is computed
+    here, one pair at a time as the rule asks, or, with ``similarities(refs, paths) -> scores``, for all
+    candidate pairs at once (by the workers): the same numbers, so the same documents go."""
     cache, shingles, paths = OrderedDict(), OrderedDict(), [_chunk_path(work, key) for key in keys]
 
     def shingle_set(index):
@@ -708,8 +751,13 @@ def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport) ->
         return chunk, int(chunk.column("line")[row]), int(chunk.column("offset")[row])
 
     pairs = near_duplicates.candidate_pairs(bands)
-    removed = near_duplicates.near_duplicates(
-        pairs, lambda i, j: near_duplicates.jaccard(shingle_set(i), shingle_set(j)), config.near_dedup_threshold)
+    if similarities is not None and len(pairs):
+        refs = [(docs[i][:2], docs[j][:2]) for i, j in pairs.tolist()]
+        scores = dict(zip(map(tuple, pairs.tolist()), similarities(refs, [str(p.resolve()) for p in paths])))
+        similarity = lambda i, j: scores[(i, j)]  # noqa: E731
+    else:
+        similarity = lambda i, j: near_duplicates.jaccard(shingle_set(i), shingle_set(j))  # noqa: E731
+    removed = near_duplicates.near_duplicates(pairs, similarity, config.near_dedup_threshold)
     for index, (first, score) in removed.items():
         chunk, line, offset = location(index)
         kept, kept_line, kept_offset = location(first)
