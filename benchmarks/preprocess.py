@@ -10,14 +10,18 @@ news2016zh JSON lines. In one run, on the same text:
 - ``pipeline``: ``data_service.pipeline.run`` end to end (read, clean, quality filters, segment,
   tokenize, MinHash keys, exact and near dedup, pack, mask twice, write shards and manifest) on a
   Ray started once beforehand with 2 CPUs, with ``num_workers`` 1 and then 2, and once more with 1
-  worker and near dedup and the quality filters off (``off``), side by side. Ray's start-up and a small warm-up run that starts both
+  worker and near dedup and the quality filters off (``off``), and once more with 2 workers and
+  the data sent by the driver (``--shared-storage off``; the other runs read shared storage: the
+  workers read their byte ranges and write their results), side by side. Ray's start-up and a small warm-up run that starts both
   worker processes (each loads jieba's dictionary, jionlp and the vocab once, about 3 s) are
   timed separately, so the rates are steady-state rates;
 - per-stage single-core rates (jionlp clean, normalisation, jieba, word-by-word tokenization,
   the HF tokenizer on whole texts for comparison, packing + masking + Arrow encoding).
 Characters are the documents' raw characters (title + content) for every rate. The driver's CPU
-share is the CPU time of this process (the driver: planning, chunk bytes, dedup, manifest) over that
-of every process of the job, in the 2-worker run. ``--copies N`` repeats the corpus with a marker
+share is the CPU time of this process (the driver: planning, dedup, manifest, and without shared
+storage reading and sending the data and writing the results) over that of every process of the job,
+in the 2-worker runs; of it, the main thread's (the pipeline's own code; the rest is Ray's threads
+in the driver, which tick with wall-clock time). ``--copies N`` repeats the corpus with a marker
 line: the copies are near-duplicates, which near dedup removes.
 Targets (issue 3): pipeline per worker >= 50% of jieba's per-core rate; >= 1.7x from 1 to 2 workers.
 """
@@ -61,8 +65,10 @@ def cpu_and_wall(fn, *args, **kwargs):
     import psutil
 
     cpu0, wall0, own0 = tree_cpu_seconds(), time.perf_counter(), sum(psutil.Process().cpu_times()[:2])
+    main0 = time.thread_time()
     out = fn(*args, **kwargs)
     cpu_and_wall.driver_cpu = sum(psutil.Process().cpu_times()[:2]) - own0
+    cpu_and_wall.driver_main_thread_cpu = time.thread_time() - main0
     return out, tree_cpu_seconds() - cpu0, time.perf_counter() - wall0
 
 
@@ -159,19 +165,21 @@ def main(argv=None) -> int:
             _, warm_up = timed(run, PipelineConfig(inputs=(str(warm),), output=str(work / "warm"), seq_len=args.seq_len,
                                                    num_workers=2, chunk_bytes=16 << 10, progress=False))
             off = dict(near_dedup=False, filters=FilterOptions(None, None, None, None, None))
-            driver_cpu = {}
-            for name, workers, options in ((1, 1, {}), ("off", 1, off), (2, 2, {})):
+            driver_cpu, driver_main = {}, {}
+            runs = ((1, 1, {}), ("off", 1, off), (2, 2, {"shared_storage": True}), ("2-sent", 2, {"shared_storage": False}))
+            for name, workers, options in runs:
                 out = work / f"out-{name}"
                 cfg = PipelineConfig(inputs=(str(corpus),), output=str(out), seq_len=args.seq_len, num_workers=workers,
                                      chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=False, **options)
                 result, cpus[name], walls[name] = cpu_and_wall(run, cfg)
-                driver_cpu[name] = cpu_and_wall.driver_cpu
-                print(f"pipeline, {workers} worker(s){' without near dedup and filters' if options else ''}: "
+                driver_cpu[name], driver_main[name] = cpu_and_wall.driver_cpu, cpu_and_wall.driver_main_thread_cpu
+                label = {"off": " without near dedup and filters", "2-sent": ", data sent by the driver"}.get(name, "")
+                print(f"pipeline, {workers} worker(s){label}: "
                       f"{walls[name]:.1f} s wall, {cpus[name]:.1f} CPU s (driver {driver_cpu[name]:.1f}), "
                       f"{result.manifest['totals']['rows']:,} rows of {args.seq_len}, load average "
                       f"{os.getloadavg()[0]:.1f}")
             same = all((work / "out-1" / f.name).read_bytes() == f.read_bytes()
-                       for f in (work / "out-2").iterdir() if f.is_file())
+                       for out in ("out-2", "out-2-sent") for f in (work / out).iterdir() if f.is_file())
         finally:
             ray.shutdown()
 
@@ -201,6 +209,9 @@ def main(argv=None) -> int:
         "ratio_to_jieba_1_worker_off": chars / walls["off"] / jieba_rate,
         "on_over_off_time_1_worker": walls[1] / walls["off"], "on_over_off_cpu_1_worker": cpus[1] / cpus["off"],
         "driver_cpu_share_2_workers": driver_cpu[2] / cpus[2],
+        "driver_main_thread_cpu_share_2_workers": driver_main[2] / cpus[2],
+        "driver_cpu_share_2_workers_data_sent": driver_cpu["2-sent"] / cpus["2-sent"],
+        "driver_main_thread_cpu_share_2_workers_data_sent": driver_main["2-sent"] / cpus["2-sent"],
     }
     print()
     print(f"{'plain jieba.lcut, 1 core':<48}{jieba_rate:>14,.0f} chars/s  (runs: "
@@ -215,11 +226,14 @@ def main(argv=None) -> int:
     print(f"{'per CPU second: jieba / pipeline 1 w / 2 w':<48}{jieba_cpu_rate:>14,.0f} / "
           f"{chars / cpus[1]:,.0f} / {chars / cpus[2]:,.0f} chars  (pipeline = {numbers['cpu_ratio_to_jieba_1']:.0%} "
           f"of jieba; all processes of the job counted)")
-    print(f"{'driver CPU share, 2 workers':<48}{numbers['driver_cpu_share_2_workers']:>14.1%}  "
-          f"(this process's CPU time over all of the job's)")
+    print(f"{'driver CPU share, 2 workers, shared storage':<48}{numbers['driver_cpu_share_2_workers']:>14.2%}  "
+          f"(main thread {numbers['driver_main_thread_cpu_share_2_workers']:.2%}; this process's CPU time over all of "
+          f"the job's)")
+    print(f"{'  same, data sent by the driver':<48}{numbers['driver_cpu_share_2_workers_data_sent']:>14.2%}  "
+          f"(main thread {numbers['driver_main_thread_cpu_share_2_workers_data_sent']:.2%})")
     print(f"{'Ray start (not included above)':<48}{ray_start:>14.1f} s")
     print(f"{'warm-up run starting 2 workers (not included)':<48}{warm_up:>14.1f} s")
-    print(f"{'1-worker and 2-worker outputs byte-identical':<48}{str(same):>14}")
+    print(f"{'1-worker and both 2-worker outputs identical':<48}{str(same):>14}")
     print("\nper-stage, one core (a quarter of the corpus):")
     for name, rate in rates.items():
         print(f"  {name:<46}{rate:>14,.0f} chars/s")

@@ -12,18 +12,24 @@ Ray (dashboard off, ``num_workers`` CPUs) and shuts it down at the end; with ``"
 process is already connected to Ray (``ray.is_initialized()``) it uses that connection and leaves
 it open. ``num_workers`` caps the tasks in flight on a cluster or an existing connection.
 
-What runs where:
+What runs where (``shared_storage``: whether the workers see the inputs and the output folder at
+the paths the driver sees, e.g. a shared filesystem; by default, when every Ray node runs on this
+machine):
 1. driver: list the inputs, hash them, detect formats, cut them into chunks (byte ranges ending on
-   a record boundary) and ship each chunk's bytes to a worker;
+   a record boundary); with shared storage it sends each worker a byte range (the bytes of a
+   compressed input, which cannot be read from the middle), otherwise the chunk's bytes;
 2. workers (``process.process_chunk``): parse, clean, drop short/long documents, apply the quality
    filters (``filters.py``), hash, segment and tokenize, and compute each document's MinHash LSH
-   keys; the driver stores each result under ``OUTPUT/_work/chunks/``;
+   keys; each result is stored under ``OUTPUT/_work/chunks/``, by the worker itself with shared
+   storage, otherwise by the driver;
 3. driver: global exact dedup, then near dedup (``lfzh_ds.near_duplicates``: candidate pairs from
    the LSH keys of the whole corpus, checked by exact Jaccard on the stored cleaned texts; the
    earliest copy in input order is kept), the train/validation split (by content hash, so a
    document and its duplicates land in one split), then the shard plan (documents never cross shards);
-4. workers (``pack.build_shard``): pack, mask ``dupe_factor`` times, encode the Arrow file;
-   the driver writes it atomically (temporary name, fsync, rename);
+4. workers (``pack.build_shard``): gather the shard's documents from the stored chunk results
+   (with shared storage; otherwise the driver sends them), pack, mask ``dupe_factor`` times, encode
+   the Arrow file and write it atomically (temporary name, fsync, rename); without shared storage
+   the driver writes it;
 5. driver: ``rejects.json``, then ``manifest.json`` (its presence means the job is complete),
    then removes ``_work`` (unless ``keep_work``).
 
@@ -36,9 +42,11 @@ is verified and left alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -75,6 +83,10 @@ class RayUnavailable(RuntimeError):
     """No Ray cluster answers at ``--ray-address``."""
 
 
+class SharedStorageError(readers.InputError):
+    """A worker cannot read an input or write to the output folder at the driver's path."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """One preprocessing job; the fields mirror ``lfzh-preprocess --help`` (``chunk_bytes`` is ``--chunk-mb``)."""
@@ -102,6 +114,7 @@ class PipelineConfig:
     # runtime options: they change how the job runs, never its output
     chunk_bytes: int = 4 << 20
     ray_address: str | None = None
+    shared_storage: bool | None = None  # None: True when every Ray node runs on this machine
     num_workers: int | None = None
     keep_work: bool = False
     overwrite: bool = False
@@ -166,6 +179,7 @@ class RunResult:
     seconds: float = 0.0
     characters_processed: int = 0  # characters of the documents segmented in this run
     max_in_flight: int = 0  # the most Ray tasks submitted and not yet finished at one time
+    shared_storage: bool | None = None  # whether the workers read and wrote the files themselves (None: no task ran)
 
 
 # ---------------------------------------------------------------- progress
@@ -242,6 +256,16 @@ class _RaySession:
             self.local = True
         self.owned = True
 
+    def shared_storage(self) -> bool:
+        """``config.shared_storage``, or if that is None whether every live Ray node runs on this machine
+        (a local Ray, or a cluster of one machine): then the workers see what the driver sees."""
+        import ray
+
+        if self.config.shared_storage is not None:
+            return self.config.shared_storage
+        here = ray.util.get_node_ip_address()
+        return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
+
     def close(self) -> None:
         if self.owned:
             import ray
@@ -250,10 +274,11 @@ class _RaySession:
             self.owned = False
 
 
-def _remote(fn, **options):
+@functools.cache  # one remote function per process: Ray exports it once per session, not once per job
+def _remote(fn):
     import ray
 
-    return ray.remote(num_cpus=1, max_retries=5, **options)(fn)
+    return ray.remote(num_cpus=1, max_retries=5)(fn)
 
 
 def _max_in_flight(config: PipelineConfig, ray_session: "_RaySession") -> int:
@@ -285,7 +310,12 @@ class _Window:
 
         (ref,), _ = ray.wait(list(self.pending), num_returns=1)
         key = self.pending.pop(ref)
-        return key, ray.get(ref)
+        try:
+            return key, ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # a worker's clear one-line error, without Ray's traceback
+            if isinstance(err.cause, SharedStorageError):
+                raise SharedStorageError(str(err.cause)) from None
+            raise
 
 
 # ---------------------------------------------------------------- chunk results on disk
@@ -315,6 +345,81 @@ def _write_chunk_result(path: Path, job_id: str, chunk_bytes: int, key, input_pa
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+def _store_chunk_result(out: dict, path: Path, job_id: str, chunk_bytes: int, key, input_path: str) -> dict:
+    """Write a chunk's result; returns its documents, characters and tokens (for the progress line)."""
+    _write_chunk_result(path, job_id, chunk_bytes, key, input_path, out)
+    return {"docs": len(out["chars"]), "chars": int(out["chars"].sum()), "tokens": int(out["token_lengths"].sum())}
+
+
+def _process_and_store(chunk: readers.Chunk, options: DocumentOptions, path: str, job_id: str, chunk_bytes: int,
+                       key) -> dict:
+    """Stage 2 on a worker that sees the inputs and the output: read the chunk's byte range (unless it
+    carries its bytes), process it, store the result where the driver will look for it."""
+    try:
+        if chunk.data is None:
+            chunk = readers.read_range(chunk)
+    except (OSError, readers.InputError) as err:
+        raise SharedStorageError(f"{chunk.path}: a worker on {socket.gethostname()} cannot read {chunk.source} "
+                                 f"({err}); with shared storage every node must see the inputs at the same path "
+                                 f"(or URI); pass --shared-storage off to send them from this machine") from None
+    out = process_chunk(chunk, options)
+    try:
+        return _store_chunk_result(out, Path(path), job_id, chunk_bytes, key, chunk.path)
+    except OSError as err:
+        raise SharedStorageError(f"a worker on {socket.gethostname()} cannot write {path} ({err}); with shared "
+                                 f"storage every node must see the output folder at the same path; pass "
+                                 f"--shared-storage off to write it from this machine only") from None
+
+
+def _jaccard_of_pairs(refs, paths) -> list[float]:
+    """Exact Jaccard of candidate pairs ``((chunk number, row), (chunk number, row))``, on a worker that
+    sees the stored chunk results (chunk ``number`` at ``paths[number]``)."""
+    cache, sets = OrderedDict(), {}
+
+    def shingle_set(ref):
+        if ref not in sets:
+            sets[ref] = near_duplicates.shingles(_cached_chunk(cache, ref[0], paths, 64).text(ref[1]))
+        return sets[ref]
+
+    return [near_duplicates.jaccard(shingle_set(a), shingle_set(b)) for a, b in refs]
+
+
+def _pair_similarities_on_workers(config: PipelineConfig, result: RunResult, ray_session: _RaySession):
+    """With shared storage (and Ray up), a ``similarities`` for ``_plan`` that spreads the candidate pairs'
+    exact Jaccard over the workers in batches of consecutive pairs; otherwise None (the driver does it)."""
+    if not result.shared_storage or config.near_dedup_config() is None:
+        return None
+
+    def similarities(refs, paths):
+        window, scores = _Window(_max_in_flight(config, ray_session), result), [None] * len(refs)
+
+        def finish_one():
+            start, batch = window.wait_one()
+            scores[start:start + len(batch)] = batch
+
+        step = max(256, -(-len(refs) // window.limit))
+        for start in range(0, len(refs), step):
+            batch = refs[start:start + step]
+            while window.full():
+                finish_one()
+            needed = {number: paths[number] for pair in batch for number, _ in pair}
+            window.submit(_remote(_jaccard_of_pairs).remote(batch, needed), start)
+        while window.pending:
+            finish_one()
+        return scores
+
+    return similarities
+
+
+def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: str, shard_config: dict) -> dict:
+    """Stage 4 on a worker that sees the output: gather the shard's documents from the stored chunk
+    results, pack and mask them, write the shard. Returns its stats."""
+    tokens, starts, lengths = _gather(docs, chunk_paths, OrderedDict())
+    data, stats = build_shard(split, index, tokens, starts, lengths, shard_config)
+    write_bytes_atomic(Path(output) / shard_name(split, index), data)
+    return stats
 
 
 class _ChunkFile:
@@ -348,10 +453,10 @@ class _ChunkFile:
         return self.table.column("text")[row].as_py()
 
 
-def _cached_chunk(cache: OrderedDict, number: int, keys, work: Path, size: int = 4) -> _ChunkFile:
-    """Chunk ``number`` of the plan, from a small cache of the last ``size`` chunks opened."""
+def _cached_chunk(cache: OrderedDict, number: int, paths, size: int = 4) -> _ChunkFile:
+    """Chunk ``number`` of the plan (stored at ``paths[number]``), from a cache of the last ``size`` opened."""
     if number not in cache:
-        cache[number] = _ChunkFile(_chunk_path(work, keys[number]))
+        cache[number] = _ChunkFile(Path(paths[number]))
         while len(cache) > size:
             cache.popitem(last=False)
     return cache[number]
@@ -370,12 +475,10 @@ def _load_chunk(path: Path, job_id: str, chunk_bytes: int) -> _ChunkFile | None:
 
 # ---------------------------------------------------------------- the job
 
-def _hash_inputs(files) -> list[dict]:
-    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
-
-
-def _is_validation(digest: bytes, val_fraction: float) -> bool:
-    return int.from_bytes(digest[:8], "big") < val_fraction * 2.0 ** 64
+def _validation_limit(val_fraction: float) -> int:
+    """A document is in the validation split when the first 8 bytes of its content hash, as a big-endian
+    integer, are below this (the integer form of ``< val_fraction * 2**64``, exact for every float)."""
+    return math.ceil(val_fraction * 2.0 ** 64)
 
 
 def _holds_work(work: Path) -> bool:
@@ -423,11 +526,28 @@ def _finished_and_valid(output: Path, manifest_config: dict, inputs: list[dict])
     return manifest
 
 
+def _output_folder(output: str) -> Path:
+    """The output folder: a path, or a URI of a filesystem that pyarrow maps to this machine's (``file://``)."""
+    if not readers.is_uri(output):
+        return Path(output)
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(output)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--output {output}: pyarrow cannot open this URI ({err})") from None
+    if not isinstance(filesystem, fs.LocalFileSystem):
+        raise ValueError(f"--output {output}: the output must be a folder on a mounted filesystem (a path or a "
+                         f"file:// URI): shards are renamed into place atomically and memory-mapped by training; "
+                         f"write it to a local or shared folder and copy it to {type(filesystem).__name__} after")
+    return Path(path)
+
+
 def run(config: PipelineConfig) -> RunResult:
     """Run (or finish, or verify) the preprocessing job described by ``config``."""
     config.validate()
     t0 = time.monotonic()
-    output = Path(config.output)
+    output = _output_folder(config.output)
     if config.overwrite and output.exists():
         _clear_output(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -436,7 +556,7 @@ def run(config: PipelineConfig) -> RunResult:
         stale.unlink()
 
     files = readers.expand_inputs(config.inputs)
-    inputs = _hash_inputs(files)
+    inputs = [readers.describe_input(name) for name in files]
     manifest_config = config.output_config()
     done = _finished_and_valid(output, manifest_config, inputs)
     if done is not None:
@@ -473,7 +593,7 @@ def run(config: PipelineConfig) -> RunResult:
     ray_session = _RaySession(config)
     try:
         keys = _process_all_chunks(config, files, formats, work, job_id, progress, result, ray_session)
-        plan, totals, stages = _plan(config, keys, work, rejects)
+        plan, totals, stages = _plan(config, keys, work, rejects, _pair_similarities_on_workers(config, result, ray_session))
         shards = _build_all_shards(config, plan, work, output, progress, result, ray_session)
     finally:
         progress.close()
@@ -500,19 +620,20 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
     options = _document_options(config)
     keys = []
     window = None
-    task = None
     progress.show("segmenting", force=True)
 
     def finish_one():
         (key, path), out = window.wait_one()
-        _write_chunk_result(_chunk_path(work, key), job_id, config.chunk_bytes, key, path, out)
+        counts = out if result.shared_storage else \
+            _store_chunk_result(out, _chunk_path(work, key), job_id, config.chunk_bytes, key, path)
         result.chunks_processed += 1
-        result.characters_processed += int(out["chars"].sum())
-        progress.add(len(out["chars"]), int(out["chars"].sum()), int(out["token_lengths"].sum()))
+        result.characters_processed += counts["chars"]
+        progress.add(counts["docs"], counts["chars"], counts["tokens"])
 
     for file_index, (path, fmt) in enumerate(zip(files, formats)):
         if fmt == "empty":
             continue
+        ranges_only = None  # with shared storage the workers read an uncompressed input's byte ranges themselves
         for k, chunk in enumerate(readers.iter_chunks(path, file_index, fmt, config.field, config.text_docs,
                                                       config.chunk_bytes)):
             key = (file_index, k)
@@ -522,18 +643,28 @@ def _process_all_chunks(config, files, formats, work, job_id, progress, result, 
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config, ray_session), result), _remote(process_chunk)
+                window = _Window(_max_in_flight(config, ray_session), result)
+                result.shared_storage = ray_session.shared_storage()
             while window.full():
                 finish_one()
-            window.submit(task.remote(chunk, options), (key, str(path)))
+            if not result.shared_storage:
+                window.submit(_remote(process_chunk).remote(chunk, options), (key, path))
+                continue
+            if ranges_only is None:
+                ranges_only = not readers.is_compressed(path)
+            target = _chunk_path(work.resolve(), key)
+            window.submit(_remote(_process_and_store).remote(
+                dataclasses.replace(chunk, data=None) if ranges_only else chunk, options, str(target), job_id,
+                config.chunk_bytes, key), (key, path))
     while window is not None and window.pending:
         finish_one()
     return keys
 
 
-def _plan(config, keys, work, rejects: RejectsReport):
+def _plan(config, keys, work, rejects: RejectsReport, similarities=None):
     """Global exact and near dedup, train/validation split, and the shard plan (pure function of the
-    chunk results). Returns the plan, the totals and the stage counts."""
+    chunk results). Returns the plan, the totals and the stage counts. ``similarities``, if given,
+    computes the exact Jaccard of candidate pairs elsewhere (see ``_near_duplicates``)."""
     seen: dict[bytes, tuple] = {}
     docs = []  # documents left after exact dedup, in input order: (chunk number, row, tokens, hash, characters)
     bands = []
@@ -566,7 +697,7 @@ def _plan(config, keys, work, rejects: RejectsReport):
     if config.near_dedup_config():
         near = StageCounts(["near_dedup"])
         bands = np.concatenate(bands) if bands else np.zeros((0, near_duplicates.NUM_BANDS), np.uint64)
-        removed = _near_duplicates(config, keys, work, docs, bands, rejects)
+        removed = _near_duplicates(config, keys, work, docs, bands, rejects, similarities)
         for index, doc in enumerate(docs):
             near.enter("near_dedup", doc[4])
             if index not in removed:
@@ -575,8 +706,9 @@ def _plan(config, keys, work, rejects: RejectsReport):
         stages.merge(near)
 
     split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
+    limit = _validation_limit(config.val_fraction)
     for number, row, length, digest, chars in docs:
-        split = "validation" if _is_validation(digest, config.val_fraction) else "train"
+        split = "validation" if int.from_bytes(digest[:8], "big") < limit else "train"
         split_docs[split].append((number, row, length, digest))
         totals["documents"] += 1
         totals["characters"] += chars
@@ -598,27 +730,34 @@ def _plan(config, keys, work, rejects: RejectsReport):
     return {"keys": keys, "shards": plan}, totals, stages
 
 
-def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport) -> set[int]:
+def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport, similarities=None) -> set[int]:
     """Indices into ``docs`` of the near-duplicates of earlier kept documents, each added to ``rejects``
-    with the location of the document it repeats."""
-    cache, shingles = OrderedDict(), OrderedDict()
+    with the location of the document it repeats. The exact Jaccard of the candidate pairs is computed
+    here, one pair at a time as the rule asks, or, with ``similarities(refs, paths) -> scores``, for all
+    candidate pairs at once (by the workers): the same numbers, so the same documents go."""
+    cache, shingles, paths = OrderedDict(), OrderedDict(), [_chunk_path(work, key) for key in keys]
 
     def shingle_set(index):
         if index not in shingles:
             number, row = docs[index][:2]
-            shingles[index] = near_duplicates.shingles(_cached_chunk(cache, number, keys, work, 64).text(row))
+            shingles[index] = near_duplicates.shingles(_cached_chunk(cache, number, paths, 64).text(row))
             while len(shingles) > 4096:
                 shingles.popitem(last=False)
         return shingles[index]
 
     def location(index):
         number, row = docs[index][:2]
-        chunk = _cached_chunk(cache, number, keys, work, 64)
+        chunk = _cached_chunk(cache, number, paths, 64)
         return chunk, int(chunk.column("line")[row]), int(chunk.column("offset")[row])
 
     pairs = near_duplicates.candidate_pairs(bands)
-    removed = near_duplicates.near_duplicates(
-        pairs, lambda i, j: near_duplicates.jaccard(shingle_set(i), shingle_set(j)), config.near_dedup_threshold)
+    if similarities is not None and len(pairs):
+        refs = [(docs[i][:2], docs[j][:2]) for i, j in pairs.tolist()]
+        scores = dict(zip(map(tuple, pairs.tolist()), similarities(refs, [str(p.resolve()) for p in paths])))
+        similarity = lambda i, j: scores[(i, j)]  # noqa: E731
+    else:
+        similarity = lambda i, j: near_duplicates.jaccard(shingle_set(i), shingle_set(j))  # noqa: E731
+    removed = near_duplicates.near_duplicates(pairs, similarity, config.near_dedup_threshold)
     for index, (first, score) in removed.items():
         chunk, line, offset = location(index)
         kept, kept_line, kept_offset = location(first)
@@ -638,11 +777,12 @@ def _documents_sha256(docs) -> str:
     return h.hexdigest()
 
 
-def _gather(docs, keys, work, cache: OrderedDict):
-    """Concatenated tokens/word starts and lengths of a shard's documents, from the stored chunks."""
+def _gather(docs, paths, cache: OrderedDict):
+    """Concatenated tokens/word starts and lengths of a shard's documents ``(chunk number, row, tokens, ...)``,
+    from the stored chunks (chunk ``number`` at ``paths[number]``)."""
     tokens, starts, lengths = [], [], []
-    for number, row, n, _ in docs:
-        chunk = _cached_chunk(cache, number, keys, work)
+    for number, row, n, *_ in docs:
+        chunk = _cached_chunk(cache, number, paths)
         a, b = chunk.token_offsets[row], chunk.token_offsets[row + 1]
         tokens.append(chunk.tokens[a:b])
         starts.append(chunk.word_starts[a:b])
@@ -675,13 +815,16 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
     (its documents, its masking options and its sha256)."""
     shard_config = {k: getattr(config, k) for k in _SHARD_CONFIG}
     entries = {s: [None] * len(plan["shards"][s]) for s in SPLITS}
-    window, task, cache = None, None, OrderedDict()
+    window, cache = None, OrderedDict()
+    paths = [_chunk_path(work.resolve(), key) for key in plan["keys"]]
     progress.show("packing and masking", force=True)
 
     def finish_one():
-        (split, index, docs_sha), (data, stats) = window.wait_one()
+        (split, index, docs_sha), stats = window.wait_one()
         name = shard_name(split, index)
-        write_bytes_atomic(output / name, data)
+        if not result.shared_storage:
+            data, stats = stats
+            write_bytes_atomic(output / name, data)
         entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"],
                  "documents": len(plan["shards"][split][index]), "predictions": stats["predictions"],
                  "sha256": stats["sha256"], "documents_sha256": docs_sha}
@@ -705,11 +848,18 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
                 continue
             if window is None:
                 ray_session.ensure()
-                window, task = _Window(_max_in_flight(config, ray_session), result), _remote(build_shard)
+                window = _Window(_max_in_flight(config, ray_session), result)
+                if result.shared_storage is None:  # every chunk result was reused
+                    result.shared_storage = ray_session.shared_storage()
             while window.full():
                 finish_one()
-            tokens, starts, lengths = _gather(docs, plan["keys"], work, cache)
-            window.submit(task.remote(split, index, tokens, starts, lengths, shard_config), (split, index, docs_sha))
+            if result.shared_storage:  # the worker reads the documents from the stored chunk results
+                refs = [doc[:3] for doc in docs]
+                task = _remote(_build_shard_file).remote(split, index, refs, {n: str(paths[n]) for n, *_ in refs},
+                                                         str(output.resolve()), shard_config)
+            else:
+                task = _remote(build_shard).remote(split, index, *_gather(docs, paths, cache), shard_config)
+            window.submit(task, (split, index, docs_sha))
     while window is not None and window.pending:
         finish_one()
     # shards of an earlier, larger plan for the same job cannot exist (same job => same plan)
@@ -746,6 +896,8 @@ def summary_table(result: RunResult) -> str:
     state = "already complete, verified" if result.up_to_date else \
         f"{result.chunks_processed} chunks processed, {result.chunks_reused} reused; " \
         f"{result.shards_built} shards written, {result.shards_reused} kept"
+    if result.shared_storage is not None:
+        state += "; workers read and wrote shared storage" if result.shared_storage else "; data sent to the workers"
     lines.append(f"output     {result.output}  ({state})")
     lines.append(f"{'split':<11}{'shards':>8}{'rows':>10}{'documents':>11}{'tokens':>14}")
     for split in SPLITS:

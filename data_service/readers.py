@@ -22,12 +22,16 @@ as bytes: only the machine that runs the driver needs to see the input files.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import dataclasses
 import gzip
+import hashlib
+import io
 import json
 import lzma
+import os
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 FORMATS = ("auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl")
@@ -67,8 +71,10 @@ class Chunk:
     text_docs: str
     start_offset: int  # byte offset of data[0] in the decompressed file
     start_line: int  # 1-based number of the first line in data
-    data: bytes
+    data: bytes | None  # None: only the range is known; ``read_range`` reads it where the worker runs
     stream_error: str = ""  # the input breaks right after data (its last chunk): what broke
+    length: int = 0  # bytes in the chunk
+    source: str = ""  # what a worker opens to read the range: an absolute path or a URI
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +86,66 @@ class Record:
     detail: str = ""
 
 
-def open_binary(path):
+def is_uri(name) -> bool:
+    """A ``pyarrow.fs`` URI rather than a local path."""
+    return "://" in str(name)
+
+
+def _open_raw(name) -> io.BufferedReader:
+    if is_uri(name):
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(str(name))
+        return io.BufferedReader(filesystem.open_input_file(path), buffer_size=1 << 20)
+    return open(name, "rb")
+
+
+def _compression(raw: io.BufferedReader):
+    magic = raw.peek(6)[:6]
+    return next((opener for prefix, opener in _MAGIC if magic.startswith(prefix)), None)
+
+
+def is_compressed(name) -> bool:
+    with _open_raw(name) as raw:
+        return _compression(raw) is not None
+
+
+@contextlib.contextmanager
+def open_binary(name):
     """The file's bytes, decompressed if it starts with gzip, bzip2 or xz magic bytes."""
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    for prefix, opener in _MAGIC:
-        if magic.startswith(prefix):
-            return opener(path, "rb")
-    return open(path, "rb")
+    with _open_raw(name) as raw:
+        opener = _compression(raw)
+        if opener is None:
+            yield raw
+        else:
+            with opener(raw, "rb") as stream:
+                yield stream
+
+
+def read_range(chunk: Chunk) -> Chunk:
+    """The chunk with its bytes, read from ``chunk.source`` (an uncompressed input) where this runs."""
+    with _open_raw(chunk.source) as f:
+        f.seek(chunk.start_offset)
+        data = f.read(chunk.length)
+    if len(data) != chunk.length:
+        raise InputError(f"{chunk.path}: {len(data):,} bytes at byte offset {chunk.start_offset:,} where the job "
+                         f"planned {chunk.length:,}: the file changed while the job ran")
+    return dataclasses.replace(chunk, data=data)
+
+
+def describe_input(name) -> dict:
+    """``{path, bytes, sha256}`` of one input (``path``: the absolute path, or the URI as given)."""
+    h, size = hashlib.sha256(), 0
+    with _open_raw(name) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            size += len(block)
+    return {"path": source(name), "bytes": size, "sha256": h.hexdigest()}
+
+
+def source(name) -> str:
+    """What a worker opens to read ``name``: its absolute path (workers may run elsewhere), or the URI."""
+    return str(name) if is_uri(name) else str(Path(name).resolve())
 
 
 _NOT_JSON = object()
@@ -180,6 +238,10 @@ def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: s
     """
     blocks = fmt == "text" and text_docs == "blocks"
     offset, line = 0, 1
+    where = source(path)
+
+    def chunk(data, detail=""):
+        return Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data, detail, len(data), where)
     with open_binary(path) as f:
         while True:
             data, error = _read(f, chunk_bytes)
@@ -196,11 +258,11 @@ def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: s
                 end, lines = offset + len(data), line - 1 + data.count(b"\n")
                 detail = (f"the compressed stream breaks after {end:,} decompressed bytes ({lines:,} complete "
                           f"lines); the rest of the file is lost ({type(error).__name__}: {error})")
-                yield Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data, detail)
+                yield chunk(data, detail)
                 return
             if not data:
                 return
-            yield Chunk(file_index, str(path), fmt, field, text_docs, offset, line, data)
+            yield chunk(data)
             offset += len(data)
             line += data.count(b"\n")
 
@@ -298,18 +360,44 @@ def _iter_blocks(chunk: Chunk) -> Iterator[Record]:
         yield flush()
 
 
-def expand_inputs(patterns) -> list[Path]:
-    """Files named by paths or glob patterns, in the order given (each glob sorted)."""
+def _expand_uri(pattern: str) -> list[str]:
+    """The files a URI names: itself, or the matches of its glob (``*``, ``[...]`` within one segment)."""
     import glob
 
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [str(pattern)]
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(pattern)
+    except (OSError, ValueError) as err:  # an unknown scheme, a filesystem pyarrow was built without
+        raise InputError(f"--input {pattern}: pyarrow cannot open this URI ({err})") from None
+    if not glob.has_magic(path):
+        return [pattern] if filesystem.get_file_info(path).type == fs.FileType.File else []
+    prefix, found, rest = pattern.partition(path)
+    parts = PurePosixPath(path).parts
+    literal = next(k for k, part in enumerate(parts) if glob.has_magic(part))
+    if not found or literal == 0:
+        raise InputError(f"--input {pattern}: a URI's glob needs a literal folder before its first pattern")
+    base = str(PurePosixPath(*parts[:literal]))
+    infos = filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True, recursive=literal < len(parts) - 1))
+    return [prefix + info.path + rest for info in sorted(infos, key=lambda info: info.path)
+            if info.type == fs.FileType.File and len(PurePosixPath(info.path).parts) == len(parts)
+            and PurePosixPath(info.path).match(path)]
+
+
+def expand_inputs(patterns) -> list[str]:
+    """Files named by paths, URIs or glob patterns, in the order given (each glob sorted)."""
+    import glob
+
+    files: list[str] = []
+    for pattern in map(str, patterns):
+        if is_uri(pattern):
+            matches = _expand_uri(pattern)
+        else:
+            matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise InputError(f"--input {pattern} matches no file")
         for m in matches:
-            p = Path(m)
-            if not p.is_file():
+            if not is_uri(m) and not os.path.isfile(m):
                 raise InputError(f"--input {m} is not a file")
-            files.append(p)
+            files.append(m)
     return files

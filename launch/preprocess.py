@@ -37,8 +37,10 @@ def _threshold(value: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lfzh-preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="corpus files (globs allowed; .gz/.bz2/.xz read transparently)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for shards, manifest.json, rejects.json")
+                   help="corpus files or pyarrow.fs URIs (file://, s3://, ...; globs allowed; .gz/.bz2/.xz read "
+                        "transparently)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder (or file:// URI) for shards, manifest.json, rejects.json")
     p.add_argument("--format", default="auto",
                    choices=["auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl"])
     p.add_argument("--field", default=None, help="JSON field holding the text (format jsonl; default 'text')")
@@ -47,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="run on an existing Ray cluster (default: start a local Ray and stop it at the end)")
     p.add_argument("--num-workers", type=int, default=None, help="parallel tasks (default: all CPUs)")
+    p.add_argument("--shared-storage", default="auto", choices=["auto", "on", "off"],
+                   help="on: every Ray node sees the inputs and --output at the same paths (a shared filesystem, or "
+                        "URIs), so workers read their byte ranges and write their results; off: this machine reads "
+                        "the inputs and sends the data (default auto: on when every Ray node runs on this machine)")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     p.add_argument("--mask-prob", type=float, default=0.10)
     p.add_argument("--max-predictions", type=int, default=400)
@@ -97,6 +103,7 @@ def config_from_args(args):
         near_dedup=not args.no_near_dedup, near_dedup_threshold=args.near_dedup_threshold,
         filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         ray_address=args.ray_address, num_workers=args.num_workers, keep_work=args.keep_work,
+        shared_storage={"auto": None, "on": True, "off": False}[args.shared_storage],
         overwrite=args.overwrite, progress=not args.quiet)
 
 

