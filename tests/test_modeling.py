@@ -226,13 +226,19 @@ def test_input_longer_than_the_position_table_is_refused_with_a_clear_error():
         model(torch.ones(1, 17, dtype=torch.long))
 
 
-def test_mlm_head_runs_only_at_labelled_positions_with_the_full_logits_loss():
-    model = LongformerZhForMaskedLM(small_config()).eval()
+def labelled_batch(label_ids_below: int = VOCAB):
+    """``batch()`` with about 15% of positions labelled (the first always), labels drawn below ``label_ids_below``."""
     input_ids, attention_mask, _ = batch()
     labels = torch.full_like(input_ids, -100)
     labelled = torch.rand(input_ids.shape) < 0.15
     labelled[0, 0] = True
-    labels[labelled] = torch.randint(0, VOCAB, (int(labelled.sum()),))
+    labels[labelled] = torch.randint(0, label_ids_below, (int(labelled.sum()),))
+    return input_ids, attention_mask, labels, labelled
+
+
+def test_mlm_head_runs_only_at_labelled_positions_with_the_full_logits_loss():
+    model = LongformerZhForMaskedLM(small_config()).eval()
+    input_ids, attention_mask, labels, labelled = labelled_batch()
 
     full = model(input_ids, attention_mask=attention_mask)
     sparse = model(input_ids, attention_mask=attention_mask, labels=labels)
@@ -254,11 +260,7 @@ def test_mlm_head_runs_only_at_labelled_positions_with_the_full_logits_loss():
 
 def test_output_vocab_gives_the_full_head_s_columns_and_their_softmax_loss():
     model = LongformerZhForMaskedLM(small_config()).eval()
-    input_ids, attention_mask, _ = batch()
-    labels = torch.full_like(input_ids, -100)
-    labelled = torch.rand(input_ids.shape) < 0.15
-    labelled[0, 0] = True
-    labels[labelled] = torch.randint(0, VOCAB // 2, (int(labelled.sum()),))
+    input_ids, attention_mask, labels, labelled = labelled_batch(VOCAB // 2)
     vocab = torch.unique(torch.cat([labels[labelled], torch.arange(VOCAB // 3, VOCAB - 10)]))
 
     full = model(input_ids, attention_mask=attention_mask, labels=labels)
