@@ -1,4 +1,4 @@
-"""The manifest, the rejects report, and atomic writes of the output folder.
+"""The manifest, the rejects report and the per-stage counts of the output folder.
 
 ``manifest.json`` (byte-identical for the same inputs, config and seed)::
 
@@ -28,31 +28,8 @@ in input order.
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 MAX_EXAMPLES = 5
 REJECTS_NAME = "rejects.json"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def dumps(obj) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, dumps(obj))
 
 
 class StageCounts:

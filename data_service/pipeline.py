@@ -59,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 
 from lfzh_ds import near_duplicates
+from lfzh_ds.atomic_files import TEMPORARY_GLOB, write_atomic, write_json_atomic
 from lfzh_ds.constants import DEFAULT_SEQ_LEN, SCHEMA_VERSION, VOCAB_SIZE
 from lfzh_ds.shards import MANIFEST_NAME, MAX_SEQ_LEN, SPLITS, file_sha256, shard_name
 from lfzh_ds.tokenization import vocab_md5
@@ -66,7 +67,7 @@ from lfzh_ds.tokenization import vocab_md5
 from . import readers
 from .clean import CleanOptions, jionlp_version
 from .filters import FilterOptions
-from .manifest import REJECTS_NAME, RejectsReport, StageCounts, write_bytes_atomic, write_json_atomic
+from .manifest import REJECTS_NAME, RejectsReport, StageCounts
 from .pack import build_shard
 from .process import DocumentOptions, process_chunk
 from .segment import jieba_dictionary_id
@@ -344,7 +345,7 @@ def _write_chunk_result(path: Path, job_id: str, chunk_bytes: int, key, input_pa
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+    write_atomic(path, sink.getvalue().to_pybytes())
 
 
 def _store_chunk_result(out: dict, path: Path, job_id: str, chunk_bytes: int, key, input_path: str) -> dict:
@@ -418,7 +419,7 @@ def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: s
     results, pack and mask them, write the shard. Returns its stats."""
     tokens, starts, lengths = _gather(docs, chunk_paths, OrderedDict())
     data, stats = build_shard(split, index, tokens, starts, lengths, shard_config)
-    write_bytes_atomic(Path(output) / shard_name(split, index), data)
+    write_atomic(Path(output) / shard_name(split, index), data)
     return stats
 
 
@@ -500,7 +501,7 @@ def _conflict(output: Path, what: str, old_config: dict, new_config: dict, old_i
 
 
 def _clear_output(output: Path) -> None:
-    for pattern in (MANIFEST_NAME, REJECTS_NAME, *(f"{s}-*.arrow" for s in SPLITS), ".*.tmp-*"):
+    for pattern in (MANIFEST_NAME, REJECTS_NAME, *(f"{s}-*.arrow" for s in SPLITS), TEMPORARY_GLOB):
         for p in output.glob(pattern):
             p.unlink()
     shutil.rmtree(output / WORK_DIR, ignore_errors=True)
@@ -552,7 +553,7 @@ def run(config: PipelineConfig) -> RunResult:
         _clear_output(output)
     output.mkdir(parents=True, exist_ok=True)
     work = output / WORK_DIR
-    for stale in output.glob(".*.tmp-*"):
+    for stale in output.glob(TEMPORARY_GLOB):
         stale.unlink()
 
     files = readers.expand_inputs(config.inputs)
@@ -824,7 +825,7 @@ def _build_all_shards(config, plan, work, output, progress, result, ray_session)
         name = shard_name(split, index)
         if not result.shared_storage:
             data, stats = stats
-            write_bytes_atomic(output / name, data)
+            write_atomic(output / name, data)
         entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"],
                  "documents": len(plan["shards"][split][index]), "predictions": stats["predictions"],
                  "sha256": stats["sha256"], "documents_sha256": docs_sha}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic_files import write_atomic
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
@@ -98,20 +99,6 @@ def read_training_state(tag_dir) -> TrainingState:
     return TrainingState.from_dict(json.loads(path.read_text()))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # ---------------------------------------------------------------------------------------------- RNG
 
 def capture_rng_state() -> dict:
@@ -159,13 +146,13 @@ def save_checkpoint(engine, run_dir, state: TrainingState, model_config, keep: i
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = ckpt_dir / tag
     if engine.global_rank == 0:
-        _write_atomically(tag_dir / STATE_FILENAME, json.dumps(asdict(state), indent=2) + "\n")
-        _write_atomically(tag_dir / MODEL_CONFIG_FILENAME, model_config.to_json_string())
+        write_atomic(tag_dir / STATE_FILENAME, json.dumps(asdict(state), indent=2) + "\n")
+        write_atomic(tag_dir / MODEL_CONFIG_FILENAME, model_config.to_json_string())
     dist.barrier()
     if before_latest is not None:
         before_latest(state.step)
     if engine.global_rank == 0:
-        _write_atomically(ckpt_dir / LATEST_FILENAME, tag + "\n")
+        write_atomic(ckpt_dir / LATEST_FILENAME, tag + "\n")
         prune_checkpoints(ckpt_dir, keep)
     dist.barrier()
     return tag
