@@ -58,12 +58,12 @@ def run_bpc(args) -> None:
     import torch
 
     from lfzh_ds.shards import ShardDataset
-    from lfzh_ds.training.evaluation import (evaluate_model_bpc, frequency_baseline, load_masked_lm,
-                                             validation_indices)
+    from lfzh_ds.loading import load_model
+    from lfzh_ds.training.evaluation import evaluate_model_bpc, frequency_baseline, validation_indices
 
     if args.max_sequences is not None and args.max_sequences <= 0:
         raise ValueError(f"--max-sequences {args.max_sequences}: evaluate at least 1 sequence (leave it out for all)")
-    model = load_masked_lm(args.model)
+    model = load_model(args.model, task="masked_lm")
     data = ShardDataset(args.data, split=args.split, masking="static")
     if not data.num_rows:
         raise ValueError(f"--data {args.data}: the {args.split} split is empty (its manifest.json lists no "
@@ -106,7 +106,7 @@ def run_cloze(args) -> None:
     from lfzh_ds.cloze import (frequency_guess, frequency_guess_from_shards, make_blanks, read_blanks, score_cloze,
                                 write_blanks)
     from lfzh_ds.tokenization import load_tokenizer
-    from lfzh_ds.training.evaluation import load_masked_lm
+    from lfzh_ds.loading import load_model
 
     if args.blanks:
         blanks = read_blanks(args.blanks)
@@ -120,7 +120,7 @@ def run_cloze(args) -> None:
         guess = frequency_guess_from_shards(args.frequencies_from)
     else:
         guess = frequency_guess([b.text.replace("[MASK]", b.answer) for b in blanks])
-    result = score_cloze(load_masked_lm(args.model), load_tokenizer(), blanks, guess)
+    result = score_cloze(load_model(args.model, task="masked_lm"), load_tokenizer(), blanks, guess)
     if args.json:
         print(json.dumps({"model": str(args.model), **result}, ensure_ascii=False))
         return
@@ -134,9 +134,9 @@ def run_cloze(args) -> None:
 def run_fill_mask(args) -> None:
     from lfzh_ds.fill_mask import fill_mask
     from lfzh_ds.tokenization import load_tokenizer
-    from lfzh_ds.training.evaluation import load_masked_lm
+    from lfzh_ds.loading import load_model
 
-    model = load_masked_lm(args.model)
+    model = load_model(args.model, task="masked_lm")
     slots = fill_mask(model, load_tokenizer(), args.text, top_k=args.top_k)
     print(args.text)
     for i, candidates in enumerate(slots, 1):

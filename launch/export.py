@@ -19,8 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/export.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lfzh_ds.convert import export_to_hf_longformer, is_classifier_config, read_config_dict
-from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
+from lfzh_ds.convert import export_to_hf_longformer, read_config_dict
+from lfzh_ds.loading import load_model
 
 
 def parse_args(argv=None):
@@ -32,27 +32,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_source_model(path):
-    """The model to export: a classifier if the saved ``architectures`` say so, else the masked LM. Weights the
-    directory lacks (which would be exported as random numbers) are refused."""
-    from lfzh_ds.training.checkpoint import is_training_checkpoint, load_model_from_run
-
-    if is_training_checkpoint(path):  # a run of launch/pretrain.py (its latest checkpoint) or RUN_DIR/checkpoints/step_N
-        return load_model_from_run(path)
-    config = read_config_dict(path)
-    model_class = LongformerZhForSequenceClassification if is_classifier_config(config) else LongformerZhForMaskedLM
-    model, info = model_class.from_pretrained(path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(
-            f"{path}: its config.json says architectures={config.get('architectures')}, but the weights lack "
-            f"{', '.join(sorted(info['missing_keys']))} of {model_class.__name__}; exporting would write random weights"
-        )
-    return model
-
-
 def main(argv=None):
     args = parse_args(argv)
-    model = load_source_model(args.model_dir)
+    model = load_model(args.model_dir)
     out = export_to_hf_longformer(model, args.out_dir)
     exported_as = read_config_dict(out)["architectures"][0]
     print(f"exported {args.model_dir} -> {out} (transformers.{exported_as}, "

@@ -229,7 +229,7 @@ def convert_bert_to_longformer(
     if long_dir is not None:
         long_dir = Path(long_dir)
         model.save_pretrained(long_dir, state_dict={**model.state_dict(), **pooler})
-        load_tokenizer().save_pretrained(long_dir)
+        load_tokenizer(model.config.max_position_embeddings).save_pretrained(long_dir)
     return ConversionResult(model, head_kept, short_positions, dropped, warnings, pooler_kept=bool(pooler))
 
 
@@ -410,5 +410,5 @@ def export_to_hf_longformer(model, out_dir, write_tokenizer: bool = True) -> Pat
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)
     if write_tokenizer:
-        load_tokenizer().save_pretrained(out_dir)
+        load_tokenizer(model.config.max_position_embeddings).save_pretrained(out_dir)
     return out_dir

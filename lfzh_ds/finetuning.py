@@ -12,7 +12,6 @@ global batch and evaluates a share of each split; rank 0 writes the files.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -33,6 +32,7 @@ from .classification import (
     write_predictions,
 )
 from .constants import PAD_ID
+from .loading import load_model, quiet_transformers
 from .tokenization import load_tokenizer
 
 BEST_CHECKPOINT_DIR = "best"
@@ -177,72 +177,7 @@ def predict(model, encoded: EncodedSplit, batch_size: int, device) -> tuple[list
     return predictions, probabilities
 
 
-# ---------------------------------------------------------------------------------- model and engine
-def load_classifier(model_dir, label_names: list[str]):
-    """``LongformerZhForSequenceClassification`` from an HF directory in any layout its ``from_pretrained``
-    reads: ours (``longformer_zh``), the released ``ValkyriaLenneth/longformer_zh`` one (``bert`` with
-    ``attention_window``) or an export to transformers' Longformer (``longformer``). An MLM checkpoint gets a
-    new classification head; a classifier with another number of classes is refused."""
-    from .convert import is_classifier_config, read_config_dict
-    from .modeling import LongformerZhForSequenceClassification
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no config.json: --model must be a from_pretrained directory (a converted or exported "
-            "checkpoint, or the 'best' folder of an earlier fine-tuning run) or a pretraining run directory"
-        )
-    config = read_config_dict(model_dir)
-    model_type = config.get("model_type")
-    if model_type not in ("longformer_zh", "longformer") and not (model_type == "bert" and "attention_window" in config):
-        raise ValueError(
-            f"{model_dir}/config.json has model_type {model_type!r}"
-            + (" and no attention_window: a short BERT, convert it first (launch/convert.py)" if model_type == "bert" else "")
-            + "; expected 'longformer_zh', 'longformer' (an export) or the released 'bert' layout with attention_window"
-        )
-    num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
-    if is_classifier_config(config) and num_labels != len(label_names):
-        raise ValueError(
-            f"{model_dir} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
-            "start from the pretrained (MLM) checkpoint instead"
-        )
-    labels = {
-        "id2label": {i: name for i, name in enumerate(label_names)},
-        "label2id": {name: i for i, name in enumerate(label_names)},
-    }
-    with quiet_transformers():
-        model, info = LongformerZhForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **labels)
-    return model, info
-
-
-def is_pretraining_run(path: Path) -> bool:
-    """A folder written by launch/pretrain.py (DeepSpeed checkpoints, no config.json of its own)."""
-    if (path / "config.json").is_file():
-        return False
-    from .training.checkpoint import resolve_checkpoint
-
-    try:
-        resolve_checkpoint(path)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No per-key load report or progress bar from transformers: we log what matters (new weights) ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-
-
+# ---------------------------------------------------------------------------------- engine
 def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_size: int, total_steps: int) -> tuple[dict, list[str]]:
     """The parts of a (pretraining) DeepSpeed config that fine-tuning sets itself: batch sizes,
     learning rate, and a linear warmup/decay schedule over the fine-tuning steps."""
@@ -314,7 +249,7 @@ def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
         config = copy.deepcopy(engine.module.config)
         config.dtype = "float32"
         config.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        load_tokenizer(config.max_position_embeddings).save_pretrained(out_dir)
     barrier()
 
 
@@ -346,16 +281,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
             f"{settings.max_len} tokens, truncated ({settings.truncation})")
     labels = {split: [e.label for e in getattr(task, split)] for split in encoded}
 
-    model_dir = Path(settings.model_dir)
-    if is_pretraining_run(model_dir):  # a run of launch/pretrain.py: export its latest checkpoint first
-        model_dir = output_dir / "pretrained"
-        if rank == 0:
-            from .training.checkpoint import export_run
-
-            export_run(settings.model_dir, model_dir)
-            log(f"exported the latest checkpoint of the pretraining run {settings.model_dir} to {model_dir}")
-        barrier()
-    model, info = load_classifier(model_dir, task.label_names)
+    model, info = load_model(settings.model_dir, label_names=task.label_names, output_loading_info=True)
     if settings.max_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
     if info["missing_keys"]:

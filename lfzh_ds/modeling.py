@@ -12,6 +12,8 @@ Importing this module registers the classes with transformers' Auto classes.
 """
 from __future__ import annotations
 
+import tempfile
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,7 @@ from transformers.models.bert.modeling_bert import (
 from .attention import build_self_attention
 from .configuration import LongformerZhConfig
 from .constants import IGNORE_INDEX
+from .run_folder import checkpoint_weights, is_training_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -94,11 +97,18 @@ class LongformerZhPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also loads a local directory saved by transformers' ``LongformerForMaskedLM``/``LongformerModel``
-        (prefix ``longformer.``, head ``lm_head.*``, positions shifted by ``pad_token_id + 1``)."""
+        (prefix ``longformer.``, head ``lm_head.*``, positions shifted by ``pad_token_id + 1``), and a run folder
+        of ``launch/pretrain.py``, its checkpoints folder or one ``step_N`` folder (that checkpoint's fp32
+        weights, from any ZeRO stage), so ``AutoModelForMaskedLM.from_pretrained(RUN_DIR/checkpoints/step_N)``
+        works like on an exported model."""
         from .convert import is_hf_longformer_dir, load_hf_longformer
 
         if is_hf_longformer_dir(pretrained_model_name_or_path):
             return load_hf_longformer(pretrained_model_name_or_path, model_class=cls, **kwargs)
+        if is_training_checkpoint(pretrained_model_name_or_path):
+            with tempfile.TemporaryDirectory(prefix="lfzh_checkpoint_") as folder:
+                masked_lm_from_checkpoint(pretrained_model_name_or_path).save_pretrained(folder)
+                return super().from_pretrained(folder, *args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
@@ -379,6 +389,19 @@ class LongformerZhForSequenceClassification(LongformerZhPreTrainedModel):
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+def masked_lm_from_checkpoint(path) -> LongformerZhForMaskedLM:
+    """The ``LongformerZhForMaskedLM`` a training checkpoint holds (see ``run_folder.checkpoint_weights``)."""
+    config_file, state_dict = checkpoint_weights(path)
+    model = LongformerZhForMaskedLM(LongformerZhConfig.from_json_file(str(config_file)))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise KeyError(f"{path} does not match {config_file}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- Auto classes

@@ -62,9 +62,17 @@ def normalize_text(text: str) -> str:
     return text.translate(_translation_table())
 
 
+# The length limit of a tokenizer that belongs to no model (the data service tokenizes whole documents and packs
+# them itself); a tokenizer saved beside a model carries that model's number of positions instead.
+NO_MODEL_MAX_LENGTH = 1_000_000
+
+
 @functools.lru_cache(maxsize=None)
-def load_tokenizer():
+def load_tokenizer(model_max_length: int = NO_MODEL_MAX_LENGTH):
     """A fast BERT tokenizer over the vendored 21,128-entry Chinese vocab.
+
+    ``model_max_length``: give the model's ``max_position_embeddings`` for a tokenizer saved with a model, so that
+    ``truncation=True`` (and transformers' pipelines) cut inputs to what the model can take.
 
     Built with ``vocab=`` because transformers 5 silently ignores ``vocab_file=``. transformers is imported
     here, not at module level, so data-service workers that only normalise text start about 2 s faster.
@@ -76,7 +84,8 @@ def load_tokenizer():
         raise RuntimeError(f"vendored vocab {VOCAB_FILE} has md5 {actual}, expected {VOCAB_MD5}; reinstall the package")
     with open(VOCAB_FILE, encoding="utf-8") as f:
         vocab = {tok.rstrip("\n"): i for i, tok in enumerate(f)}
-    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, tokenize_chinese_chars=True, model_max_length=1_000_000)
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, tokenize_chinese_chars=True,
+                            model_max_length=model_max_length)
     if len(tok) != VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {len(tok)} entries, expected {VOCAB_SIZE}")
     return tok

@@ -460,7 +460,7 @@ def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_bl
     import socket
 
     from launch.pretrain import main
-    from lfzh_ds.training.checkpoint import load_model_from_run
+    from lfzh_ds.loading import load_model
     from lfzh_ds.training.metrics import read_metrics
 
     short = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=64, hidden_dropout_prob=0.1,
@@ -491,7 +491,7 @@ def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_bl
 
     token = losses(tmp_path / "token")
     assert "attention block_sparse" in capsys.readouterr().out
-    trained = load_model_from_run(tmp_path / "token").config
+    trained = load_model(tmp_path / "token").config
     assert (trained.attention_backend, trained.sparse_window_mode) == ("block_sparse", "token")
     sliding = losses(tmp_path / "sliding", "--attention-backend", "sliding_chunks")
     assert "attention sliding_chunks" in capsys.readouterr().out

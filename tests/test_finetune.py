@@ -13,7 +13,8 @@ import torch
 from lfzh_ds import classification as cls
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.convert import export_to_hf_longformer
-from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR, load_classifier
+from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR
+from lfzh_ds.loading import load_model
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from lfzh_ds.tokenization import load_tokenizer
 
@@ -145,7 +146,7 @@ def test_load_classifier_takes_the_released_layout_and_an_export_to_transformers
     global_attention_mask[:, 0] = 1
     expected = stock.longformer(input_ids, global_attention_mask=global_attention_mask).last_hidden_state  # the oracle
     for model_dir in (released, exported):
-        model, info = load_classifier(model_dir, ["晴", "雨", "雪"])
+        model, info = load_model(model_dir, label_names=["晴", "雨", "雪"], output_loading_info=True)
         assert type(model) is LongformerZhForSequenceClassification and model.config.id2label == {0: "晴", 1: "雨", 2: "雪"}
         assert model.classifier.out_features == 3
         assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
@@ -154,7 +155,7 @@ def test_load_classifier_takes_the_released_layout_and_an_export_to_transformers
 
     BertModel(BertConfig(vocab_size=21128, max_position_embeddings=32, **small)).save_pretrained(tmp_path / "short")
     with pytest.raises(ValueError, match="short/config.json has model_type 'bert' and no attention_window: a short BERT, convert it"):
-        load_classifier(tmp_path / "short", ["a", "b"])
+        load_model(tmp_path / "short", label_names=["a", "b"])
 
 
 # ------------------------------------------------------------------------------------------- batching (no processes)

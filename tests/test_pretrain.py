@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfzh_ds.training.checkpoint import load_model_from_run, read_latest_tag
+from lfzh_ds.loading import load_model
+from lfzh_ds.run_folder import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -214,8 +215,8 @@ def test_crash_during_save_leaves_the_previous_checkpoint_usable(reference, shar
     assert crashed.returncode != 0
     assert (run_dir / "checkpoints" / "step_6").is_dir()
     assert read_latest_tag(run_dir / "checkpoints") == "step_4"
-    at_step_4 = load_model_from_run(run_dir)
-    reference_4 = load_model_from_run(reference[0] / "checkpoints" / "step_4")
+    at_step_4 = load_model(run_dir)
+    reference_4 = load_model(reference[0] / "checkpoints" / "step_4")
     for (name, a), (_, b) in zip(at_step_4.state_dict().items(), reference_4.state_dict().items()):
         assert torch.equal(a, b), name
     resumed = pretrain(shards, files, run_dir, "--resume")
@@ -305,7 +306,7 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert "the loss was not finite for 2 consecutive steps (steps 5-6); stopping" in result.output
     assert f"The last good checkpoint is {run_dir / 'checkpoints' / 'step_4'}" in result.output
     assert read_latest_tag(run_dir / "checkpoints") == "step_4"
-    model = load_model_from_run(run_dir)
+    model = load_model(run_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -314,9 +315,9 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 def test_the_gpu_command_with_zero2_json_continues_a_model_at_step_3000_on_this_cpu(reference, shards, files,
                                                                                      tmp_path):
     """The README's 3K -> 15K command, as is, on CPU: fp16 falls back in one line, the schedule picks up at 3000."""
-    from lfzh_ds.training.checkpoint import export_run
+    from lfzh_ds.loading import save_model_folder
 
-    model_dir = export_run(reference[0] / "checkpoints" / "step_4", tmp_path / "model")
+    model_dir = save_model_folder(load_model(reference[0] / "checkpoints" / "step_4"), tmp_path / "model")
     run_dir = tmp_path / "run"
     result = pretrain(shards, files, run_dir, "--init-from", str(model_dir), "--start-step", "3000",
                       "--max-steps", "3001", "--eval-interval", "0", "--save-interval", "1000",
@@ -377,7 +378,7 @@ def test_export_from_a_run_folder_or_one_checkpoint(reference, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    ours = load_model_from_run(run_dir)
+    ours = load_model(run_dir)
     stock = LongformerForMaskedLM.from_pretrained(out).eval()
     # 20 characters fit one 32-token block and the +-32 window, so block-sparse and stock Longformer agree exactly
     ids = load_tokenizer()("北京市召开新闻发布会，介绍今年经济运行情况。", return_tensors="pt")["input_ids"]
@@ -385,5 +386,5 @@ def test_export_from_a_run_folder_or_one_checkpoint(reference, tmp_path):
         assert torch.allclose(ours(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-4)
     export_main(["--from", str(run_dir / "checkpoints" / "step_4"), "--to", str(tmp_path / "at4")])
     at4 = LongformerForMaskedLM.from_pretrained(tmp_path / "at4")
-    reference_4 = load_model_from_run(run_dir / "checkpoints" / "step_4")
+    reference_4 = load_model(run_dir / "checkpoints" / "step_4")
     assert torch.equal(at4.lm_head.decoder.weight, reference_4.cls.predictions.decoder.weight)

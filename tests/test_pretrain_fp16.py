@@ -12,7 +12,8 @@ import shutil
 import pytest
 from test_pretrain import REPO, files, pretrain, shards, train_losses  # noqa: F401 (files, shards: fixtures)
 
-from lfzh_ds.training.checkpoint import load_model_from_run, read_latest_tag
+from lfzh_ds.loading import load_model
+from lfzh_ds.run_folder import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ def test_fp16_run_killed_and_resumed_has_the_same_losses_and_loss_scale(referenc
     assert "at step 2 (128 samples consumed)" in resumed.output
     assert train_losses(run_dir) == train_losses(reference[0])  # bit for bit
     assert scale_trace(run_dir) == scale_trace(reference[0])
-    ours, theirs = load_model_from_run(run_dir), load_model_from_run(reference[0])
+    ours, theirs = load_model(run_dir), load_model(reference[0])
     for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert a.equal(b), name
 

@@ -12,7 +12,7 @@ import torch
 
 from lfzh_ds.masking import whole_word_spans
 from lfzh_ds.shards import ShardDataset
-from lfzh_ds.training.checkpoint import load_model_from_run
+from lfzh_ds.loading import load_model
 from lfzh_ds.training.metrics import read_metrics
 
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
@@ -122,7 +122,7 @@ def test_a_second_phase_on_longer_sequences_keeps_weights_optimizer_state_and_st
     assert (step1, step2) == (4, 5)
     assert bool((v2 >= 0.999 * v1 * (1 - 1e-6)).all())
     # the weights moved by one update from phase 1's, far less than a fresh initialisation differs from them
-    before, after = load_model_from_run(phase1).state_dict(), load_model_from_run(phase2).state_dict()
+    before, after = load_model(phase1).state_dict(), load_model(phase2).state_dict()
     moved = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert 0 < moved < 1e-2
     assert json.loads((phase2 / "args.json").read_text())["continue_from"] == str(phase1)

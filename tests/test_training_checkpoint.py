@@ -1,8 +1,8 @@
 """Checkpoint bookkeeping that needs no processes: keep-N, leftovers of interrupted saves, locating a checkpoint."""
 import pytest
 
-from lfzh_ds.training.checkpoint import (prune_checkpoints, read_latest_tag, remove_incomplete_checkpoints,
-                                         resolve_checkpoint, step_of_tag)
+from lfzh_ds.run_folder import read_latest_tag, resolve_checkpoint, step_of_tag
+from lfzh_ds.training.checkpoint import prune_checkpoints, remove_incomplete_checkpoints
 
 
 def make_run(tmp_path, steps, latest, universal=()):
@@ -65,7 +65,7 @@ def test_resolve_explains_what_is_missing(tmp_path):
 
 
 def test_a_training_checkpoint_is_told_apart_from_a_model_folder(tmp_path):
-    from lfzh_ds.training.checkpoint import is_training_checkpoint
+    from lfzh_ds.run_folder import is_training_checkpoint
 
     ckpt = make_run(tmp_path, [2], latest=2)
     assert is_training_checkpoint(tmp_path / "run") and is_training_checkpoint(ckpt / "step_2")

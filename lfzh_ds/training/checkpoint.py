@@ -1,12 +1,6 @@
 """Training checkpoints: DeepSpeed's engine state plus what DeepSpeed does not save.
 
-Layout of a run::
-
-    RUN_DIR/checkpoints/latest                  the tag of the newest complete checkpoint (one line)
-    RUN_DIR/checkpoints/step_3000/              DeepSpeed's files (mp_rank_00_model_states.pt, ZeRO shards)
-        training_state.json                     step, samples consumed, world size, ... (readable without torch)
-        config.json                             the model config, so the folder exports on its own
-    RUN_DIR/checkpoints/step_3000_universal/    made on demand when a run resumes on another world size
+The layout of a run folder is described (and read without an engine) in ``lfzh_ds.run_folder``.
 
 The client state inside DeepSpeed's model-states file holds the same counters plus every process's RNG states
 (python, numpy, torch, and CUDA where present). ``latest`` is written last, atomically (temporary file, fsync,
@@ -15,11 +9,8 @@ previous checkpoint, which stays usable. Only the newest ``keep`` checkpoints ar
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -30,14 +21,11 @@ import numpy as np
 import torch
 
 from ..atomic_files import write_atomic
+from ..run_folder import (CHECKPOINTS_DIRNAME, LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX,
+                          checkpoints_dir, read_latest_tag, resolve_checkpoint, step_of_tag, tag_for_step)
 
-CHECKPOINTS_DIRNAME = "checkpoints"
-LATEST_FILENAME = "latest"
 STATE_FILENAME = "training_state.json"
-MODEL_CONFIG_FILENAME = "config.json"
 CLIENT_STATE_KEY = "lfzh_ds"
-UNIVERSAL_SUFFIX = "_universal"
-_TAG_PATTERN = re.compile(r"^step_(\d+)(_universal)?$")
 
 
 @dataclass
@@ -67,29 +55,6 @@ class TrainingState:
     def from_dict(cls, data: dict) -> "TrainingState":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
-
-
-# ---------------------------------------------------------------------------------------------- tags
-
-def checkpoints_dir(run_dir) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIRNAME
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step}"
-
-
-def step_of_tag(tag: str) -> int | None:
-    match = _TAG_PATTERN.match(tag)
-    return int(match.group(1)) if match else None
-
-
-def read_latest_tag(ckpt_dir) -> str | None:
-    latest = Path(ckpt_dir) / LATEST_FILENAME
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag or None
 
 
 def read_training_state(tag_dir) -> TrainingState:
@@ -263,69 +228,3 @@ def client_training_state(client_state: dict | None, where: str) -> tuple[Traini
         raise KeyError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
     data = client_state[CLIENT_STATE_KEY]
     return TrainingState.from_dict(data), data.get("rng", [])
-
-
-# ---------------------------------------------------------------------------------------------- export
-
-def is_training_checkpoint(path) -> bool:
-    """True for a run folder of launch/pretrain.py, its checkpoints folder or one of its step_N folders."""
-    path = Path(path)
-    return ((path / CHECKPOINTS_DIRNAME / LATEST_FILENAME).is_file() or (path / LATEST_FILENAME).is_file()
-            or any(path.glob("*model_states.pt")))
-
-
-def resolve_checkpoint(path) -> tuple[Path, str]:
-    """(checkpoints folder, tag) for a run folder, a checkpoints folder or one tag folder."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give a run folder (with checkpoints/latest) or one "
-                                "checkpoint folder such as RUN_DIR/checkpoints/step_3000")
-    for ckpt_dir in (path / CHECKPOINTS_DIRNAME, path):
-        tag = read_latest_tag(ckpt_dir)
-        if tag is not None:
-            if not (ckpt_dir / tag).is_dir():
-                raise FileNotFoundError(f"{ckpt_dir / LATEST_FILENAME} names {tag!r}, which does not exist")
-            return ckpt_dir, tag
-    if any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: expected checkpoints/latest, latest, "
-                            "or *model_states.pt files")
-
-
-def load_model_from_run(path, dtype=torch.float32):
-    """A ``LongformerZhForMaskedLM`` with the fp32 weights of a run's latest checkpoint (or of one tag folder).
-
-    Works for every ZeRO stage: DeepSpeed's ``zero_to_fp32`` merges the optimizer's fp32 partitions.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from ..configuration import LongformerZhConfig
-    from ..modeling import LongformerZhForMaskedLM
-
-    ckpt_dir, tag = resolve_checkpoint(path)
-    config_file = ckpt_dir / tag / MODEL_CONFIG_FILENAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: the checkpoint does not say which model it holds")
-    config = LongformerZhConfig.from_json_file(str(config_file))
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step on stdout
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    model = LongformerZhForMaskedLM(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise KeyError(f"{ckpt_dir / tag} does not match {config_file}: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.to(dtype).eval()
-
-
-def export_run(path, out_dir) -> Path:
-    """Write a run's checkpoint as a ``from_pretrained`` folder: config, fp32 safetensors, tokenizer files."""
-    from ..tokenization import load_tokenizer
-
-    model = load_model_from_run(path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer().save_pretrained(out_dir)
-    return out_dir

@@ -149,20 +149,3 @@ def evaluate_model_bpc(model, dataset, batch_size: int = 4, max_sequences: int |
     model.eval()
     device = next(model.parameters()).device
     return masked_lm_cross_entropy(model, dataset, validation_indices(dataset, max_sequences), batch_size, device)
-
-
-def load_masked_lm(path):
-    """A ``LongformerZhForMaskedLM`` from a ``from_pretrained`` folder, a run folder or one checkpoint folder."""
-    from pathlib import Path
-
-    from .checkpoint import is_training_checkpoint, load_model_from_run
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give a model folder (config.json + weights), a run folder "
-                                "of launch/pretrain.py, or one of its checkpoints/step_N folders")
-    if is_training_checkpoint(path):
-        return load_model_from_run(path)
-    from ..modeling import LongformerZhForMaskedLM
-
-    return LongformerZhForMaskedLM.from_pretrained(path).eval()
