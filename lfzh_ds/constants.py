@@ -20,7 +20,7 @@ FIRST_REAL_TOKEN_ID = 104
 # Label value ignored by the loss (PyTorch / transformers convention).
 IGNORE_INDEX = -100
 
-# The seed model's geometry.
+# The upstream model's geometry (the released Longformer_ZH).
 DEFAULT_MAX_POSITIONS = 4096
 DEFAULT_ATTENTION_WINDOW = 512
 DEFAULT_SEQ_LEN = 4096

@@ -4,7 +4,7 @@ A sequence comes with ``word_starts``: 1 where a token begins a word (a jieba wo
 data service), 0 where it continues the previous token's word. Special tokens ([PAD], [UNK],
 [CLS], [SEP], [MASK]) are never masked and never part of a word.
 
-The rule (the seed's, made exact):
+The rule (the upstream's, made exact):
 - ``target = min(max_predictions, max(1, round_half_up(mask_prob * maskable_tokens)))``.
 - Whole words are visited in a random order; a word is chosen if it still fits in the target
   (words that would overshoot are skipped, later shorter words may still fill the gap), until
@@ -12,7 +12,7 @@ The rule (the seed's, made exact):
 - Of the chosen tokens, exactly ``round_half_up(0.8 k)`` become ``[MASK]``, ``round_half_up(0.1 k)``
   a random real token (ids ``FIRST_REAL_TOKEN_ID..VOCAB_SIZE-1``, never a special or ``[unused]``
   token) and the rest keep their id. Labels are the original ids at the chosen positions.
-- ``max_word_len`` reproduces the seed (``--wwm-max-word-len 3``): its ``get_new_segment`` only
+- ``max_word_len`` reproduces the upstream (``--wwm-max-word-len 3``): its ``get_new_segment`` only
   grouped characters into words of up to three characters, so longer words are masked as single
   tokens.
 
@@ -53,7 +53,7 @@ def whole_word_spans(input_ids: np.ndarray, word_starts: np.ndarray, max_word_le
     if max_word_len is not None and max_word_len > 0:
         too_long = lengths > max_word_len
         if too_long.any():
-            # longer words become single-token words, as in the seed's segmentation
+            # longer words become single-token words, as in the upstream's segmentation
             pieces_start = [np.arange(s, s + n) if long else np.array([s])
                             for s, n, long in zip(starts, lengths, too_long)]
             pieces_len = [np.ones(n, dtype=lengths.dtype) if long else np.array([n])
@@ -83,7 +83,7 @@ def whole_word_mask(input_ids, word_starts, rng: np.random.Generator, *, mask_pr
     n_prefix = int(np.searchsorted(covered_after, target, side="right"))
     chosen = list(order[:n_prefix])
     covered = int(covered_after[n_prefix - 1]) if n_prefix else 0
-    for w in order[n_prefix:]:  # the seed's "skip a word that overshoots, keep looking"
+    for w in order[n_prefix:]:  # the upstream's "skip a word that overshoots, keep looking"
         if covered == target:
             break
         if lengths[w] <= target - covered:

@@ -1,6 +1,6 @@
 """Masked-token cross-entropy and bits per character (BPC) on a split with fixed masks.
 
-BPC here is the seed's number: the mean cross-entropy (in nats) over masked tokens divided by ln 2. A Chinese
+BPC here is the upstream's number: the mean cross-entropy (in nats) over masked tokens divided by ln 2. A Chinese
 token is one character, so it is bits per (masked) character. Validation uses the data service's static masks
 (the first stored copy of every validation sequence), so numbers are comparable across runs and machines.
 A uniform guess over the 21,128-token vocabulary scores log2(21128) = 14.37.
