@@ -84,34 +84,16 @@ def run_bpc(args) -> None:
               f"{result.masked_tokens:,} masked tokens in {result.sequences} sequences, for {args.model}")
 
 
-def corpus_texts(paths, field: str) -> list[str]:
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if not line.startswith("{"):
-                    texts.append(line)
-                    continue
-                try:
-                    texts.append(str(json.loads(line)[field]))
-                except (json.JSONDecodeError, KeyError):
-                    raise ValueError(f"{path}:{number}: not a JSON object with a {field!r} field (--field)") from None
-    return texts
-
-
 def run_cloze(args) -> None:
-    from lfzh_ds.cloze import (frequency_guess, frequency_guess_from_shards, make_blanks, read_blanks, score_cloze,
-                                write_blanks)
+    from lfzh_ds.cloze import (frequency_guess, frequency_guess_from_shards, make_blanks, read_blanks,
+                               read_corpus_texts, score_cloze, write_blanks)
     from lfzh_ds.tokenization import load_tokenizer
     from lfzh_ds.loading import load_model
 
     if args.blanks:
         blanks = read_blanks(args.blanks)
     else:
-        blanks = make_blanks(corpus_texts(args.corpus, args.field), args.num_blanks, args.seed)
+        blanks = make_blanks(read_corpus_texts(args.corpus, args.field), args.num_blanks, args.seed)
         if not blanks:
             raise ValueError(f"--corpus {' '.join(args.corpus)}: no sentence to make a blank from")
         if args.save_blanks:

@@ -14,11 +14,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import jieba
 import numpy as np
 import torch
 
 from .constants import MASK_TOKEN
-from .tokenization import _vocab_chars, normalize_text
+from .shards import ShardDataset
+from .tokenization import _vocab_chars, load_tokenizer, normalize_text
+from .training.evaluation import token_counts
 
 SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
 MIN_SENTENCE_CHARS, MAX_SENTENCE_CHARS = 12, 120
@@ -34,12 +37,29 @@ def is_chinese_character(ch: str) -> bool:
     return "\u4e00" <= ch <= "\u9fff"
 
 
+def read_corpus_texts(paths, field: str = "content") -> list[str]:
+    """The documents of ``paths``: JSON lines (their ``field``) or plain text, one document per line."""
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if not line.startswith("{"):
+                    texts.append(line)
+                    continue
+                try:
+                    texts.append(str(json.loads(line)[field]))
+                except (json.JSONDecodeError, KeyError):
+                    raise ValueError(f"{path}:{number}: not a JSON object with a {field!r} field (--field)") from None
+    return texts
+
+
 def make_blanks(texts, num_blanks: int, seed: int = 0) -> list[Blank]:
     """Up to ``num_blanks`` blanks from ``texts`` (documents), deterministic from ``seed``: sentences of 12-120
     characters in a seeded order, in each a seeded multi-character word of Chinese characters the vocab knows,
     and in it a seeded character."""
-    import jieba
-
     jieba.setLogLevel(60)
     known = _vocab_chars()
     sentences = []
@@ -103,10 +123,6 @@ def frequency_guess(texts, top_k: int = 5) -> list[str]:
 
 def frequency_guess_from_shards(data_dir, top_k: int = 5) -> list[str]:
     """The ``top_k`` most frequent Chinese characters of a shards folder's training split."""
-    from .shards import ShardDataset
-    from .tokenization import load_tokenizer
-    from .training.evaluation import token_counts
-
     counts = token_counts(ShardDataset(data_dir, "train", verify=False))
     ranked = load_tokenizer().convert_ids_to_tokens(np.argsort(-counts, kind="stable").tolist())
     return [t for t in ranked if len(t) == 1 and is_chinese_character(t)][:top_k]
