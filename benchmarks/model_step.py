@@ -8,6 +8,9 @@ Models (same size: 4 layers, hidden 256, 4 heads of 64, FFN 1024, vocab 21128, d
 * ``hf longformer``      transformers' ``LongformerForMaskedLM`` (window 512; head over all positions)
 * ``hf bert (dense)``    transformers' ``BertForMaskedLM`` (dense SDPA attention; head over all positions)
 
+* ``lfzh block_sparse training-vocab`` the block-sparse model with the training softmax over 9,232 of the 21,128
+  tokens (``--output-vocab training``: the quick start's corpus has 9,232 distinct tokens), labels drawn from them
+
 * ``lfzh block_sparse flex`` the block-sparse model without attention dropout: on CUDA GPUs of compute
   capability >= 8.0 its attention runs through FlexAttention (elsewhere the same kernel as above)
 
@@ -36,16 +39,21 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's lfzh_ds, installed or not
+
 SIZES = {
+    "quickstart": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 VOCAB = 21128
 WINDOW, BLOCK = 512, 64
-ALL_MODELS = ["lfzh block_sparse", "lfzh block_sparse flex", "lfzh sliding_chunks", "hf longformer", "hf bert (dense)"]
+TRAINING_VOCAB = 9232
+ALL_MODELS = ["lfzh block_sparse", "lfzh block_sparse training-vocab", "lfzh block_sparse flex", "lfzh sliding_chunks", "hf longformer", "hf bert (dense)"]
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -77,6 +85,10 @@ def build(name: str, L: int, size: str = "small", tokens_per_step: int = 4096, d
         model = BertForMaskedLM(config, attn_implementation="sdpa") if _accepts_attn_impl() else BertForMaskedLM(config)
     model.to(device).train()
     input_ids = torch.randint(1000, VOCAB, (batch, L))
+    output_vocab = None
+    if name.endswith("training-vocab"):  # the corpus uses TRAINING_VOCAB tokens: inputs and labels come from them
+        output_vocab = torch.sort(torch.randperm(VOCAB - 1000)[:TRAINING_VOCAB] + 1000).values
+        input_ids = output_vocab[torch.randint(0, TRAINING_VOCAB, (batch, L))]
     labels = torch.full_like(input_ids, -100)
     chosen = torch.rand(batch, L) < 0.15
     labels[chosen] = input_ids[chosen]
@@ -86,6 +98,8 @@ def build(name: str, L: int, size: str = "small", tokens_per_step: int = 4096, d
         global_attention_mask = torch.zeros_like(input_ids)
         global_attention_mask[:, 0] = 1
         kwargs["global_attention_mask"] = global_attention_mask
+    if output_vocab is not None:
+        kwargs["output_vocab"] = output_vocab
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     low = DTYPES[dtype]
