@@ -1,15 +1,46 @@
 """What the command-line scripts share: a user's mistake (a missing file, a bad value, a corrupt shard) ends in
-one line naming it and exit status 2, not a traceback. ``main()`` functions raise as usual for callers in Python."""
+one line naming it and exit status 2, not a traceback. ``main()`` functions raise as usual for callers in Python.
+
+The console scripts of ``pyproject.toml`` point at the functions below, which wrap each ``main`` the way
+``python launch/x.py`` does under ``__main__``, so both ways of running a command keep that promise.
+"""
 from __future__ import annotations
 
+import importlib
 import sys
+
+from lfzh_ds.shards import ShardError
 
 
 def run_main(main, prog: str) -> int:
-    from lfzh_ds.shards import ShardError
-
     try:
         return main() or 0
     except (OSError, ValueError, KeyError, ShardError) as err:  # ValueError covers ConfigError, InputError
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return 2
+
+
+def _script(module: str, prog: str) -> int:
+    # The command's module is imported when the command runs, so each loads only what it needs
+    # (lfzh-preprocess neither torch nor DeepSpeed).
+    return run_main(importlib.import_module(f"launch.{module}").main, prog)
+
+
+def preprocess() -> int:
+    return _script("preprocess", "lfzh-preprocess")
+
+
+def convert() -> int:
+    return _script("convert", "lfzh-convert")
+
+
+def export() -> int:
+    return _script("export", "lfzh-export")
+
+
+def evaluate() -> int:
+    return _script("evaluate", "lfzh-evaluate")
+
+
+def finetune() -> int:
+    return _script("finetune", "lfzh-finetune")

@@ -18,7 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/finetune.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from lfzh_ds.deepspeed_configs import deepspeed_config_path
+
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 
 
@@ -69,7 +70,7 @@ def default_deepspeed_config() -> Path:
     from deepspeed.accelerator import get_accelerator
 
     name = "cpu.json" if get_accelerator().device_name() == "cpu" else "zero2.json"
-    return REPO_ROOT / "ds_configs" / name
+    return deepspeed_config_path(name)
 
 
 def fraction(text: str) -> float:

@@ -5,9 +5,13 @@ import json
 import random
 
 import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from data_service.corpora import inews_documents
+from launch import finetune as finetune_cli
 from lfzh_ds import classification as cls
 from lfzh_ds.classification import Example
+from lfzh_ds.classification.baseline import describe_baseline_run, run_tfidf_baseline, tfidf_baseline
 from lfzh_ds.constants import CLS_ID, SEP_ID, UNK_ID
 from lfzh_ds.tokenization import load_tokenizer
 
@@ -124,8 +128,6 @@ def test_dedup_drops_dev_test_documents_conflicting_labels_and_repeats():
 def test_near_copies_of_dev_and_test_documents_leave_train_as_the_data_service_finds_them():
     """The data service's near-duplicate rule (Jaccard of character 5-grams >= 0.8): a train document with a
     sentence changed or a line added to a dev/test document is removed and counted apart from exact overlaps."""
-    from data_service.corpora import inews_documents
-
     docs = [d for d in inews_documents("dev") if 500 <= len(d["content"]) <= 1500][:4]
     dev = [Example("d1", docs[0]["content"], 0, docs[0]["title"])]
     test = [Example("t1", docs[1]["content"], 2, docs[1]["title"])]
@@ -185,8 +187,6 @@ def test_head_tail_truncation_keeps_both_ends():
 
 
 def test_head_fraction_outside_zero_to_one_is_refused_naming_the_flag(capsys):
-    from launch import finetune as finetune_cli
-
     ids = [CLS_ID] + list(range(1000, 1020)) + [SEP_ID]
     for fraction in (0.0, 1.0):  # the ends of the range: all from the tail, all from the head
         kept = cls.truncate_ids(ids, 10, "head+tail", head_fraction=fraction)
@@ -257,8 +257,6 @@ def test_numeric_labels_sort_numerically_and_unknown_labels_are_refused(tmp_path
 
 # ------------------------------------------------------------------------------------------- metrics
 def test_metrics_agree_with_scikit_learn():
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
     rng = random.Random(3)
     labels = [rng.choice([0, 1, 1, 2, 2, 3]) for _ in range(500)]
     predictions = [y if y != 3 and rng.random() < 0.6 else rng.choice([0, 1, 2]) for y in labels]  # never class 3
@@ -277,8 +275,6 @@ def test_metrics_agree_with_scikit_learn():
 def test_macro_f1_averages_over_every_class_of_the_task_as_scikit_learn_does():
     """A small dev split can lack a class entirely (no document, no prediction): it still counts in the macro
     average, with F1 0, as in scikit-learn with the task's labels (the number fine-tuning is compared against)."""
-    from sklearn.metrics import f1_score
-
     labels = [0, 0, 1, 1, 1, 0, 1]
     predictions = [0, 1, 1, 1, 0, 0, 1]
     m = cls.classification_metrics(labels, predictions, ["pos", "neu", "neg"])
@@ -297,15 +293,36 @@ def test_predictions_file_round_trips(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- baseline
-def test_tfidf_baseline_learns_a_separable_task_and_picks_c_on_dev():
+def separable_task():
+    """Three classes, each written with its own six characters."""
     rng = random.Random(0)
     words = {0: "晴朗温暖阳光", 1: "暴雨寒冷大风", 2: "股票基金债券"}
 
     def docs(n):
         return [Example(f"{n}-{i}", "".join(rng.choice(words[i % 3]) for _ in range(30)), i % 3) for i in range(n)]
 
-    task = cls.TaskData("toy", ["sun", "rain", "money"], docs(60), docs(30), docs(30))
-    result = cls.tfidf_baseline(task, c_grid=(0.5, 2.0))
+    return cls.TaskData("toy", ["sun", "rain", "money"], docs(60), docs(30), docs(30))
+
+
+def test_tfidf_baseline_learns_a_separable_task_and_picks_c_on_dev():
+    task = separable_task()
+    result = tfidf_baseline(task, c_grid=(0.5, 2.0))
     assert set(result["dev_macro_f1_by_C"]) == {0.5, 2.0}
     assert result["splits"]["test"]["metrics"]["macro_f1"] == 1.0
     assert len(result["splits"]["dev"]["predictions"]) == 30
+
+
+def test_baseline_run_writes_the_files_fine_tuning_writes_and_its_summary_agrees_with_them(tmp_path):
+    task = separable_task()
+    task.test = task.test[:12] + [Example("odd", "晴朗暴雨股票", 0)]  # one document the model cannot be sure of
+    summary = run_tfidf_baseline(task, tmp_path / "run", c_grid=(1.0,))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "metrics_dev.json", "metrics_test.json", "predictions_dev.jsonl", "predictions_test.jsonl", "summary.json"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert on_disk["metrics"] == summary["metrics"] and on_disk["documents"] == {"train": 60, "dev": 30, "test": 13}
+    labels, predictions = cls.read_predictions(tmp_path / "run" / "predictions_test.jsonl")
+    assert labels == [e.label for e in task.test]
+    metrics = cls.classification_metrics(labels, predictions, task.label_names)
+    assert metrics == json.loads((tmp_path / "run" / "metrics_test.json").read_text(encoding="utf-8"))
+    assert summary["metrics"]["test"] == {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+    assert describe_baseline_run(summary).startswith("TF-IDF baseline (C=1.0, ")

