@@ -16,9 +16,10 @@ it open. ``num_workers`` caps the tasks in flight on a cluster or an existing co
 What runs where (``shared_storage``: whether the workers see the inputs and the output folder at
 the paths the driver sees, e.g. a shared filesystem; by default, when every Ray node runs on this
 machine):
-1. driver: list the inputs, hash them, detect formats, cut them into chunks (byte ranges ending on
-   a record boundary); with shared storage it sends each worker a byte range (the bytes of a
-   compressed input, which cannot be read from the middle), otherwise the chunk's bytes;
+1. driver: list the inputs (folders and globs expanded), hash them, detect formats, cut them into
+   chunks (byte ranges ending on a record boundary); with shared storage it sends each worker a
+   byte range (the bytes of a compressed input, which cannot be read from the middle), otherwise
+   the chunk's bytes;
 2. workers (``process.process_chunk``): parse, clean, drop short/long documents, apply the quality
    filters (``filters.py``), hash, segment and tokenize, and compute each document's MinHash LSH
    keys; each result is stored under ``OUTPUT/_work/chunks/``, by the worker itself with shared

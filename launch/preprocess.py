@@ -103,7 +103,8 @@ def config_from_args(args) -> PipelineConfig:
         dupe_factor=args.dupe_factor, wwm_max_word_len=args.wwm_max_word_len, seed=args.seed,
         val_fraction=args.val_fraction, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
         near_dedup=not args.no_near_dedup, near_dedup_threshold=args.near_dedup_threshold,
-        filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard,
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         ray_address=args.ray_address, num_workers=args.num_workers, keep_work=args.keep_work,
         shared_storage={"auto": None, "on": True, "off": False}[args.shared_storage],
         overwrite=args.overwrite, progress=not args.quiet)

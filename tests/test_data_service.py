@@ -698,7 +698,8 @@ def test_text_docs_file_makes_each_file_of_a_folder_one_document_listed_in_the_m
     corpus = tmp_path / "corpus"
     _folder_corpus(corpus, {**texts, ".draft.txt": news[0]["content"] + "草稿", ".old/0.txt": "旧的" * 20})
     argv = ["--input", str(corpus), "--output", str(tmp_path / "out"), "--format", "text", "--text-docs", "file",
-            "--seq-len", "128", "--rows-per-shard", "4", "--val-fraction", "0", "--no-filters", "--quiet"]
+            "--seq-len", "128", "--rows-per-shard", "4", "--val-fraction", "0", "--no-filters", "--quiet",
+            "--chunk-mb", "0.001"]  # chunks of 1 KB: a longer file is still one chunk
     assert preprocess_main(argv) == 0
     manifest = read_manifest(tmp_path / "out")
     files = sorted(texts, key=lambda name: Path(name).parts)
