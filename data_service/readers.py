@@ -441,6 +441,8 @@ def expand_inputs(patterns) -> list[str]:
         if not matches:
             raise InputError(f"--input {pattern} matches no file")
         for m in matches:
+            if not is_uri(m) and not os.path.exists(m):
+                raise InputError(f"--input {m}: no such file or folder")
             if not is_uri(m) and not os.path.isfile(m):
                 raise InputError(f"--input {m} is not a file")
             files.append(m)

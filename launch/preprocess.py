@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python launch/preprocess.py` runs this file as
 from data_service.clean import CleanOptions
 from data_service.config import PipelineConfig
 from data_service.filters import FilterOptions
-from data_service.readers import TEXT_DOCS, InputError
+from data_service.readers import FORMATS, TEXT_DOCS, InputError
 from data_service.work_folder import JobConflict
 from lfzh_ds.constants import DEFAULT_SEQ_LEN
 from lfzh_ds.near_duplicates import DEFAULT_THRESHOLD
@@ -46,8 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "URIs (file://, s3://, ...; globs allowed; .gz/.bz2/.xz read transparently)")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder (or file:// URI) for shards, manifest.json, rejects.json")
-    p.add_argument("--format", default="auto",
-                   choices=["auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--field", default=None, help="JSON field holding the text (format jsonl; default 'text')")
     p.add_argument("--text-docs", default="lines", choices=TEXT_DOCS,
                    help="format text: one document per line, per blank-line separated block, or per file")

@@ -687,6 +687,8 @@ def test_a_folder_input_stands_for_its_files_recursively_sorted_without_hidden_o
     with pytest.raises(InputError, match=r"--input .*empty is a folder without files \(hidden files and folders are "
                                          r"skipped\)"):
         expand_inputs([tmp_path / "empty"])
+    with pytest.raises(InputError, match=r"--input .*missing: no such file or folder"):
+        expand_inputs([tmp_path / "missing"])
 
 
 def test_text_docs_file_makes_each_file_of_a_folder_one_document_listed_in_the_manifest(ray_local, tmp_path, capsys):
