@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
 import pytest
 import ray
 
-from data_service.clean import CleanOptions, clean_document
+from data_service.clean import clean_document
 from data_service.config import PipelineConfig
 from data_service.corpora import inews_documents, write_inews_corpus
 from data_service.filters import FilterOptions, failed_filter
