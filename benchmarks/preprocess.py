@@ -130,7 +130,8 @@ def main(argv=None) -> int:
 
     from data_service.corpora import inews_documents
     from data_service.filters import FilterOptions
-    from data_service.pipeline import PipelineConfig, run
+    from data_service.config import PipelineConfig
+    from data_service.pipeline import run
     from data_service.segment import _jieba
 
     docs = inews_documents("train")[: args.limit]

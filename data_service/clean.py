@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import io
 import re
+from importlib.metadata import version
 
 from lfzh_ds.tokenization import normalize_text
 
@@ -42,14 +43,12 @@ class CleanOptions:
 def _jionlp():
     """Import jionlp without its banner lines on stdout (they would corrupt piped output)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        import jionlp
+        import jionlp  # here, not above: slow, and the driver never cleans
     return jionlp
 
 
 def jionlp_version() -> str:
-    from importlib.metadata import version  # without importing jionlp (slow) in the driver
-
-    return version("jionlp")
+    return version("jionlp")  # without importing jionlp (slow) in the driver
 
 
 def clean_document(text: str, options: CleanOptions = CleanOptions()) -> str:

@@ -1,10 +1,11 @@
-"""The manifest, the rejects report and the per-stage counts of the output folder.
+"""The manifest, the rejects report and the per-stage counts of the output folder: built here.
 
 ``manifest.json`` (byte-identical for the same inputs, config and seed)::
 
     schema_version      lfzh_ds.constants.SCHEMA_VERSION
     config              every option that changes the output (seq_len, masking, cleaning, split, ...)
-    inputs              [{path, format, bytes, sha256}] in input order
+    inputs              [{path, format, bytes, sha256}] in input order: every file found, folders and
+                        globs expanded (a folder's files recursively, sorted, hidden ones skipped)
     vocab_md5, vocab_size
     jieba               {jieba_version, dictionary, dictionary_md5, hmm}
     jionlp_version
@@ -19,6 +20,9 @@
                         records that decode), max_length, clean (characters after cleaning leave it),
                         min_length, each quality filter that is on, tokenize, exact_dedup, near_dedup
 
+An empty validation split is explained by ``splits.validation.documents`` (0), ``totals.documents``
+and ``config.val_fraction``: documents go to validation by content hash with that probability.
+
 ``documents_sha256`` hashes the content hashes of the shard's documents in order; a rerun uses
 it to know that an existing shard file was built from the same documents.
 
@@ -27,6 +31,13 @@ byte_offset, detail, snippet}]}}}``, at most ``MAX_EXAMPLES`` examples per reaso
 in input order.
 """
 from __future__ import annotations
+
+from lfzh_ds.constants import SCHEMA_VERSION, VOCAB_SIZE
+from lfzh_ds.shards import SPLITS
+from lfzh_ds.tokenization import vocab_md5
+
+from .clean import jionlp_version
+from .segment import jieba_dictionary_id
 
 MAX_EXAMPLES = 5
 REJECTS_NAME = "rejects.json"
@@ -109,3 +120,29 @@ class RejectsReport:
         report.counts = dict(state["counts"])
         report._examples = {r: [(tuple(o), e) for o, e in ex] for r, ex in state["examples"].items()}
         return report
+
+
+def build_manifest(output_config: dict, inputs: list[dict], formats: list[str], shards: dict, totals: dict,
+                   rejects: RejectsReport, stages: StageCounts) -> dict:
+    """``manifest.json`` of a finished job: ``shards`` holds each split's shard entries in order, ``totals``
+    the plan's record, document and character counts."""
+    splits = {}
+    for split in SPLITS:
+        entries = shards[split]
+        splits[split] = {"shards": entries, "rows": sum(e["rows"] for e in entries),
+                         "tokens": sum(e["tokens"] for e in entries),
+                         "documents": sum(e["documents"] for e in entries)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": output_config,
+        "inputs": [{**info, "format": fmt} for info, fmt in zip(inputs, formats)],
+        "vocab_md5": vocab_md5(),
+        "vocab_size": VOCAB_SIZE,
+        "jieba": jieba_dictionary_id(),
+        "jionlp_version": jionlp_version(),
+        "splits": splits,
+        "totals": {**totals, "rows": sum(s["rows"] for s in splits.values()),
+                   "tokens": sum(s["tokens"] for s in splits.values()), "rejected": rejects.total},
+        "rejects": dict(sorted(rejects.counts.items())),
+        "stages": stages.to_json(),
+    }

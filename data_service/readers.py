@@ -9,21 +9,27 @@ Formats (one JSON object per line unless noted):
 | ``webtext2019zh`` | ``title``, ``desc``, ``content`` (a question and one answer) | ``content`` |
 | ``baike2018qa`` | ``title``, ``desc``, ``answer`` | ``answer`` |
 | ``jsonl`` | the ``--field`` (default ``text``) | that field |
-| ``text`` | one document per line, or per blank-line separated block (``text_docs="blocks"``) | |
+| ``text`` | one document per line, per blank-line separated block (``text_docs="blocks"``), or per file (``"file"``) | |
 
 Inputs compressed with gzip, bzip2 or xz are recognised by their magic bytes and read
 transparently; a compressed stream that breaks (a truncated or corrupt file) ends the file there:
 the records before the break are used and the break is one ``bad_compression`` reject. The driver
 cuts every (decompressed) input into chunks of about ``chunk_bytes`` that end on a record boundary;
 chunk ``k`` of a file covers bytes ``[start, start + len(data))``, so one big file is processed in
-parallel and every record keeps its file, line and byte offset. Chunks are shipped to the workers
-as bytes: only the machine that runs the driver needs to see the input files.
+parallel and every record keeps its file, line and byte offset (with ``text_docs="file"`` a file is
+one chunk). Chunks are shipped to the workers as bytes, or read by them from their byte range when
+they see the input files (shared storage).
+
+An input is a file, a folder (its files, recursively, in sorted order of their path in the folder;
+files and folders whose name starts with ``.`` are skipped), a glob, or a ``pyarrow.fs`` URI of any
+of these.
 """
 from __future__ import annotations
 
 import bz2
 import contextlib
 import dataclasses
+import glob
 import gzip
 import hashlib
 import io
@@ -34,8 +40,10 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from pyarrow import fs
+
 FORMATS = ("auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl")
-TEXT_DOCS = ("lines", "blocks")
+TEXT_DOCS = ("lines", "blocks", "file")
 
 # Reject reasons (keys of the rejects report).
 BAD_JSON = "bad_json"
@@ -93,8 +101,6 @@ def is_uri(name) -> bool:
 
 def _open_raw(name) -> io.BufferedReader:
     if is_uri(name):
-        from pyarrow import fs
-
         filesystem, path = fs.FileSystem.from_uri(str(name))
         return io.BufferedReader(filesystem.open_input_file(path), buffer_size=1 << 20)
     return open(name, "rb")
@@ -231,12 +237,14 @@ def _read(f, size: int | None = None):
 
 def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: str,
                 chunk_bytes: int) -> Iterator[Chunk]:
-    """Cut one input into chunks of about ``chunk_bytes`` ending on a record boundary.
+    """Cut one input into chunks of about ``chunk_bytes`` ending on a record boundary (a plain-text
+    file that is one document, ``text_docs="file"``, is one chunk).
 
     If the stream breaks, the last chunk ends at the last complete line before the break and
     carries the break in ``stream_error`` (``iter_records`` turns it into a reject).
     """
     blocks = fmt == "text" and text_docs == "blocks"
+    whole = fmt == "text" and text_docs == "file"
     offset, line = 0, 1
     where = source(path)
 
@@ -250,6 +258,11 @@ def iter_chunks(path, file_index: int, fmt: str, field: str | None, text_docs: s
                 data += more
             while error is None and blocks and data and not _ends_with_blank_line(data):
                 more, error = _read(f)
+                if not more:
+                    break
+                data += more
+            while error is None and whole and data:
+                more, error = _read(f, chunk_bytes)
                 if not more:
                     break
                 data += more
@@ -315,8 +328,8 @@ def document_text(obj: dict, fmt: str, field: str | None):
 
 def iter_records(chunk: Chunk) -> Iterator[Record]:
     """Every document or rejected record that starts in the chunk, in order."""
-    if chunk.format == "text" and chunk.text_docs == "blocks":
-        yield from _iter_blocks(chunk)
+    if chunk.format == "text" and chunk.text_docs in ("blocks", "file"):
+        yield from _iter_blocks(chunk, whole=chunk.text_docs == "file")
     else:
         for line, offset, raw in _iter_lines(chunk):
             if not raw.strip():
@@ -339,9 +352,12 @@ def iter_records(chunk: Chunk) -> Iterator[Record]:
                      BAD_COMPRESSION, chunk.stream_error)
 
 
-def _iter_blocks(chunk: Chunk) -> Iterator[Record]:
+def _iter_blocks(chunk: Chunk, whole: bool) -> Iterator[Record]:
+    """One record per blank-line separated block, or (``whole``) one for the chunk's lines from its first
+    non-blank line to its last, blank lines inside kept."""
     start = None
     lines: list[bytes] = []
+    blank: list[bytes] = []  # blank lines after the last non-blank one (whole: they stay if text follows)
 
     def flush():
         raw = b"\n".join(lines)
@@ -352,7 +368,10 @@ def _iter_blocks(chunk: Chunk) -> Iterator[Record]:
         if raw.strip():
             if start is None:
                 start = (line, offset)
-            lines.append(raw)
+            lines += blank + [raw]
+            blank = []
+        elif start is not None and whole:
+            blank.append(raw)
         elif start is not None:
             yield flush()
             start, lines = None, []
@@ -360,19 +379,41 @@ def _iter_blocks(chunk: Chunk) -> Iterator[Record]:
         yield flush()
 
 
+def _sorted_in_folder(paths, parts_in_folder) -> list[str]:
+    """``paths`` in a folder that are not hidden (no part of ``parts_in_folder(path)``, their path in the
+    folder, starts with ``.``), sorted by those parts (a folder's files where its name sorts, as in a
+    sorted walk)."""
+    relative = [(tuple(parts_in_folder(p)), p) for p in paths]
+    return [p for parts, p in sorted(relative) if not any(part.startswith(".") for part in parts)]
+
+
+def _folder_files(folder: str) -> list[str]:
+    """The files under a local folder, recursively, sorted, hidden files and folders skipped."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders are not even walked
+        files += [os.path.join(root, name) for name in names]
+    return _sorted_in_folder([f for f in files if os.path.isfile(f)],
+                             lambda p: Path(os.path.relpath(p, folder)).parts)
+
+
 def _expand_uri(pattern: str) -> list[str]:
-    """The files a URI names: itself, or the matches of its glob (``*``, ``[...]`` within one segment)."""
-    import glob
-
-    from pyarrow import fs
-
+    """The files a URI names: itself, the files of the folder it names (as ``_folder_files``), or the
+    matches of its glob (``*``, ``[...]`` within one segment)."""
     try:
         filesystem, path = fs.FileSystem.from_uri(pattern)
     except (OSError, ValueError) as err:  # an unknown scheme, a filesystem pyarrow was built without
         raise InputError(f"--input {pattern}: pyarrow cannot open this URI ({err})") from None
-    if not glob.has_magic(path):
-        return [pattern] if filesystem.get_file_info(path).type == fs.FileType.File else []
     prefix, found, rest = pattern.partition(path)
+    if not glob.has_magic(path):
+        kind = filesystem.get_file_info(path).type
+        if kind == fs.FileType.Directory and found:
+            infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            files = [info.path for info in infos if info.type == fs.FileType.File]
+            rest = rest.removeprefix("/")  # a folder URI written with a trailing slash
+            in_folder = _sorted_in_folder(files, lambda p: PurePosixPath(p).relative_to(path).parts)
+            return [prefix + f + rest for f in in_folder]
+        return [pattern] if kind == fs.FileType.File else []
     parts = PurePosixPath(path).parts
     literal = next(k for k, part in enumerate(parts) if glob.has_magic(part))
     if not found or literal == 0:
@@ -385,18 +426,23 @@ def _expand_uri(pattern: str) -> list[str]:
 
 
 def expand_inputs(patterns) -> list[str]:
-    """Files named by paths, URIs or glob patterns, in the order given (each glob sorted)."""
-    import glob
-
+    """Files named by paths, folders, URIs or glob patterns, in the order given (each glob sorted, each
+    folder's files as ``_folder_files``)."""
     files: list[str] = []
     for pattern in map(str, patterns):
         if is_uri(pattern):
             matches = _expand_uri(pattern)
         else:
             matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+            # a folder stands for its files (once, if a glob also matches some of them)
+            matches = list(dict.fromkeys(f for m in matches for f in (_folder_files(m) if os.path.isdir(m) else [m])))
+        if not matches and os.path.isdir(pattern):
+            raise InputError(f"--input {pattern} is a folder without files (hidden files and folders are skipped)")
         if not matches:
             raise InputError(f"--input {pattern} matches no file")
         for m in matches:
+            if not is_uri(m) and not os.path.exists(m):
+                raise InputError(f"--input {m}: no such file or folder")
             if not is_uri(m) and not os.path.isfile(m):
                 raise InputError(f"--input {m} is not a file")
             files.append(m)

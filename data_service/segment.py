@@ -10,9 +10,12 @@ with a cache is what makes this stage several times faster than the tokenizer on
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import unicodedata
+from pathlib import Path
 
+import jieba
 import numpy as np
 
 from lfzh_ds.tokenization import load_tokenizer
@@ -37,8 +40,6 @@ def is_bert_cut(ch: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _jieba():
-    import jieba
-
     jieba.setLogLevel(logging.WARNING)
     jieba.initialize()
     return jieba
@@ -46,11 +47,7 @@ def _jieba():
 
 def jieba_dictionary_id() -> dict:
     """Which jieba and which dictionary segmented the text (for the manifest)."""
-    import hashlib
-    from pathlib import Path
-
-    import jieba  # no initialize(): the driver only needs to know which dictionary the workers load
-
+    # no initialize(): the driver only needs to know which dictionary the workers load
     dict_path = jieba.dt.dictionary or str(Path(jieba.__file__).parent / "dict.txt")
     return {"jieba_version": jieba.__version__, "dictionary": Path(dict_path).name,
             "dictionary_md5": hashlib.md5(Path(dict_path).read_bytes()).hexdigest(), "hmm": True}

@@ -2,6 +2,7 @@
 
     python launch/preprocess.py --input 'corpus/*.jsonl.gz' --output data/news --seq-len 4096
     python launch/preprocess.py --input big.txt --format text --output data/big --ray-address auto
+    python launch/preprocess.py --input corpus/ --format text --text-docs file --output data/books
 
 See data_service/pipeline.py for what runs where; this file only parses arguments and reports.
 """
@@ -14,7 +15,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/preprocess.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_service.clean import CleanOptions
+from data_service.config import PipelineConfig
 from data_service.filters import FilterOptions
+from data_service.readers import FORMATS, TEXT_DOCS, InputError
+from data_service.work_folder import JobConflict
 from lfzh_ds.constants import DEFAULT_SEQ_LEN
 from lfzh_ds.near_duplicates import DEFAULT_THRESHOLD
 
@@ -37,15 +42,14 @@ def _threshold(value: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lfzh-preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="corpus files or pyarrow.fs URIs (file://, s3://, ...; globs allowed; .gz/.bz2/.xz read "
-                        "transparently)")
+                   help="corpus files, folders (their files, recursively, sorted; hidden ones skipped) or pyarrow.fs "
+                        "URIs (file://, s3://, ...; globs allowed; .gz/.bz2/.xz read transparently)")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder (or file:// URI) for shards, manifest.json, rejects.json")
-    p.add_argument("--format", default="auto",
-                   choices=["auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--field", default=None, help="JSON field holding the text (format jsonl; default 'text')")
-    p.add_argument("--text-docs", default="lines", choices=["lines", "blocks"],
-                   help="format text: one document per line, or per blank-line separated block")
+    p.add_argument("--text-docs", default="lines", choices=TEXT_DOCS,
+                   help="format text: one document per line, per blank-line separated block, or per file")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="run on an existing Ray cluster (default: start a local Ray and stop it at the end)")
     p.add_argument("--num-workers", type=int, default=None, help="parallel tasks (default: all CPUs)")
@@ -58,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-predictions", type=int, default=400)
     p.add_argument("--dupe-factor", type=int, default=2, help="differently masked static copies per sequence")
     p.add_argument("--wwm-max-word-len", type=int, default=None,
-                   help="group at most this many tokens into a masked word (3 reproduces the seed)")
+                   help="group at most this many tokens into a masked word (3 reproduces the upstream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
     p.add_argument("--min-chars", type=int, default=10, help="drop documents shorter than this after cleaning")
@@ -86,10 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from_args(args):
-    from data_service.clean import CleanOptions
-    from data_service.pipeline import PipelineConfig
-
+def config_from_args(args) -> PipelineConfig:
     clean = CleanOptions(remove_parentheses=args.remove_parentheses, remove_redundant_char=args.remove_redundant_char,
                          convert_full2half=args.convert_full2half, remove_phone_number=not args.keep_phone_numbers,
                          enabled=not args.no_clean)
@@ -101,7 +102,8 @@ def config_from_args(args):
         dupe_factor=args.dupe_factor, wwm_max_word_len=args.wwm_max_word_len, seed=args.seed,
         val_fraction=args.val_fraction, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
         near_dedup=not args.no_near_dedup, near_dedup_threshold=args.near_dedup_threshold,
-        filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        filters=FilterOptions(**thresholds), clean=clean, rows_per_shard=args.rows_per_shard,
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         ray_address=args.ray_address, num_workers=args.num_workers, keep_work=args.keep_work,
         shared_storage={"auto": None, "on": True, "off": False}[args.shared_storage],
         overwrite=args.overwrite, progress=not args.quiet)
@@ -109,8 +111,9 @@ def config_from_args(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data_service.pipeline import JobConflict, RayUnavailable, run, summary_table
-    from data_service.readers import InputError
+    # imported here, not above: they import Ray (about 0.7 s), which --help and argument errors do not need
+    from data_service.pipeline import run, summary_table
+    from data_service.ray_session import RayUnavailable
 
     try:
         result = run(config_from_args(args))

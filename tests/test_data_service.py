@@ -7,6 +7,7 @@ import bz2
 import dataclasses
 import gzip
 import json
+import logging
 import lzma
 import os
 import signal
@@ -14,20 +15,28 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import zlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
+import psutil
 import pytest
+import ray
 
-from data_service.clean import CleanOptions, clean_document
-from data_service.filters import FilterOptions, failed_filter
+from data_service.clean import clean_document
+from data_service.config import PipelineConfig
 from data_service.corpora import inews_documents, write_inews_corpus
-from data_service.pipeline import JobConflict, PipelineConfig, run
-from data_service.process import content_hash
-from data_service.readers import InputError, detect_format
+from data_service.filters import FilterOptions, failed_filter
+from data_service.manifest import MAX_EXAMPLES, RejectsReport
+from data_service.pipeline import RunResult, _process_and_store, run
+from data_service.process import DocumentOptions, content_hash, process_chunk
+from data_service.ray_session import SharedStorageError, TaskWindow, remote
+from data_service.readers import (MISSING_FIELD, InputError, detect_format, document_text, expand_inputs, iter_chunks,
+                                  iter_records, read_range)
 from data_service.segment import WordTokenizer
+from data_service.work_folder import JobConflict
+from launch.preprocess import main as preprocess_main
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
 from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
 from lfzh_ds.tokenization import load_tokenizer
@@ -39,10 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import logging
-
-    import ray
-
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
@@ -153,15 +158,11 @@ def test_pyarrow_uris_name_the_inputs_and_the_output(ray_local, news, reference,
 def test_a_worker_that_cannot_see_an_input_says_which_file_in_one_line(ray_local, news, tmp_path):
     """--shared-storage on where a worker does not see the input (here: it is gone after planning): the job stops
     with an error naming the file and the way out, not a Ray traceback."""
-    from data_service.pipeline import RunResult, SharedStorageError, _process_and_store, _remote, _Window
-    from data_service.process import DocumentOptions
-    from data_service.readers import iter_chunks
-
     small = _small(news, tmp_path, 20)
     (chunk,) = iter_chunks(small, 0, "news2016zh", None, "lines", 1 << 20)
     small.unlink()
-    window = _Window(1, RunResult(tmp_path, {}, {}))
-    window.submit(_remote(_process_and_store).remote(dataclasses.replace(chunk, data=None), DocumentOptions(),
+    window = TaskWindow(1, RunResult(tmp_path, {}, {}))
+    window.submit(remote(_process_and_store).remote(dataclasses.replace(chunk, data=None), DocumentOptions(),
                                                      str(tmp_path / "c.arrow"), "job", 1 << 20, (0, 0)), "key")
     with pytest.raises(SharedStorageError) as err:
         window.wait_one()
@@ -269,8 +270,6 @@ def test_stage_statistics_follow_every_document_from_record_to_shard(reference):
 # ---------------------------------------------------------------- faults and resume
 
 def _ray_task_processes(name):
-    import psutil
-
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
@@ -491,10 +490,6 @@ def test_an_unreachable_ray_address_is_a_clear_error(ray_local, news, tmp_path):
 
 def test_min_and_max_chars_reject_only_shorter_and_longer_documents(tmp_path):
     """--min-chars 10 keeps a 10-character document (it is not shorter), --max-chars 20 keeps a 20-character one."""
-    from data_service.manifest import RejectsReport
-    from data_service.process import DocumentOptions, process_chunk
-    from data_service.readers import iter_chunks
-
     twenty = "今天天气很好我们一起去公园散步吧明天也会"
     lines = [twenty[:10], twenty[:9], twenty, twenty + "好", twenty[:11]]
     assert [len(s) for s in lines] == [10, 9, 20, 21, 11]
@@ -512,8 +507,6 @@ def test_full_width_punctuation_never_continues_a_word_for_masking():
     """jieba and BERT both cut around full-width/CJK punctuation (，。、；！？：“”《》（） ...), so such a token is a
     word of its own and the token after it starts a new word: whole-word masking never glues ``，`` to the word
     before it. (ASCII ``.%-`` may sit inside a jieba word such as ``v2.0``.)"""
-    import unicodedata
-
     tok = load_tokenizer()
     wt = WordTokenizer()
     texts = ["iPhone，GPT。abc、def；中文！word？", "版本v2.0（测试）“引号”ok——x…y", "A股：上涨3%；B股《报告》"]
@@ -555,8 +548,6 @@ def test_no_dedup_keeps_every_copy_of_a_repeated_document(ray_local, news, tmp_p
 # ---------------------------------------------------------------- readers without Ray
 
 def _records(path, fmt, text_docs="lines", chunk_bytes=1 << 20, field=None):
-    from data_service.readers import iter_chunks, iter_records
-
     return [r for chunk in iter_chunks(path, 0, fmt, field, text_docs, chunk_bytes) for r in iter_records(chunk)]
 
 
@@ -586,8 +577,6 @@ def test_a_byte_order_mark_and_windows_line_ends_leave_the_text_and_positions_al
 
 def test_a_chunks_byte_range_read_where_it_runs_holds_its_bytes(tmp_path):
     """What a worker reads from shared storage (a local path or a file:// URI) is the chunk the driver planned."""
-    from data_service.readers import expand_inputs, iter_chunks, read_range
-
     path = tmp_path / "a.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": f"第{i}篇文章。" * (i % 7 + 1)}, ensure_ascii=False)
                                                + ("\r\n" if i % 2 else "\n") for i in range(200)).encode("utf-8"))
@@ -601,8 +590,6 @@ def test_a_chunks_byte_range_read_where_it_runs_holds_its_bytes(tmp_path):
 
 
 def test_document_text_follows_the_format_table(tmp_path):
-    from data_service.readers import MISSING_FIELD, document_text
-
     news = {"title": "标题", "desc": "摘要", "content": "摘要之后是正文。"}
     assert document_text(news, "news2016zh", None) == ("标题\n摘要之后是正文。", None, "")  # desc already in content
     news["desc"] = "另一段摘要"
@@ -658,8 +645,6 @@ def test_overwrite_also_discards_an_unfinished_job_with_other_settings(ray_local
 def test_the_rejects_report_keeps_every_count_and_the_first_examples_in_input_order():
     """Workers report out of order and the driver merges their reports (through JSON, as stored with each chunk):
     the counts add up and the examples kept are the first MAX_EXAMPLES by (file, byte offset)."""
-    from data_service.manifest import MAX_EXAMPLES, RejectsReport
-
     assert MAX_EXAMPLES == 5
     later, earlier = RejectsReport(), RejectsReport()
     for offset in (500, 20, 900):
@@ -677,3 +662,71 @@ def test_the_rejects_report_keeps_every_count_and_the_first_examples_in_input_or
     assert [(e["file"], e["byte_offset"]) for e in report["reasons"]["bad_json"]["examples"]] == [
         ("a", 10), ("a", 300), ("a", 700), ("a", 800), ("b", 20)]
     assert list(report["reasons"]) == ["bad_json", "empty_file", "too_short"]
+
+
+# ---------------------------------------------------------------- folders, whole-file documents, empty validation
+
+def _folder_corpus(root: Path, texts: dict) -> None:
+    for name, text in texts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+
+
+def test_a_folder_input_stands_for_its_files_recursively_sorted_without_hidden_ones(tmp_path):
+    corpus = tmp_path / "corpus"
+    _folder_corpus(corpus, {name: "文本\n" for name in ["b.txt", "a.txt", "a/z.txt", "sub/deep/x.txt", ".notes.txt",
+                                                       ".git/HEAD", "sub/.cache/y.txt", "sub/.swp"]})
+    want = ["a/z.txt", "a.txt", "b.txt", "sub/deep/x.txt"]  # a folder's files where its name sorts
+    assert expand_inputs([corpus]) == [str(corpus / name) for name in want]
+    assert expand_inputs([f"{corpus}/"]) == [f"{corpus}/{name}" for name in want]
+    assert expand_inputs([f"file://{corpus}"]) == [f"file://{corpus}/{name}" for name in want]
+    assert expand_inputs([f"{corpus}/*"]) == [str(corpus / name) for name in want]  # a glob's folders too, once
+    assert expand_inputs([corpus / ".git"]) == [str(corpus / ".git" / "HEAD")]  # a hidden folder named on purpose
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"--input .*empty is a folder without files \(hidden files and folders are "
+                                         r"skipped\)"):
+        expand_inputs([tmp_path / "empty"])
+    with pytest.raises(InputError, match=r"--input .*missing: no such file or folder"):
+        expand_inputs([tmp_path / "missing"])
+
+
+def test_text_docs_file_makes_each_file_of_a_folder_one_document_listed_in_the_manifest(ray_local, tmp_path, capsys):
+    """``lfzh-preprocess --input corpus/ --format text --text-docs file``: every file that is not hidden is one
+    document (its paragraphs and blank lines included), the manifest lists the files in order, and another
+    --text-docs on the same output is another job."""
+    news = inews_documents("dev")[:6]
+    texts = {f"{'ab'[i % 2]}/{i}.txt": f"\n{d['title']}\n\n{d['content']}\n\n" for i, d in enumerate(news)}
+    corpus = tmp_path / "corpus"
+    _folder_corpus(corpus, {**texts, ".draft.txt": news[0]["content"] + "草稿", ".old/0.txt": "旧的" * 20})
+    argv = ["--input", str(corpus), "--output", str(tmp_path / "out"), "--format", "text", "--text-docs", "file",
+            "--seq-len", "128", "--rows-per-shard", "4", "--val-fraction", "0", "--no-filters", "--quiet",
+            "--chunk-mb", "0.001"]  # chunks of 1 KB: a longer file is still one chunk
+    assert preprocess_main(argv) == 0
+    manifest = read_manifest(tmp_path / "out")
+    files = sorted(texts, key=lambda name: Path(name).parts)
+    assert [i["path"] for i in manifest["inputs"]] == [str((corpus / name).resolve()) for name in files]
+    assert manifest["config"]["text_docs"] == "file"
+    totals, tokenizer = manifest["totals"], WordTokenizer()
+    assert totals["records"] == totals["documents"] == len(texts)
+    whole = [f"{d['title']}\n\n{d['content']}" for d in news]  # each file's text from its first line to its last
+    assert totals["document_tokens"] == sum(len(tokenizer(clean_document(text))[0]) for text in whole)
+    assert totals["characters"] == sum(len(clean_document(text)) for text in whole)
+
+    capsys.readouterr()
+    assert preprocess_main([*argv[:7], "blocks", *argv[8:]]) == 2
+    assert "text_docs: 'file' -> 'blocks'" in capsys.readouterr().err
+
+
+def test_an_empty_validation_split_says_in_one_line_that_the_documents_are_too_few(ray_local, tmp_path, capsys):
+    """Three documents and --val-fraction 0.01 give no validation document: one warning line on stderr, and the
+    manifest keeps what explains it (documents per split, the fraction asked for)."""
+    path = tmp_path / "three.txt"
+    path.write_text("今天天气很好，我们一起去公园散步吧。\n第二篇文章讲的是长文档模型。\n第三篇讲的是中文分词。\n",
+                    encoding="utf-8")
+    result = run(config([path], tmp_path / "out", val_fraction=0.01))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert lines == ["[preprocess] warning: the validation split is empty: 3 documents are too few for "
+                     "--val-fraction 0.01 (about 0.03 expected); pass more input or a larger --val-fraction"]
+    manifest = result.manifest
+    assert manifest["splits"]["validation"]["documents"] == 0 and manifest["splits"]["train"]["documents"] == 3
+    assert manifest["config"]["val_fraction"] == 0.01 and manifest["totals"]["documents"] == 3

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.cluster_utils import Cluster
 
+from data_service.config import PipelineConfig
 from data_service.corpora import write_inews_corpus
-from data_service.pipeline import PipelineConfig, run
+from data_service.pipeline import run
 from test_data_service_quality import near_copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -106,8 +108,6 @@ def test_sigkill_at_any_stage_then_rerun_gives_the_bytes_of_an_uninterrupted_run
 
 @pytest.mark.parametrize("shared_storage", [None, False], ids=["shared-storage-auto", "data-sent"])
 def test_a_two_node_cluster_gives_the_bytes_of_one_local_worker(corpus, reference, tmp_path, shared_storage):
-    from ray.cluster_utils import Cluster
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
