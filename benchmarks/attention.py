@@ -41,6 +41,13 @@ import sys
 import time
 
 import torch
+from transformers import LongformerConfig
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+from lfzh_ds.attention.band_kernel import block_sparse_attention
+from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
+from lfzh_ds.attention.flex import FlexBlockSparse
+from lfzh_ds.configuration import LongformerZhConfig
 
 HIDDEN, HEADS, WINDOW, BLOCK = 768, 12, 512, 64
 HEAD_DIM = HIDDEN // HEADS
@@ -70,8 +77,6 @@ def build(impl: str, L: int):
         q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, **tensor, requires_grad=True) for _ in range(3))
         grad = torch.randn(1, HEADS, L, HEAD_DIM, **tensor)
         if impl.startswith(("bs core", "tok core")):
-            from lfzh_ds.attention.block_sparse import block_sparse_attention
-
             globals_ = _global_tokens(L) if impl.endswith("+4g") else None
             token = impl.startswith("tok")  # band of 9 blocks of 64 reaching 256 tokens: exactly the window
 
@@ -85,8 +90,6 @@ def build(impl: str, L: int):
             def forward():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         else:
-            from lfzh_ds.attention.flex import FlexBlockSparse
-
             flex = FlexBlockSparse(BLOCK, WINDOW // BLOCK + 1, [0])
             qd, kd, vd = (x.detach() for x in (q, k, v)) if forward_only(impl) else (q, k, v)
 
@@ -96,9 +99,6 @@ def build(impl: str, L: int):
         hidden = torch.randn(1, L, HIDDEN, **tensor, requires_grad=True)
         grad = torch.randn(1, L, HIDDEN, **tensor)
         if impl.startswith(("bs module", "tok module")):
-            from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
-            from lfzh_ds.configuration import LongformerZhConfig
-
             config = LongformerZhConfig(
                 hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1, attention_window=WINDOW,
                 attention_backend="block_sparse", sparse_block_size=BLOCK, attention_probs_dropout_prob=0.0,
@@ -110,9 +110,6 @@ def build(impl: str, L: int):
             def forward():
                 return module(hidden, no_padding, globals_)[0]
         else:
-            from transformers import LongformerConfig
-            from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-
             config = LongformerConfig(
                 hidden_size=HIDDEN, num_attention_heads=HEADS, attention_window=[WINDOW],
                 attention_probs_dropout_prob=0.0,

@@ -183,7 +183,7 @@ def load_classifier(model_dir, label_names: list[str]):
     reads: ours (``longformer_zh``), the released ``ValkyriaLenneth/longformer_zh`` one (``bert`` with
     ``attention_window``) or an export to transformers' Longformer (``longformer``). An MLM checkpoint gets a
     new classification head; a classifier with another number of classes is refused."""
-    from .convert import is_classifier_config, read_config_dict
+    from .hf_layout import is_classifier_config, read_config_dict
     from .modeling import LongformerZhForSequenceClassification
 
     model_dir = Path(model_dir)

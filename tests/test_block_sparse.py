@@ -11,12 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfzh_ds.attention.block_sparse import (
-    BlockSparseSelfAttention,
-    block_sparse_attention,
-    block_sparse_layout,
-    dense_mask_from_layout,
-)
+from lfzh_ds.attention.band_kernel import block_sparse_attention
+from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
+from lfzh_ds.attention.layout import block_sparse_layout, dense_mask_from_layout
 from lfzh_ds.configuration import LongformerZhConfig, token_window_blocks
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -133,10 +130,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def probabilities(request, monkeypatch):
     """Runs a test both ways the kernel can get its probabilities in backward: kept from forward (signed
     by dropout) or recomputed (dropout masks regenerated from their seed), on every device."""
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
     for device in DEVICES:
-        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, device, request.param == "kept")
+        monkeypatch.setitem(band_kernel._SAVE_PROBABILITIES, device, request.param == "kept")
     return request.param
 
 
@@ -424,7 +421,7 @@ def test_model_with_block_sparse_backend_trains_one_step():
 
 
 def test_cpu_dropout_mask_has_the_requested_rate_is_fresh_each_call_and_repeats_from_a_seed():
-    from lfzh_ds.attention.block_sparse import _dropout_keep_mask
+    from lfzh_ds.attention.band_kernel import _dropout_keep_mask
 
     first, second, again = (torch.empty(1000, 1000) for _ in range(3))
     keep = _dropout_keep_mask(first, 0.3)
@@ -452,7 +449,7 @@ def test_repeated_calls_reusing_scratch_buffers_give_identical_results():
     assert torch.equal(first, kept[0])
     for g, saved in zip(first_grads, kept[1:]):
         assert torch.equal(g, saved)
-    from lfzh_ds.attention.block_sparse import _SCRATCH, empty_cache
+    from lfzh_ds.attention.band_kernel import _SCRATCH, empty_cache
 
     assert _SCRATCH.free  # the buffers of both calls, kept probabilities included, wait for the next call
     empty_cache()
@@ -490,29 +487,29 @@ def test_kernel_is_the_same_when_heads_go_through_in_parts(L, block, n, global_b
                                                             monkeypatch, probabilities):
     # Long sequences split each head into runs of windows (a head per chunk and more at L >= 4096 on CPU);
     # the masks of padding and global keys must follow each part, the global keys' gradients add up.
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     _check_kernel_against_sdpa(block_sparse_attention, L, block, n, global_blocks, pads, globals_, "cpu")
 
 
 def test_heads_are_split_into_parts_only_when_one_does_not_fit(monkeypatch):
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
     q = torch.zeros(2, 3, 208, 8)
     no_padding = torch.zeros(2, 208, dtype=torch.bool)
     for budget, heads, windows in [(1 << 20, 6, 13), (60_000, 1, 13), (20_000, 1, 4), (1, 1, 1)]:
-        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
-        plan = block_sparse._Plan(q, 16, 3, [0], no_padding, no_padding)  # score rows 64 wide: 53,248 B a head
+        monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
+        plan = band_kernel._Plan(q, 16, 3, [0], no_padding, no_padding)  # score rows 64 wide: 53,248 B a head
         assert {(c.s1 - c.s0, c.w1 - c.w0) for c in plan.chunks[:1]} == {(heads, windows)}
         assert sum((c.s1 - c.s0) * (c.w1 - c.w0) for c in plan.chunks) == 6 * 13  # every window exactly once
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_dropout_gradients_are_exact_when_heads_go_through_in_parts(budget, monkeypatch, probabilities):
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(0)
     B, H, L, D, block = 2, 2, 48, 4, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -530,7 +527,7 @@ def test_dropout_gradients_are_exact_when_heads_go_through_in_parts(budget, monk
 def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_with_dropout(monkeypatch):
     # The two ways backward gets the (dropped) probabilities check each other: signed probabilities
     # kept from forward vs recomputed scores and dropout masks regenerated from their seed.
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
     torch.manual_seed(3)
     B, H, L, D = 2, 3, 128, 16
@@ -539,7 +536,7 @@ def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_w
     weights = torch.randn(B, H, L, D)
     results = []
     for keep in (True, False):
-        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, "cpu", keep)
+        monkeypatch.setitem(band_kernel._SAVE_PROBABILITIES, "cpu", keep)
         torch.manual_seed(42)
         out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[0, 3],
                                      key_padding_mask=key_padding_mask, global_tokens=global_tokens,
@@ -573,7 +570,7 @@ def test_activation_checkpointing_recomputes_the_kept_probabilities_and_gives_th
 def test_buffer_pool_stays_under_its_limit_by_dropping_the_sizes_returned_longest_ago():
     # Variable lengths (fine-tuning batches) return buffers of many sizes; stale sizes must not crowd out
     # the current ones.
-    from lfzh_ds.attention.block_sparse import _ScratchPool
+    from lfzh_ds.attention.band_kernel import _ScratchPool
 
     pool = _ScratchPool(max_bytes=4000)
     old, current = torch.empty(500), torch.empty(300)  # 2000 and 1200 bytes
@@ -594,29 +591,29 @@ def _pooled_chunk_buffers(free):
 
 
 def test_kept_probabilities_go_back_to_the_pool_after_backward_unless_the_graph_is_retained(monkeypatch):
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)  # 2 heads x 8 windows = 16 chunks
-    block_sparse.empty_cache()
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", 1)  # 2 heads x 8 windows = 16 chunks
+    band_kernel.empty_cache()
     q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
     weights = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), weights, retain_graph=True)
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) < 16  # still needed by the retained graph
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) < 16  # still needed by the retained graph
     second = torch.autograd.grad(out, (q, k, v), weights)
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 16  # all 16 kept chunks recycled
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) >= 16  # all 16 kept chunks recycled
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_inference_keeps_no_probabilities_even_for_inputs_that_require_grad(monkeypatch):
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
-    block_sparse.empty_cache()
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", 1)
+    band_kernel.empty_cache()
     q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
 
 
 def test_attention_dropout_is_inverted_dropout_so_the_expected_output_is_the_eval_output():
@@ -689,8 +686,7 @@ def test_forcing_the_flex_kernel_on_the_cpu_is_refused_where_a_backward_pass_wou
     from lfzh_ds.attention.flex import flex_supported
 
     assert not flex_supported(torch.device("cpu")) and flex_supported(torch.device("cpu"), needs_backward=False)
-    module = build_self_attention(_config(), layer_id=0).eval()
-    module.kernel = "flex"
+    module = build_self_attention(_config(block_sparse_kernel="flex"), layer_id=0).eval()
     hidden = torch.randn(1, 64, 32)
     nothing = torch.zeros(1, 64, dtype=torch.bool)
     with pytest.raises(ValueError, match="FlexAttention does not run on cpu here; use kernel='torch'"):
@@ -740,10 +736,10 @@ TOKEN_CASES = [
 def test_token_mode_equals_transformers_longformer_self_attention_outputs_and_gradients(
     L, window, preferred, pads, globals_, budget, monkeypatch, probabilities
 ):
-    from lfzh_ds.attention import block_sparse
+    from lfzh_ds.attention import band_kernel
 
     if budget is not None:
-        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+        monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(L + window)
     config = _config(attention_window=window, sparse_block_size=preferred, sparse_window_mode="token")
     ours = BlockSparseSelfAttention(config, layer_id=0)

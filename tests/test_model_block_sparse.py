@@ -168,3 +168,20 @@ def test_token_mode_equals_sliding_chunks_on_a_whole_model_where_block_mode_does
     for name, p in token.named_parameters():
         token_grad = p.grad if p.grad is not None else torch.zeros_like(p)  # (key biases: zero either way)
         assert max_diff(token_grad, sliding_params[name].grad) <= TOL, name
+
+
+def test_the_kernel_choice_is_a_config_field_saved_with_the_model_and_checked(tmp_path):
+    model = LongformerZhForMaskedLM(config("block_sparse", block_sparse_kernel="torch")).eval()
+    assert LongformerZhConfig().block_sparse_kernel == "auto"  # FlexAttention where it runs, the band kernel elsewhere
+    assert {layer.attention.self.kernel for layer in model.bert.encoder.layer} == {"torch"}
+    model.save_pretrained(tmp_path)
+    loaded = LongformerZhForMaskedLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.block_sparse_kernel == "torch"
+    assert {layer.attention.self.kernel for layer in loaded.bert.encoder.layer} == {"torch"}
+    input_ids, attention_mask, global_attention_mask = batch()
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    assert max_diff(model(input_ids, **kwargs).logits, loaded(input_ids, **kwargs).logits) <= TOL
+    with pytest.raises(ValueError, match=r"^block_sparse_kernel='triton': choose one of \('auto', 'torch', 'flex'\)$"):
+        config("block_sparse", block_sparse_kernel="triton")
+    with pytest.raises(ValueError, match="block_sparse_kernel='triton'"):
+        LongformerZhForMaskedLM.from_pretrained(tmp_path, block_sparse_kernel="triton")
