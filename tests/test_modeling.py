@@ -361,7 +361,7 @@ def test_save_pretrained_writes_safetensors_and_auto_classes_load_it(tmp_path):
     assert max_diff(hidden, model_hidden) <= TOL
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
     assert type(classifier) is LongformerZhForSequenceClassification and classifier.classifier.out_features == 4
-    assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the seed's spelling still works
+    assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the upstream's spelling still works
 
 
 def test_each_layers_sliding_chunks_module_checks_its_own_window():
