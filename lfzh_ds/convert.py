@@ -43,6 +43,24 @@ class ConversionResult:
     warnings: list[str] = field(default_factory=list)
     pooler_kept: bool = False  # bert.pooler.* saved beside the MLM model, for LongformerZhForSequenceClassification
 
+    def summary(self, short_dir, long_dir) -> str:
+        """What the conversion did, for people (the lines ``lfzh-convert`` prints)."""
+        config = self.model.config
+        lines = [
+            f"converted {short_dir} -> {long_dir}",
+            f"  positions {self.short_max_positions} -> {config.max_position_embeddings} (rows tiled)",
+            f"  attention window {config.attention_window}, backend {config.attention_backend}; "
+            "query/key/value_global copied from query/key/value",
+            f"  MLM head: {'kept' if self.head_kept else 'freshly initialised (no head in the short checkpoint)'}",
+        ]
+        if self.pooler_kept:
+            lines.append("  pooler (bert.pooler.*): kept for LongformerZhForSequenceClassification; the MLM model ignores it")
+        if self.dropped_keys:
+            lines.append(f"  dropped (unused by the MLM model): {', '.join(self.dropped_keys)}")
+        lines += [f"  warning: {warning}" for warning in self.warnings]
+        lines.append("  tokenizer files written beside the weights")
+        return "\n".join(lines)
+
 
 def _canonical_bert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BERT keys in ``BertForMaskedLM`` form: ``bert.`` prefix, LayerNorm ``weight``/``bias``."""

@@ -134,8 +134,9 @@ def load_hf_longformer(model_dir, model_class, **kwargs):
     """Build ``model_class`` (a ``LongformerZh*`` class) from a transformers-Longformer directory.
 
     The model runs the block kernel in token mode (the same attention). Keyword arguments that are config
-    fields (``num_labels``, ``attention_backend``, ...) override the config; ``dtype``/``torch_dtype`` cast the model; ``output_loading_info=True`` also returns
-    ``{"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}`` as ``from_pretrained`` does.
+    fields (``num_labels``, ``attention_backend``, ...) override the config; ``dtype``/``torch_dtype`` cast the
+    model; ``output_loading_info=True`` also returns ``{"missing_keys", "unexpected_keys", "mismatched_keys",
+    "error_msgs"}`` as ``from_pretrained`` does.
     The model comes back in eval mode, like ``from_pretrained``.
     """
     model_dir = Path(model_dir)

@@ -26,7 +26,6 @@ def _dense_rows(q_rows, k, v, key_padding_mask, dropout_p, training):
     return torch.matmul(probs, v)
 
 
-# ---------------------------------------------------------------------------------------------- module
 class BlockSparseSelfAttention(nn.Module):
     """Longformer self-attention on the block-sparse layout (``config.attention_backend == "block_sparse"``).
 

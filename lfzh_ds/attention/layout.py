@@ -13,6 +13,7 @@ import torch
 
 __all__ = ["block_sparse_layout", "global_blocks_of", "dense_mask_from_layout", "check_token_geometry", "token_masks"]
 
+
 def global_blocks_of(num_blocks: int, global_block_indices, global_block_end_indices=None) -> list[int]:
     """The sorted global block ids for a sequence of ``num_blocks`` blocks (ids past the end ignored)."""
     blocks: set[int] = set()
