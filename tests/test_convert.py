@@ -30,16 +30,13 @@ from lfzh_ds.constants import VOCAB_SIZE
 from lfzh_ds.convert import convert_bert_to_longformer, export_to_hf_longformer
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.tokenization import load_tokenizer
+from model_helpers import max_diff
 
 TOL = 1e-5
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
 pytestmark = pytest.mark.usefixtures("frugal_torch")
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 def padded_batch(seq_len, pad_from, vocab=VOCAB_SIZE, pad_id=0):
