@@ -33,19 +33,7 @@ def main(argv=None):
         args.short_dir, args.long_dir, max_pos=args.max_pos, attention_window=args.attention_window,
         attention_backend=args.attention_backend,
     )
-    config = result.model.config
-    print(f"converted {args.short_dir} -> {args.long_dir}")
-    print(f"  positions {result.short_max_positions} -> {config.max_position_embeddings} (rows tiled)")
-    print(f"  attention window {config.attention_window}, backend {config.attention_backend}; "
-          "query/key/value_global copied from query/key/value")
-    print(f"  MLM head: {'kept' if result.head_kept else 'freshly initialised (no head in the short checkpoint)'}")
-    if result.pooler_kept:
-        print("  pooler (bert.pooler.*): kept for LongformerZhForSequenceClassification; the MLM model ignores it")
-    if result.dropped_keys:
-        print(f"  dropped (unused by the MLM model): {', '.join(result.dropped_keys)}")
-    for warning in result.warnings:
-        print(f"  warning: {warning}")
-    print("  tokenizer files written beside the weights")
+    print(result.summary(args.short_dir, args.long_dir))
 
 
 if __name__ == "__main__":

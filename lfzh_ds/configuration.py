@@ -10,6 +10,7 @@ from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_SI
 
 ATTENTION_BACKENDS = ("sliding_chunks", "block_sparse")
 SPARSE_WINDOW_MODES = ("token", "block")
+BLOCK_SPARSE_KERNELS = ("auto", "torch", "flex")
 
 
 @functools.lru_cache(maxsize=None)  # asked per layer on every forward (padding_multiple)
@@ -63,6 +64,9 @@ class LongformerZhConfig(BertConfig):
             (Longformer's global attention is per token: ``global_attention_mask``) and ignores them.
         global_block_end_indices: block mode: if given, ``global_block_indices[i]:global_block_end_indices[i]``
             are global block ranges instead of single blocks.
+        block_sparse_kernel: which kernel computes ``block_sparse`` attention. ``"auto"``: FlexAttention on
+            CUDA GPUs that support it when no attention dropout applies, the pure-PyTorch band kernel
+            elsewhere; ``"torch"`` / ``"flex"`` force one (``"flex"`` is refused where it cannot run).
     """
 
     model_type = "longformer_zh"
@@ -78,6 +82,7 @@ class LongformerZhConfig(BertConfig):
         num_sliding_window_blocks: int | None = None,
         global_block_indices: list[int] | None = None,
         global_block_end_indices: list[int] | None = None,
+        block_sparse_kernel: str = "auto",
         **kwargs,
     ):
         super().__init__(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **kwargs)
@@ -88,6 +93,7 @@ class LongformerZhConfig(BertConfig):
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.global_block_indices = [0] if global_block_indices is None else list(global_block_indices)
         self.global_block_end_indices = None if global_block_end_indices is None else list(global_block_end_indices)
+        self.block_sparse_kernel = block_sparse_kernel
         self.validate_longformer()
 
     @classmethod
@@ -118,6 +124,8 @@ class LongformerZhConfig(BertConfig):
             raise ValueError(f"attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
         if self.sparse_window_mode not in SPARSE_WINDOW_MODES:
             raise ValueError(f"sparse_window_mode={self.sparse_window_mode!r}: choose one of {SPARSE_WINDOW_MODES}")
+        if self.block_sparse_kernel not in BLOCK_SPARSE_KERNELS:
+            raise ValueError(f"block_sparse_kernel={self.block_sparse_kernel!r}: choose one of {BLOCK_SPARSE_KERNELS}")
         windows = self.attention_window
         if isinstance(windows, int):
             windows = [windows] * self.num_hidden_layers

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from .convert import is_classifier_config
+from .hf_layout import is_classifier_config
 from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from .run_folder import WHAT_TO_GIVE, is_training_checkpoint, resolve_checkpoint
 from .tokenization import load_tokenizer

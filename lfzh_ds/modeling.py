@@ -40,6 +40,7 @@ from transformers.models.bert.modeling_bert import (
 from .attention import build_self_attention
 from .configuration import LongformerZhConfig
 from .constants import IGNORE_INDEX
+from .hf_layout import is_hf_longformer_dir, load_hf_longformer
 from .run_folder import checkpoint_weights, is_training_checkpoint
 
 
@@ -71,9 +72,25 @@ class LongformerZhLayer(GradientCheckpointingLayer):
 
 
 class LongformerZhEncoder(nn.Module):
+    """The stack of layers. ``forward`` returns ``(hidden_states, all_hidden_states, all_attentions)``: the last
+    layer's output, then the embeddings and every layer's output if asked for (else ``None``), then every
+    layer's local attention probabilities if asked for (else ``None``)."""
+
     def __init__(self, config: LongformerZhConfig):
         super().__init__()
         self.layer = nn.ModuleList([LongformerZhLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, is_index_masked, is_index_global_attn, output_attentions=False,
+                output_hidden_states=False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            hidden_states, attn = layer(hidden_states, is_index_masked, is_index_global_attn, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn,)
+        return hidden_states, all_hidden_states, all_attentions
 
 
 # ---------------------------------------------------------------------------------------------- base
@@ -101,8 +118,6 @@ class LongformerZhPreTrainedModel(PreTrainedModel):
         of ``launch/pretrain.py``, its checkpoints folder or one ``step_N`` folder (that checkpoint's fp32
         weights, from any ZeRO stage), so ``AutoModelForMaskedLM.from_pretrained(RUN_DIR/checkpoints/step_N)``
         works like on an exported model."""
-        from .convert import is_hf_longformer_dir, load_hf_longformer
-
         if is_hf_longformer_dir(pretrained_model_name_or_path):
             return load_hf_longformer(pretrained_model_name_or_path, model_class=cls, **kwargs)
         if is_training_checkpoint(pretrained_model_name_or_path):
@@ -192,14 +207,9 @@ class LongformerZhModel(LongformerZhPreTrainedModel):
         hidden_states = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.encoder.layer:
-            hidden_states, attn = layer(hidden_states, is_index_masked, is_index_global_attn, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn,)
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, is_index_masked, is_index_global_attn, output_attentions, output_hidden_states
+        )
 
         sequence_output = hidden_states[:, :seq_len]
         if output_hidden_states:
@@ -219,7 +229,44 @@ class LongformerZhModel(LongformerZhPreTrainedModel):
 
 
 # ---------------------------------------------------------------------------------------------- heads
-class LongformerZhForMaskedLM(LongformerZhPreTrainedModel):
+class LongformerZhPreTrainedModelWithHead(LongformerZhPreTrainedModel):
+    """The encoder ``self.bert`` with a task head: one ``forward`` for every head. A subclass gives
+    ``output_class``, ``_head(outputs, labels, **kwargs) -> (loss, logits)`` and, if it marks global tokens of
+    its own, ``_global_attention``."""
+
+    output_class: type
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        global_attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs,
+    ):
+        """Inputs as ``LongformerZhModel.forward``; ``labels`` give a loss; other keyword arguments go to the head."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            global_attention_mask=self._global_attention(input_ids, inputs_embeds, attention_mask, global_attention_mask),
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        loss, logits = self._head(outputs, labels, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return self.output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _global_attention(self, input_ids, inputs_embeds, attention_mask, global_attention_mask):
+        return global_attention_mask
+
+
+class LongformerZhForMaskedLM(LongformerZhPreTrainedModelWithHead):
     """Masked-LM model. With ``labels``, the head runs only at labelled positions (``labels != -100``):
     ``logits`` is then ``[num_labelled, vocab]`` in row-major order of ``labels``, and ``loss`` is the mean
     cross-entropy over them (the same number as the full-logits loss, at a tenth of the head's cost).
@@ -229,6 +276,7 @@ class LongformerZhForMaskedLM(LongformerZhPreTrainedModel):
     (about 9,000 of the 21,128 on Chinese news), which makes the head, the largest cost of a small model, that
     much cheaper: tokens that never occur as a label would only be pushed down."""
 
+    output_class = MaskedLMOutput
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -249,55 +297,22 @@ class LongformerZhForMaskedLM(LongformerZhPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        global_attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        output_vocab: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    def _head(self, outputs, labels, output_vocab: torch.Tensor | None = None, **kwargs):
         if output_vocab is not None and labels is None:
             raise ValueError("output_vocab restricts the training softmax: it needs labels")
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            global_attention_mask=global_attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
         sequence_output = outputs.last_hidden_state
-        loss = None
         if labels is None:
-            logits = self.cls(sequence_output)
+            return None, self.cls(sequence_output)
+        labelled = labels != IGNORE_INDEX
+        targets = labels[labelled]
+        if output_vocab is None:
+            logits = self.cls(sequence_output[labelled])
         else:
-            labelled = labels != IGNORE_INDEX
-            targets = labels[labelled]
-            if output_vocab is None:
-                logits = self.cls(sequence_output[labelled])
-            else:
-                logits, targets = self._logits_over(output_vocab, sequence_output[labelled], targets)
-            if targets.numel():
-                loss = F.cross_entropy(logits.float(), targets)
-            else:  # no labelled token in this batch: a zero that still reaches every parameter's graph
-                loss = logits.float().sum() * 0.0
-
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            logits, targets = self._logits_over(output_vocab, sequence_output[labelled], targets)
+        if targets.numel():
+            return F.cross_entropy(logits.float(), targets), logits
+        # no labelled token in this batch: a zero that still reaches every parameter's graph
+        return logits.float().sum() * 0.0, logits
 
     def _logits_over(self, output_vocab: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor):
         """The head's logits over the ids ``output_vocab`` only, and the targets as columns of them."""
@@ -310,13 +325,15 @@ class LongformerZhForMaskedLM(LongformerZhPreTrainedModel):
         return F.linear(head.transform(hidden), weight, head.bias.index_select(0, output_vocab)), columns
 
 
-# The seed's misspelt name, kept so its scripts keep working.
+# The upstream project's misspelt name, kept so its scripts keep working.
 LongformerZhForMaksedLM = LongformerZhForMaskedLM
 
 
-class LongformerZhForSequenceClassification(LongformerZhPreTrainedModel):
+class LongformerZhForSequenceClassification(LongformerZhPreTrainedModelWithHead):
     """BERT's pooled-``[CLS]`` classifier; ``[CLS]`` (position 0) gets global attention unless the caller
     marks global tokens itself."""
+
+    output_class = SequenceClassifierOutput
 
     def __init__(self, config: LongformerZhConfig):
         super().__init__(config)
@@ -329,66 +346,35 @@ class LongformerZhForSequenceClassification(LongformerZhPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        global_attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    def _global_attention(self, input_ids, inputs_embeds, attention_mask, global_attention_mask):
         caller_marked_global = global_attention_mask is not None or (
             attention_mask is not None and bool((attention_mask == 2).any())
         )
-        if not caller_marked_global:
-            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            global_attention_mask = torch.zeros(reference.shape, dtype=torch.long, device=reference.device)
-            global_attention_mask[:, 0] = 1
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            global_attention_mask=global_attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        if caller_marked_global:
+            return global_attention_mask
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        global_attention_mask = torch.zeros(reference.shape, dtype=torch.long, device=reference.device)
+        global_attention_mask[:, 0] = 1
+        return global_attention_mask
+
+    def _head(self, outputs, labels, **kwargs):
         logits = self.classifier(self.dropout(outputs.pooler_output))
-
-        loss = None
-        if labels is not None:
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                if self.num_labels == 1:
-                    loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
-                else:
-                    loss = F.mse_loss(logits, labels.to(logits.dtype))
-            elif self.config.problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        if labels is None:
+            return None, logits
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
             else:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1)), logits
+            return F.mse_loss(logits, labels.to(logits.dtype)), logits
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1)), logits
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)), logits
 
 
 def masked_lm_from_checkpoint(path) -> LongformerZhForMaskedLM:
@@ -417,4 +403,5 @@ __all__ = [
     "LongformerZhForSequenceClassification",
     "LongformerZhModel",
     "LongformerZhPreTrainedModel",
+    "LongformerZhPreTrainedModelWithHead",
 ]

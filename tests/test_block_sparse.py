@@ -10,14 +10,18 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
+from transformers import LongformerConfig
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
-from lfzh_ds.attention.block_sparse import (
-    BlockSparseSelfAttention,
-    block_sparse_attention,
-    block_sparse_layout,
-    dense_mask_from_layout,
-)
+from lfzh_ds.attention import band_kernel, build_self_attention
+from lfzh_ds.attention.band_kernel import _SCRATCH, _dropout_keep_mask, _ScratchPool, block_sparse_attention, empty_cache
+from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
+from lfzh_ds.attention.flex import FlexBlockSparse, _compiled_flex, flex_block_sparse_attention, flex_supported
+from lfzh_ds.attention.layout import block_sparse_layout, dense_mask_from_layout
 from lfzh_ds.configuration import LongformerZhConfig, token_window_blocks
+from lfzh_ds.modeling import LongformerZhForMaskedLM
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -133,10 +137,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def probabilities(request, monkeypatch):
     """Runs a test both ways the kernel can get its probabilities in backward: kept from forward (signed
     by dropout) or recomputed (dropout masks regenerated from their seed), on every device."""
-    from lfzh_ds.attention import block_sparse
-
     for device in DEVICES:
-        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, device, request.param == "kept")
+        monkeypatch.setitem(band_kernel._SAVE_PROBABILITIES, device, request.param == "kept")
     return request.param
 
 
@@ -144,11 +146,8 @@ def _kernels_for(device):
     """The kernels to check on ``device``: the pure-PyTorch one, plus compiled FlexAttention on GPUs
     that support it (forward and backward)."""
     kernels = [("torch", block_sparse_attention)]
-    if device == "cuda":
-        from lfzh_ds.attention.flex import flex_block_sparse_attention, flex_supported
-
-        if flex_supported(torch.device("cuda")):
-            kernels.append(("flex", flex_block_sparse_attention))
+    if device == "cuda" and flex_supported(torch.device("cuda")):
+        kernels.append(("flex", flex_block_sparse_attention))
     return kernels
 
 
@@ -254,8 +253,6 @@ def test_memory_is_linear_in_length_no_L_by_L_tensor_is_saved():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_path_builds_the_same_mask():
     # FlexAttention's eager reference (no compilation: CPU tests stay fast); compiled runs on CUDA.
-    from lfzh_ds.attention.flex import flex_block_sparse_attention
-
     torch.manual_seed(1)
     B, H, L, D, block = 2, 2, 160, 16, 16
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
@@ -269,8 +266,6 @@ def test_flex_attention_path_builds_the_same_mask():
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_callable_reuses_its_block_mask_only_where_the_mask_cannot_differ():
-    from lfzh_ds.attention.flex import FlexBlockSparse
-
     torch.manual_seed(2)
     B, H, L, D, block = 2, 2, 96, 16, 16
     flex = FlexBlockSparse(block, 3, [1], compiled=False)
@@ -290,12 +285,8 @@ def test_compiled_flex_attention_serves_new_lengths_without_recompiling_each():
     # Compiled FlexAttention (inductor, forward on CPU) against the kernel; padded lengths vary by the block, and
     # a compilation per length (tens of seconds, then eager L x L scores after 8 of them) is the trap: the second
     # length compiles a kernel for any length, the third reuses it.
-    from torch._dynamo.utils import counters
-
-    from lfzh_ds.attention import flex
-
     torch._dynamo.reset()
-    flex._compiled_flex.cache_clear()
+    _compiled_flex.cache_clear()
     counters.clear()
     torch.manual_seed(3)
     for L in (128, 192, 320):
@@ -303,7 +294,7 @@ def test_compiled_flex_attention_serves_new_lengths_without_recompiling_each():
         key_padding_mask, global_tokens = masks_for(2, L, [0, 40], [[5], []])
         kwargs = dict(block_size=32, num_sliding_window_blocks=3, global_block_indices=[0],
                       key_padding_mask=key_padding_mask, global_tokens=global_tokens)
-        compiled = flex.flex_block_sparse_attention(q, k, v, **kwargs)
+        compiled = flex_block_sparse_attention(q, k, v, **kwargs)
         assert (compiled - block_sparse_attention(q, k, v, **kwargs)).abs().max().item() <= 1e-5
     assert counters["stats"]["unique_graphs"] <= 2
 
@@ -405,8 +396,6 @@ def test_module_applies_attention_dropout_only_in_training():
 
 
 def test_model_with_block_sparse_backend_trains_one_step():
-    from lfzh_ds.modeling import LongformerZhForMaskedLM
-
     torch.manual_seed(0)
     config = _config(num_hidden_layers=2, vocab_size=200)
     model = LongformerZhForMaskedLM(config)
@@ -424,8 +413,6 @@ def test_model_with_block_sparse_backend_trains_one_step():
 
 
 def test_cpu_dropout_mask_has_the_requested_rate_is_fresh_each_call_and_repeats_from_a_seed():
-    from lfzh_ds.attention.block_sparse import _dropout_keep_mask
-
     first, second, again = (torch.empty(1000, 1000) for _ in range(3))
     keep = _dropout_keep_mask(first, 0.3)
     _dropout_keep_mask(second, 0.3)
@@ -452,8 +439,6 @@ def test_repeated_calls_reusing_scratch_buffers_give_identical_results():
     assert torch.equal(first, kept[0])
     for g, saved in zip(first_grads, kept[1:]):
         assert torch.equal(g, saved)
-    from lfzh_ds.attention.block_sparse import _SCRATCH, empty_cache
-
     assert _SCRATCH.free  # the buffers of both calls, kept probabilities included, wait for the next call
     empty_cache()
     assert not _SCRATCH.free
@@ -490,29 +475,23 @@ def test_kernel_is_the_same_when_heads_go_through_in_parts(L, block, n, global_b
                                                             monkeypatch, probabilities):
     # Long sequences split each head into runs of windows (a head per chunk and more at L >= 4096 on CPU);
     # the masks of padding and global keys must follow each part, the global keys' gradients add up.
-    from lfzh_ds.attention import block_sparse
-
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     _check_kernel_against_sdpa(block_sparse_attention, L, block, n, global_blocks, pads, globals_, "cpu")
 
 
 def test_heads_are_split_into_parts_only_when_one_does_not_fit(monkeypatch):
-    from lfzh_ds.attention import block_sparse
-
     q = torch.zeros(2, 3, 208, 8)
     no_padding = torch.zeros(2, 208, dtype=torch.bool)
     for budget, heads, windows in [(1 << 20, 6, 13), (60_000, 1, 13), (20_000, 1, 4), (1, 1, 1)]:
-        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
-        plan = block_sparse._Plan(q, 16, 3, [0], no_padding, no_padding)  # score rows 64 wide: 53,248 B a head
+        monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
+        plan = band_kernel._Plan(q, 16, 3, [0], no_padding, no_padding)  # score rows 64 wide: 53,248 B a head
         assert {(c.s1 - c.s0, c.w1 - c.w0) for c in plan.chunks[:1]} == {(heads, windows)}
         assert sum((c.s1 - c.s0) * (c.w1 - c.w0) for c in plan.chunks) == 6 * 13  # every window exactly once
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_dropout_gradients_are_exact_when_heads_go_through_in_parts(budget, monkeypatch, probabilities):
-    from lfzh_ds.attention import block_sparse
-
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(0)
     B, H, L, D, block = 2, 2, 48, 4, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -530,8 +509,6 @@ def test_dropout_gradients_are_exact_when_heads_go_through_in_parts(budget, monk
 def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_with_dropout(monkeypatch):
     # The two ways backward gets the (dropped) probabilities check each other: signed probabilities
     # kept from forward vs recomputed scores and dropout masks regenerated from their seed.
-    from lfzh_ds.attention import block_sparse
-
     torch.manual_seed(3)
     B, H, L, D = 2, 3, 128, 16
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
@@ -539,7 +516,7 @@ def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_w
     weights = torch.randn(B, H, L, D)
     results = []
     for keep in (True, False):
-        monkeypatch.setitem(block_sparse._SAVE_PROBABILITIES, "cpu", keep)
+        monkeypatch.setitem(band_kernel._SAVE_PROBABILITIES, "cpu", keep)
         torch.manual_seed(42)
         out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[0, 3],
                                      key_padding_mask=key_padding_mask, global_tokens=global_tokens,
@@ -552,8 +529,6 @@ def test_kept_and_recomputed_probabilities_give_the_same_outputs_and_gradients_w
 def test_activation_checkpointing_recomputes_the_kept_probabilities_and_gives_the_same_gradients():
     # Non-reentrant checkpointing drops what forward saved (through saved-tensor hooks) and reruns forward
     # in backward; the kept probabilities must go through those hooks and come back identical.
-    from torch.utils.checkpoint import checkpoint
-
     torch.manual_seed(8)
     q, k, v = (torch.randn(2, 3, 128, 16, requires_grad=True) for _ in range(3))
     kwargs = dict(block_size=16, num_sliding_window_blocks=3, global_block_indices=[0], dropout_p=0.2, training=True)
@@ -573,8 +548,6 @@ def test_activation_checkpointing_recomputes_the_kept_probabilities_and_gives_th
 def test_buffer_pool_stays_under_its_limit_by_dropping_the_sizes_returned_longest_ago():
     # Variable lengths (fine-tuning batches) return buffers of many sizes; stale sizes must not crowd out
     # the current ones.
-    from lfzh_ds.attention.block_sparse import _ScratchPool
-
     pool = _ScratchPool(max_bytes=4000)
     old, current = torch.empty(500), torch.empty(300)  # 2000 and 1200 bytes
     pool.give_back(old, current)
@@ -594,29 +567,25 @@ def _pooled_chunk_buffers(free):
 
 
 def test_kept_probabilities_go_back_to_the_pool_after_backward_unless_the_graph_is_retained(monkeypatch):
-    from lfzh_ds.attention import block_sparse
-
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)  # 2 heads x 8 windows = 16 chunks
-    block_sparse.empty_cache()
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", 1)  # 2 heads x 8 windows = 16 chunks
+    band_kernel.empty_cache()
     q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
     weights = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), weights, retain_graph=True)
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) < 16  # still needed by the retained graph
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) < 16  # still needed by the retained graph
     second = torch.autograd.grad(out, (q, k, v), weights)
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 16  # all 16 kept chunks recycled
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) >= 16  # all 16 kept chunks recycled
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_inference_keeps_no_probabilities_even_for_inputs_that_require_grad(monkeypatch):
-    from lfzh_ds.attention import block_sparse
-
-    monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", 1)
-    block_sparse.empty_cache()
+    monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", 1)
+    band_kernel.empty_cache()
     q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         block_sparse_attention(q, k, v, block_size=16, num_sliding_window_blocks=3, global_block_indices=[])
-    assert _pooled_chunk_buffers(block_sparse._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
+    assert _pooled_chunk_buffers(band_kernel._SCRATCH.free) >= 1  # one buffer went round all 16 chunks
 
 
 def test_attention_dropout_is_inverted_dropout_so_the_expected_output_is_the_eval_output():
@@ -685,12 +654,8 @@ def test_global_rows_with_attention_dropout_weigh_the_value_bias_by_the_kept_pro
 def test_forcing_the_flex_kernel_on_the_cpu_is_refused_where_a_backward_pass_would_follow():
     """Compiled FlexAttention has a forward only on CPU: kernel='flex' is refused with gradients on
     (forward-only use, which compiles for tens of seconds on CPU, is left to benchmarks/attention.py)."""
-    from lfzh_ds.attention import build_self_attention
-    from lfzh_ds.attention.flex import flex_supported
-
     assert not flex_supported(torch.device("cpu")) and flex_supported(torch.device("cpu"), needs_backward=False)
-    module = build_self_attention(_config(), layer_id=0).eval()
-    module.kernel = "flex"
+    module = build_self_attention(_config(block_sparse_kernel="flex"), layer_id=0).eval()
     hidden = torch.randn(1, 64, 32)
     nothing = torch.zeros(1, 64, dtype=torch.bool)
     with pytest.raises(ValueError, match="FlexAttention does not run on cpu here; use kernel='torch'"):
@@ -707,9 +672,6 @@ def test_token_geometry_puts_every_key_outside_the_window_in_the_two_outermost_b
 
 
 def _hf_longformer_twin(module, window):
-    from transformers import LongformerConfig
-    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-
     hf_config = LongformerConfig(hidden_size=module.embed_dim, num_attention_heads=module.num_heads,
                                  attention_window=[window], attention_probs_dropout_prob=0.0)
     hf = LongformerSelfAttention(hf_config, layer_id=0)
@@ -740,10 +702,8 @@ TOKEN_CASES = [
 def test_token_mode_equals_transformers_longformer_self_attention_outputs_and_gradients(
     L, window, preferred, pads, globals_, budget, monkeypatch, probabilities
 ):
-    from lfzh_ds.attention import block_sparse
-
     if budget is not None:
-        monkeypatch.setitem(block_sparse._CHUNK_BYTES, "cpu", budget)
+        monkeypatch.setitem(band_kernel._CHUNK_BYTES, "cpu", budget)
     torch.manual_seed(L + window)
     config = _config(attention_window=window, sparse_block_size=preferred, sparse_window_mode="token")
     ours = BlockSparseSelfAttention(config, layer_id=0)
@@ -803,8 +763,6 @@ def test_token_mode_refuses_a_band_that_does_not_reach_the_window_edge_and_globa
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_path_computes_the_token_window_too():
-    from lfzh_ds.attention.flex import flex_block_sparse_attention
-
     torch.manual_seed(2)
     B, H, L, D = 2, 2, 96, 16
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))

@@ -1,13 +1,15 @@
 """Conversion and interoperability: short BERT -> long model, loading the released and the transformers
 Longformer layouts, export to stock transformers.LongformerForMaskedLM (loaded without this package)."""
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+from argparse import Namespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForMaskedLM,
     AutoTokenizer,
@@ -28,16 +30,13 @@ from lfzh_ds.constants import VOCAB_SIZE
 from lfzh_ds.convert import convert_bert_to_longformer, export_to_hf_longformer
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.tokenization import load_tokenizer
+from model_helpers import max_diff
 
 TOL = 1e-5
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
 pytestmark = pytest.mark.usefixtures("frugal_torch")
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 def padded_batch(seq_len, pad_from, vocab=VOCAB_SIZE, pad_id=0):
@@ -323,8 +322,6 @@ def test_export_refuses_a_directory_lacking_the_weights_it_would_export(tmp_path
 
 
 def test_export_keeps_the_models_dtype_and_refuses_an_lm_head_stock_longformer_cannot_compute(tmp_path):
-    from safetensors.torch import load_file
-
     config = LongformerZhConfig(max_position_embeddings=64, attention_window=16, **SMALL)
     out = export_to_hf_longformer(LongformerZhForMaskedLM(config).to(torch.bfloat16), tmp_path / "bf16",
                                   write_tokenizer=False)
@@ -412,9 +409,7 @@ def test_a_block_sparse_config_saved_before_window_modes_keeps_its_block_layout(
 
 
 def _init_from(model_dir, attention_backend=None):
-    from argparse import Namespace
-
-    from lfzh_ds.training.pretraining import build_model
+    from lfzh_ds.training.pretraining import build_model  # here: the training stack pulls in DeepSpeed (seconds)
 
     model = build_model(Namespace(init_from=str(model_dir), attention_backend=attention_backend), None)
     attention = model.bert.encoder.layer[0].attention.self
@@ -457,8 +452,7 @@ def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_bl
                                                                                            capsys):
     """launch/pretrain.py --init-from a converted model: the block kernel in token mode (asked for by nothing),
     with the losses of the same run on transformers' sliding chunks, step by step (fp32, hidden dropout on)."""
-    import socket
-
+    # here: the training stack pulls in DeepSpeed (seconds), which the other tests of this file do not need
     from launch.pretrain import main
     from lfzh_ds.loading import load_model
     from lfzh_ds.training.metrics import read_metrics

@@ -10,6 +10,7 @@ import torch
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.training.engine import enable_activation_checkpointing
+from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 
 TOL = 1e-5
 VOCAB = 300
@@ -29,18 +30,7 @@ def config(backend, attention_window=16, **overrides):
 
 
 def batch(seq_len=21, pad_from=15):
-    input_ids = torch.randint(5, VOCAB, (2, seq_len))
-    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
-    attention_mask[1, pad_from:] = 0
-    input_ids[1, pad_from:] = 0
-    global_attention_mask = torch.zeros(2, seq_len, dtype=torch.long)
-    global_attention_mask[0, [0, 4, seq_len - 3]] = 1
-    global_attention_mask[1, [0, 7]] = 1
-    return input_ids, attention_mask, global_attention_mask
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
+    return padded_batch_with_globals(VOCAB, seq_len, pad_from, first_globals=[0, 4, seq_len - 3], second_globals=[0, 7])
 
 
 def twin_models(block_window, sliding_window, model_class=LongformerZhForMaskedLM, **overrides):
@@ -96,17 +86,11 @@ def test_block_sparse_gradient_checkpointing_gives_the_same_gradients():
     model = LongformerZhForMaskedLM(config("block_sparse")).train()
     input_ids, attention_mask, global_attention_mask = batch()
     labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, labels=labels).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss, plain = loss_and_grads()
+    inputs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    plain_loss, plain = loss_and_gradients(model, input_ids, labels, **inputs)
     enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
-    ckpt_loss, ckpt = loss_and_grads()
+    ckpt_loss, ckpt = loss_and_gradients(model, input_ids, labels, **inputs)
     assert abs(plain_loss - ckpt_loss) <= TOL
     assert plain.keys() == ckpt.keys() and len(plain) >= len(list(model.parameters())) - 2
     for n in plain:
@@ -168,3 +152,20 @@ def test_token_mode_equals_sliding_chunks_on_a_whole_model_where_block_mode_does
     for name, p in token.named_parameters():
         token_grad = p.grad if p.grad is not None else torch.zeros_like(p)  # (key biases: zero either way)
         assert max_diff(token_grad, sliding_params[name].grad) <= TOL, name
+
+
+def test_the_kernel_choice_is_a_config_field_saved_with_the_model_and_checked(tmp_path):
+    model = LongformerZhForMaskedLM(config("block_sparse", block_sparse_kernel="torch")).eval()
+    assert LongformerZhConfig().block_sparse_kernel == "auto"  # FlexAttention where it runs, the band kernel elsewhere
+    assert {layer.attention.self.kernel for layer in model.bert.encoder.layer} == {"torch"}
+    model.save_pretrained(tmp_path)
+    loaded = LongformerZhForMaskedLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.block_sparse_kernel == "torch"
+    assert {layer.attention.self.kernel for layer in loaded.bert.encoder.layer} == {"torch"}
+    input_ids, attention_mask, global_attention_mask = batch()
+    kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    assert max_diff(model(input_ids, **kwargs).logits, loaded(input_ids, **kwargs).logits) <= TOL
+    with pytest.raises(ValueError, match=r"^block_sparse_kernel='triton': choose one of \('auto', 'torch', 'flex'\)$"):
+        config("block_sparse", block_sparse_kernel="triton")
+    with pytest.raises(ValueError, match="block_sparse_kernel='triton'"):
+        LongformerZhForMaskedLM.from_pretrained(tmp_path, block_sparse_kernel="triton")

@@ -25,6 +25,7 @@ from lfzh_ds.modeling import (
     LongformerZhModel,
 )
 from lfzh_ds.training.engine import enable_activation_checkpointing
+from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 
 TOL = 1e-5
 VOCAB = 300  # the heads' cost grows with the vocab; the geometry under test does not depend on it
@@ -51,18 +52,7 @@ def small_config(**overrides):
 
 def batch(seq_len=29, pad_from=21):
     """Two sequences; the second is padded from ``pad_from``; several global tokens in each."""
-    input_ids = torch.randint(5, VOCAB, (2, seq_len))
-    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
-    attention_mask[1, pad_from:] = 0
-    input_ids[1, pad_from:] = 0
-    global_attention_mask = torch.zeros(2, seq_len, dtype=torch.long)
-    global_attention_mask[0, [0, 6, seq_len - 4]] = 1
-    global_attention_mask[1, [0, 3]] = 1
-    return input_ids, attention_mask, global_attention_mask
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
+    return padded_batch_with_globals(VOCAB, seq_len, pad_from, first_globals=[0, 6, seq_len - 4], second_globals=[0, 3])
 
 
 def hf_twin_of(model: LongformerZhForMaskedLM) -> LongformerForMaskedLM:
@@ -324,17 +314,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = LongformerZhForMaskedLM(small_config()).train()  # dropout is 0: training mode is deterministic
     input_ids, attention_mask, global_attention_mask = batch()
     labels = input_ids.masked_fill(torch.rand(input_ids.shape) > 0.3, -100)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask, labels=labels).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain_loss, plain = loss_and_grads()
+    inputs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+    plain_loss, plain = loss_and_gradients(model, input_ids, labels, **inputs)
+    assert len(plain) == len(list(model.parameters()))  # every parameter gets a gradient here
     enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
-    ckpt_loss, ckpt = loss_and_grads()
+    ckpt_loss, ckpt = loss_and_gradients(model, input_ids, labels, **inputs)
     assert abs(plain_loss - ckpt_loss) <= TOL
     for n in plain:
         assert max_diff(plain[n], ckpt[n]) <= TOL, n
@@ -361,7 +346,7 @@ def test_save_pretrained_writes_safetensors_and_auto_classes_load_it(tmp_path):
     assert max_diff(hidden, model_hidden) <= TOL
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
     assert type(classifier) is LongformerZhForSequenceClassification and classifier.classifier.out_features == 4
-    assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the seed's spelling still works
+    assert LongformerZhForMaksedLM is LongformerZhForMaskedLM  # the upstream's spelling still works
 
 
 def test_each_layers_sliding_chunks_module_checks_its_own_window():

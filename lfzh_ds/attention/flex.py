@@ -1,6 +1,6 @@
 """FlexAttention path for the block-sparse layout (``torch.nn.attention.flex_attention``).
 
-Same semantics as ``block_sparse.block_sparse_attention``: the layout of ``block_sparse_layout``
+Same semantics as ``band_kernel.block_sparse_attention``: the layout of ``layout.block_sparse_layout``
 (sliding window of blocks + global blocks), every query also attending the token-level global tokens,
 padding keys never attended, padding query rows zero; in token mode (``token_window``) the token-level
 sliding window ``|q - k| <= token_window`` instead of the block layout. The mask is built from the same
@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from .block_sparse import block_sparse_layout, check_token_geometry
+from .layout import block_sparse_layout, token_masks
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -73,40 +73,29 @@ def block_mask_for(L, block, num_sliding_window_blocks, global_block_indices, gl
 
 
 def flex_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    block_size: int,
-    num_sliding_window_blocks: int,
-    global_block_indices=(0,),
-    global_block_end_indices=None,
-    key_padding_mask: torch.Tensor | None = None,
-    global_tokens: torch.Tensor | None = None,
-    token_window: int | None = None,
-    scale: float | None = None,
-    compiled: bool = True,
-    block_mask=None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, compiled: bool = True,
+    block_mask=None, **layout,
 ) -> torch.Tensor:
     """``block_sparse_attention`` through FlexAttention: [B, H, L, D] -> [B, H, L, D].
 
+    ``layout``: the keyword arguments of ``band_kernel.block_sparse_attention`` that say what is attended
+    (``block_size``, ``num_sliding_window_blocks``, ``global_block_indices``, ``global_block_end_indices``,
+    ``key_padding_mask``, ``global_tokens``, ``token_window``); there is no dropout.
     ``compiled=False`` runs FlexAttention's eager reference (materialises scores: small inputs only).
     ``block_mask``: a mask made by ``block_mask_for`` with the same arguments, to skip rebuilding it.
     """
     if flex_attention is None:
         raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
-    B, H, L, D = q.shape
-    if L % block_size:
-        raise ValueError(f"sequence length {L} is not a multiple of block_size={block_size}; pad the input first")
-    if token_window is not None:
-        check_token_geometry(block_size, num_sliding_window_blocks, token_window, global_block_indices)
-    if key_padding_mask is None:
-        key_padding_mask = torch.zeros(B, L, dtype=torch.bool, device=q.device)
-    if global_tokens is None:
-        global_tokens = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+    block_size, windows = layout.pop("block_size"), layout.pop("num_sliding_window_blocks")
+    starts, ends = layout.pop("global_block_indices", (0,)), layout.pop("global_block_end_indices", None)
+    token_window = layout.pop("token_window", None)
+    key_padding_mask, global_tokens = token_masks(q, block_size, windows, starts, token_window,
+                                                  layout.pop("key_padding_mask", None), layout.pop("global_tokens", None))
+    if layout:
+        raise TypeError(f"flex_block_sparse_attention() got unexpected keyword arguments {sorted(layout)}")
     if block_mask is None:
-        block_mask = block_mask_for(L, block_size, num_sliding_window_blocks, global_block_indices,
-                                    global_block_end_indices, key_padding_mask, global_tokens, q.device, token_window)
+        block_mask = block_mask_for(q.shape[2], block_size, windows, starts, ends, key_padding_mask, global_tokens,
+                                    q.device, token_window)
     attend = _compiled_flex() if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask, scale=scale)
     return out.masked_fill(key_padding_mask[:, None, :, None], 0.0)

@@ -1,7 +1,7 @@
 """Exact Longformer attention (token-level sliding window + global tokens).
 
 We reuse transformers' own ``LongformerSelfAttention`` (the oracle our tests compare against), as the
-seed model did: its parameters are already named ``query, key, value, query_global, key_global,
+upstream model did: its parameters are already named ``query, key, value, query_global, key_global,
 value_global``, which is exactly the BERT-plus-globals layout of the released checkpoint. This module
 only adapts its calling convention (an additive mask with 0/+/- values) to the boolean masks the rest
 of the model passes around.

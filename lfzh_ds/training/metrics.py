@@ -214,7 +214,7 @@ def attention_pairs(config, seq_len: int, layer: int) -> int:
     each side, clipped at the ends), never a dense ``seq_len`` squared. Token-level global attention, which
     pretraining does not use, is not counted."""
     if config.attention_backend == "block_sparse":
-        from ..attention.block_sparse import block_sparse_layout
+        from ..attention.layout import block_sparse_layout
 
         block = config.sparse_block_size
         layout = block_sparse_layout(-(-seq_len // block), config.layer_sliding_window_blocks(layer),

@@ -174,7 +174,7 @@ def build_model(args: Namespace, model_config):
     """--init-from continues a model with the attention it was trained for, on the block kernel: a converted,
     released, transformers-layout or sliding-chunks model runs block_sparse in token mode (exactly its
     Longformer window), a block-sparse model keeps its own window mode; --attention-backend overrides."""
-    from ..convert import read_config_dict
+    from ..hf_layout import read_config_dict
     from ..modeling import LongformerZhForMaskedLM
 
     if args.init_from:
