@@ -34,6 +34,9 @@ from .classification import (
 )
 from .constants import PAD_ID
 from .tokenization import load_tokenizer
+from .training.distributed import barrier, gather_objects, init_distributed, local_device, rank_and_world, say
+from .training.ds_config import load_deepspeed_config, read_config_file, validate_with_deepspeed
+from .training.engine import build_engine
 
 BEST_CHECKPOINT_DIR = "best"
 
@@ -72,38 +75,6 @@ def class_weights(labels: list[int], num_classes: int, mode: str = "balanced") -
         missing = [c for c in range(num_classes) if counts[c] == 0]
         raise ValueError(f"class weight balanced: class(es) {missing} have no training document")
     return (len(labels) / (num_classes * counts)).float()
-
-
-# ---------------------------------------------------------------------------------- distributed helpers
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank_and_world() -> tuple[int, int]:
-    dist = _dist()
-    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-
-
-def log(message: str) -> None:
-    if rank_and_world()[0] == 0:
-        print(message, flush=True)
-
-
-def barrier() -> None:
-    dist = _dist()
-    if dist:
-        dist.barrier()
-
-
-def gather_objects(obj) -> list:
-    dist = _dist()
-    if not dist:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -285,16 +256,13 @@ def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_si
 
 def build_finetuning_engine(model, settings: FinetuneSettings, world_size: int, total_steps: int, run_dir: Path):
     """The DeepSpeed engine, built with the pretraining helpers (config checks, CPU fallback)."""
-    from .training import engine as ds_engine
-
-    file_config = ds_engine.read_config_file(settings.deepspeed_config)
+    file_config = read_config_file(settings.deepspeed_config)
     overrides, notes = finetuning_overrides(file_config, settings, world_size, total_steps)
-    resolved = ds_engine.load_deepspeed_config(settings.deepspeed_config, world_size, max_steps=total_steps, run_dir=run_dir, overrides=overrides)
+    resolved = load_deepspeed_config(settings.deepspeed_config, world_size, max_steps=total_steps, run_dir=run_dir,
+                                     overrides=overrides)
     resolved.notes[:0] = notes
-    ds_engine.validate_with_deepspeed(resolved)
-    if ds_engine.uses_activation_checkpointing(resolved):
-        ds_engine.enable_activation_checkpointing(model)
-    return ds_engine.build_engine(model, resolved), resolved
+    validate_with_deepspeed(resolved)
+    return build_engine(model, resolved), resolved
 
 
 def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
@@ -321,8 +289,6 @@ def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
 # ---------------------------------------------------------------------------------- the loop
 def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
-    from .training.engine import init_distributed
-
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
@@ -333,7 +299,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     torch.manual_seed(settings.seed)
 
     for line in task.summary_lines():
-        log(line)
+        say(line)
     tokenizer = load_tokenizer()
     encoded = {}
     for split in ("train", "dev", "test"):
@@ -342,7 +308,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
             continue
         encoded[split] = encode_examples(examples, tokenizer, settings.max_len, settings.truncation, settings.head_fraction)
         e = encoded[split]
-        log(f"  {split}: {e.num_truncated} of {len(examples)} documents ({100 * e.truncated_share:.1f}%) longer than "
+        say(f"  {split}: {e.num_truncated} of {len(examples)} documents ({100 * e.truncated_share:.1f}%) longer than "
             f"{settings.max_len} tokens, truncated ({settings.truncation})")
     labels = {split: [e.label for e in getattr(task, split)] for split in encoded}
 
@@ -353,27 +319,27 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
             from .training.checkpoint import export_run
 
             export_run(settings.model_dir, model_dir)
-            log(f"exported the latest checkpoint of the pretraining run {settings.model_dir} to {model_dir}")
+            say(f"exported the latest checkpoint of the pretraining run {settings.model_dir} to {model_dir}")
         barrier()
     model, info = load_classifier(model_dir, task.label_names)
     if settings.max_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
     if info["missing_keys"]:
-        log(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
+        say(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
 
     steps_per_epoch = math.ceil(len(task.train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     engine, resolved = build_finetuning_engine(model, settings, world, total_steps, output_dir)
     for note in resolved.notes:
-        log(note)
-    log(f"{world} process(es)" + (f" x {threads} CPU threads" if threads else "") + f", {resolved.precision}, "
+        say(note)
+    say(f"{world} process(es)" + (f" x {threads} CPU threads" if threads else "") + f", {resolved.precision}, "
         f"ZeRO stage {resolved.zero_stage}; {settings.epochs} epochs x "
         f"{steps_per_epoch} steps of {settings.batch_size} documents (micro-batch {settings.micro_batch_size}, "
         f"accumulation {resolved.gradient_accumulation_steps}), lr {settings.learning_rate}")
 
     weights = class_weights(labels["train"], len(task.label_names), settings.class_weight)
     if weights is not None:
-        log("class weights (balanced): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(task.label_names, weights.tolist())))
+        say("class weights (balanced): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(task.label_names, weights.tolist())))
         weights = weights.to(engine.device)
     history = []
     best = None
@@ -396,7 +362,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
                 running_n += 1
             step += 1
             if step % settings.log_every == 0 or step == total_steps:
-                log(f"epoch {epoch} step {step}/{total_steps} loss {running_loss / max(running_n, 1):.4f} lr {lr:.2e} "
+                say(f"epoch {epoch} step {step}/{total_steps} loss {running_loss / max(running_n, 1):.4f} lr {lr:.2e} "
                     f"({time.perf_counter() - epoch_start:.0f} s into the epoch)")
                 running_loss, running_n = 0.0, 0
         epoch_train_seconds = time.perf_counter() - epoch_start
@@ -408,7 +374,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
                         "dev_macro_f1": dev_metrics["macro_f1"], "dev_accuracy": dev_metrics["accuracy"],
                         "dev_f1_per_class": {n: m["f1"] for n, m in dev_metrics["per_class"].items()}, "best": improved})
         per_class = ", ".join(f"{name} {m['f1']:.3f}" for name, m in dev_metrics["per_class"].items())
-        log(f"epoch {epoch}: dev macro-F1 {dev_metrics['macro_f1']:.4f} accuracy {dev_metrics['accuracy']:.4f} "
+        say(f"epoch {epoch}: dev macro-F1 {dev_metrics['macro_f1']:.4f} accuracy {dev_metrics['accuracy']:.4f} "
             f"(F1 per class: {per_class}; {epoch_train_seconds:.0f} s training)"
             + (f"; new best, saved to {best_dir}" if improved else ""))
         if improved:
@@ -420,19 +386,19 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     from .modeling import LongformerZhForSequenceClassification
 
     with quiet_transformers():
-        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(_device())
+        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(local_device())
     results = {}
     for split in encoded:
         if split == "train":
             continue
-        predictions, probabilities = predict(best_model, encoded[split], settings.eval_batch_size, _device())
+        predictions, probabilities = predict(best_model, encoded[split], settings.eval_batch_size, local_device())
         metrics = classification_metrics(labels[split], predictions, task.label_names)
         metrics["truncated_share"] = encoded[split].truncated_share
         results[split] = metrics
         if rank == 0:
             write_predictions(output_dir / f"predictions_{split}.jsonl", getattr(task, split), predictions, task.label_names, probabilities)
             write_metrics(output_dir / f"metrics_{split}.json", metrics)
-        log(f"best checkpoint (epoch {best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} accuracy {metrics['accuracy']:.4f}")
+        say(f"best checkpoint (epoch {best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} accuracy {metrics['accuracy']:.4f}")
     summary = {
         "task": task.name,
         "label_names": task.label_names,
@@ -452,10 +418,3 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     barrier()
     return summary if rank == 0 else None
 
-
-def _device():
-    import os
-
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))

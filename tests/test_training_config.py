@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lfzh_ds.training.engine import ConfigError, load_deepspeed_config
+from lfzh_ds.training.ds_config import ConfigError, load_deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"
@@ -123,7 +123,7 @@ def test_launcher_processes_on_one_cpu_machine_split_its_cores(monkeypatch):
 
     import torch
 
-    from lfzh_ds.training.engine import share_cpu_threads
+    from lfzh_ds.training.distributed import share_cpu_threads
 
     before = torch.get_num_threads()
     try:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .engine import (ConfigError, ResolvedConfig, build_engine, enable_activation_checkpointing, init_distributed,
-                     load_deepspeed_config,
-                     rank_from_env, uses_activation_checkpointing, validate_with_deepspeed, world_size_from_env)
+from .distributed import init_distributed, rank_and_world
+from .ds_config import ConfigError, ResolvedConfig, load_deepspeed_config, read_json_object, validate_with_deepspeed
+from .engine import build_engine
 from .evaluation import (BpcResult, all_reduce_result, collate, frequency_baseline, masked_lm_cross_entropy,
                          token_counts, validation_indices)
 from .initialization import init_output_bias_to_unigram, init_word_embeddings_from_cooccurrence
@@ -108,15 +108,7 @@ def read_model_config(args: Namespace):
                               "(launch/convert.py or launch/export.py writes one)")
         return None  # read by from_pretrained, with the backend override below
     path = Path(args.model_config)
-    if not path.is_file():
-        raise ConfigError(f"--model-config {path} does not exist; give a JSON file of LongformerZhConfig fields")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--model-config {path} is not valid JSON: {err.msg} at line {err.lineno} column "
-                          f"{err.colno}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--model-config {path} must hold a JSON object of LongformerZhConfig fields")
+    data = read_json_object(path, f"--model-config {path}", "give a JSON file of LongformerZhConfig fields")
     check_model_config_keys(data, path)
     data.pop("model_type", None)
     data.setdefault("attention_backend", PRETRAINING_DEFAULT_BACKEND)
@@ -372,7 +364,7 @@ def check_validation_request(args: Namespace, manifest: dict) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 def run(args: Namespace) -> RunSummary:
-    world_size, rank = world_size_from_env(), rank_from_env()
+    rank, world_size = rank_and_world()
     main = rank == 0
 
     def say(message: str) -> None:
@@ -509,8 +501,6 @@ def run(args: Namespace) -> RunSummary:
             init_word_embeddings_from_cooccurrence(model, train_data)
     model_config = model.config
     check_model_fits_data(model_config, seq_len, args.data)
-    if uses_activation_checkpointing(resolved):
-        enable_activation_checkpointing(model)
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, resolved)
     # every training label is a token of the training shards, so a softmax over those alone is exact for them
