@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/baseline.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.finetune import add_task_arguments, load_task_from_args
+from launch.finetune import add_task_arguments
 
 
 def main(argv=None) -> None:
@@ -29,9 +29,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from lfzh_ds.classification import tfidf_baseline, write_metrics, write_predictions
+    from lfzh_ds.finetuning import load_task
 
     started = time.perf_counter()
-    task = load_task_from_args(args)
+    task = load_task(args)
     for line in task.summary_lines():
         print(line)
     result = tfidf_baseline(task, c_grid=args.c_grid, ngram_range=args.ngram_range, max_features=args.max_features)

@@ -46,25 +46,6 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the CSV split, the shuffling and the new head")
 
 
-def load_task_from_args(args):
-    from lfzh_ds.classification import load_ccf_task, load_generic_task
-
-    if args.task == "ccf-sentiment":
-        task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
-    else:
-        if args.train is None or args.dev is None:
-            sys.exit(f"--task {args.task} needs --train and --dev files (and optionally --test)")
-        task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field, label_field=args.label_field,
-                                 title_field=args.title_field, id_field=args.id_field, file_format=args.task,
-                                 dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")
-    if args.max_train_docs:
-        task.train = task.train[: args.max_train_docs]
-    if args.max_eval_docs:
-        task.dev = task.dev[: args.max_eval_docs]
-        task.test = task.test[: args.max_eval_docs]
-    return task
-
-
 def default_deepspeed_config() -> Path:
     from deepspeed.accelerator import get_accelerator
 
@@ -118,7 +99,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.model.is_dir():  # before the data is read and tokenised
         raise FileNotFoundError(f"--model {args.model} does not exist or is not a directory")
-    from lfzh_ds.finetuning import FinetuneSettings, finetune
+    from lfzh_ds.finetuning import FinetuneSettings, finetune, load_task
 
     settings = FinetuneSettings(
         model_dir=str(args.model),
@@ -137,7 +118,7 @@ def main(argv=None) -> None:
         log_every=args.log_every,
         class_weight=args.class_weight,
     )
-    task = load_task_from_args(args)
+    task = load_task(args)
     summary = finetune(task, settings)
     if summary is not None:
         m = summary["metrics"]

@@ -29,6 +29,8 @@ from .classification import (
     TaskData,
     classification_metrics,
     encode_examples,
+    load_ccf_task,
+    load_generic_task,
     write_metrics,
     write_predictions,
 )
@@ -75,6 +77,26 @@ def class_weights(labels: list[int], num_classes: int, mode: str = "balanced") -
         missing = [c for c in range(num_classes) if counts[c] == 0]
         raise ValueError(f"class weight balanced: class(es) {missing} have no training document")
     return (len(labels) / (num_classes * counts)).float()
+
+
+def load_task(args) -> TaskData:
+    """The task named by the data options of launch/finetune.py and launch/baseline.py (``add_task_arguments``):
+    ``--task ccf-sentiment`` or a jsonl/csv task from --train/--dev(/--test), cut to --max-train-docs and
+    --max-eval-docs."""
+    if args.task == "ccf-sentiment":
+        task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
+    else:
+        if args.train is None or args.dev is None:
+            raise ValueError(f"--task {args.task} needs --train and --dev files (and optionally --test)")
+        task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field,
+                                 label_field=args.label_field, title_field=args.title_field, id_field=args.id_field,
+                                 file_format=args.task, dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")
+    if args.max_train_docs:
+        task.train = task.train[: args.max_train_docs]
+    if args.max_eval_docs:
+        task.dev = task.dev[: args.max_eval_docs]
+        task.test = task.test[: args.max_eval_docs]
+    return task
 
 
 # ---------------------------------------------------------------------------------- batches

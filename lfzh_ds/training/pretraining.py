@@ -356,9 +356,19 @@ def check_validation_request(args: Namespace, manifest: dict) -> None:
         raise ConfigError(f"--eval-sequences {args.eval_sequences}: validate on at least 1 sequence, or pass "
                           "--eval-interval 0 to train without validation")
     if not sum(int(entry["rows"]) for entry in manifest["splits"]["validation"]["shards"]):
-        raise ConfigError(f"--data {args.data}: the validation split is empty (its manifest.json lists no "
-                          "validation sequences; preprocessed with --val-fraction 0?). Pass --eval-interval 0 to "
-                          "train without validation, or preprocess with a validation split")
+        raise ConfigError(f"--data {args.data}: the validation split is empty ({why_no_validation(manifest)}). Pass "
+                          "--eval-interval 0 to train without validation, or preprocess with a validation split")
+
+
+def why_no_validation(manifest: dict) -> str:
+    """Why a manifest's validation split holds nothing: no fraction asked for, or too few documents for it."""
+    fraction = manifest.get("config", {}).get("val_fraction")
+    if not fraction:
+        return "its manifest.json lists no validation sequences; preprocessed with --val-fraction 0?"
+    documents = sum(int(manifest["splits"][split].get("documents", 0)) for split in ("train", "validation"))
+    return (f"preprocessed with --val-fraction {fraction}, but none of its {documents:,} documents fell in it "
+            f"(about {fraction * documents:.1f} expected): too few documents for the fraction; preprocess more text "
+            "or a larger --val-fraction")
 
 
 # ---------------------------------------------------------------------------------------------- the run
