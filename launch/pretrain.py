@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
     from lfzh_ds.training.distributed import lost_a_peer, rank_and_world
     from lfzh_ds.training.ds_config import ConfigError
-    from lfzh_ds.training.pretraining import TrainingDiverged, run
+    from lfzh_ds.training.pretraining import run
+    from lfzh_ds.training.trainer import TrainingDiverged
 
     if args.start_step and not args.init_from:
         print("error: --start-step continues the schedule of a model given with --init-from", file=sys.stderr)

@@ -206,3 +206,70 @@ def test_finetuning_overrides_set_the_batch_and_a_linear_warmup_over_the_finetun
     assert any("replaces the config's" in note for note in notes)
     with pytest.raises(ValueError, match="--batch-size 10 must be a multiple of --micro-batch-size 2 x 2 processes = 4"):
         finetuning_overrides({}, FinetuneSettings("m", "o", "c.json", batch_size=10, micro_batch_size=2), 2, 100)
+
+
+# ------------------------------------------------------------------------------------------- resume (real kill)
+def weather_task(tmp_path: Path) -> list[str]:
+    """A 3-class jsonl task: 24 training documents (6 steps of 4 per epoch), 6 dev documents."""
+    rows = [{"text": f"{word}。" * 20, "label": label} for word, label in [("天气晴朗", "晴"), ("大雨倾盆", "雨"), ("大雪纷飞", "雪")] * 8]
+    for split, part in (("train", rows), ("dev", rows[:6])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    return ["--task", "jsonl", "--no-dedup", "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
+
+
+def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None):
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/finetune.py",
+               "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args, "--output-dir", str(out),
+               "--max-len", "64", "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3",
+               "--save-interval", "4", "--keep-checkpoints", "2", "--log-every", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LFZH_FAULT", None)
+    if fault:
+        env["LFZH_FAULT"] = fault
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_path):
+    """Fine-tuning runs on pretraining's loop and checkpoints: a run SIGKILLed in step 10 of 12 and resumed with
+    --resume gives bit for bit the losses, dev metrics and predictions of the uninterrupted run."""
+    from lfzh_ds.training.checkpoint import read_latest_tag
+    from lfzh_ds.training.metrics import read_metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    task_args = weather_task(tmp_path)
+    reference = tmp_path / "reference"
+    result = finetune_with_launcher(model_dir, task_args, reference)
+    assert result.returncode == 0, result.output[-4000:]
+    train, val = read_metrics(reference)
+    assert [r["step"] for r in train] == list(range(1, 13)) and [r["epoch"] for r in train][5:7] == [1, 2]
+    assert [v["step"] for v in val] == [6, 12] and all(0 <= v["val_macro_f1"] <= 1 for v in val)
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir()) == ["step_12", "step_8"]
+    acc = EventAccumulator(str(next((reference / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "val/macro_f1", "val/accuracy"} <= set(acc.Tags()["scalars"])
+    assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run_dir = tmp_path / "run"
+    killed = finetune_with_launcher(model_dir, task_args, run_dir, fault="kill_at_step=10")
+    assert killed.returncode != 0
+    assert read_latest_tag(run_dir / "checkpoints") == "step_8"
+    refused = finetune_with_launcher(model_dir, task_args, run_dir, "--resume", "--lr", "2e-3")
+    assert refused.returncode == 2 and "learning_rate 0.002 differs from the 0.001 of the fine-tuning being resumed" in refused.output
+    resumed = finetune_with_launcher(model_dir, task_args, run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "resumed from" in resumed.output and "at step 8 (32 samples consumed)" in resumed.output
+
+    assert {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]} == {r["step"]: r["loss"] for r in train}
+    assert [(v["step"], v["val_macro_f1"], v["val_accuracy"]) for v in read_metrics(run_dir)[1]] == \
+        [(v["step"], v["val_macro_f1"], v["val_accuracy"]) for v in val]
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    timing = ("train_seconds", "elapsed_seconds")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in ours["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in theirs["history"]]
+    assert (ours["best_epoch"], ours["metrics"]) == (theirs["best_epoch"], theirs["metrics"])
+    assert (run_dir / "predictions_dev.jsonl").read_text() == (reference / "predictions_dev.jsonl").read_text()

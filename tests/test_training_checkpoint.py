@@ -143,7 +143,7 @@ def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_st
 
     from lfzh_ds.training.checkpoint import ResumePoint, TrainingState
     from lfzh_ds.training.ds_config import ResolvedConfig
-    from lfzh_ds.training.pretraining import continue_checkpoint_settings
+    from lfzh_ds.training.checkpoint import continue_checkpoint_settings
 
     args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps, **flags)
     resolved = ResolvedConfig(source="ds.json", config={"scheduler": {"params": {"total_num_steps": total_num_steps}}},

@@ -6,6 +6,7 @@ them for a plain one-process ``python`` run, so after it ``rank_and_world`` is r
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -43,6 +44,16 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank_batches(order: list, batch_size: int, rank: int, world: int) -> list[list]:
+    """This process's share of ``order`` (dealt out round-robin) in batches, padded with empty batches so that every
+    process runs the same number of forwards: ZeRO-3 gathers parameters collectively in each forward. An empty
+    batch stands for a forward on any input whose result is not counted."""
+    mine = order[rank::world]
+    forwards = math.ceil(math.ceil(len(order) / world) / batch_size)
+    batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+    return batches + [[]] * (forwards - len(batches))
 
 
 def _free_port() -> int:
