@@ -23,14 +23,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/finetune.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV, DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options shared by launch/finetune.py and launch/baseline.py."""
-    from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV
-
     group = parser.add_argument_group("data")
     group.add_argument("--task", required=True, choices=TASKS,
                        help="ccf-sentiment (CCF BDCI 2019 internet news, 3 classes), or your own jsonl/csv files")
@@ -66,8 +66,6 @@ def fraction(text: str) -> float:
 
 
 def parse_args(argv=None):
-    from lfzh_ds.classification import DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="from_pretrained directory of a LongformerZh model (pretrained MLM, converted, released "
