@@ -221,9 +221,10 @@ def weather_task(tmp_path: Path) -> list[str]:
     return ["--task", "jsonl", "--no-dedup", "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
 
 
-def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None):
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/finetune.py",
-               "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args, "--output-dir", str(out),
+def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None, launcher=True):
+    """launch/finetune.py on 2 processes through the deepspeed launcher (``launcher=False``: one plain process)."""
+    start = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher else [sys.executable]
+    command = [*start, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args, "--output-dir", str(out),
                "--max-len", "64", "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3",
                "--save-interval", "4", "--keep-checkpoints", "2", "--log-every", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -258,8 +259,9 @@ def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_
     killed = finetune_with_launcher(model_dir, task_args, run_dir, fault="kill_at_step=10")
     assert killed.returncode != 0
     assert read_latest_tag(run_dir / "checkpoints") == "step_8"
-    refused = finetune_with_launcher(model_dir, task_args, run_dir, "--resume", "--lr", "2e-3")
-    assert refused.returncode == 2 and "learning_rate 0.002 differs from the 0.001 of the fine-tuning being resumed" in refused.output
+    refused = finetune_with_launcher(model_dir, task_args, run_dir, "--resume", "--lr", "2e-3", launcher=False)
+    assert refused.returncode == 2  # before any compute, in one line
+    assert "learning_rate 0.002 differs from the 0.001 of the fine-tuning being resumed" in refused.output
     resumed = finetune_with_launcher(model_dir, task_args, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "resumed from" in resumed.output and "at step 8 (32 samples consumed)" in resumed.output
