@@ -16,9 +16,10 @@ if __package__ in (None, ""):  # `python launch/baseline.py` runs this file as a
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.cli import run_main
-from launch.finetune import add_task_arguments, load_task_from_args
+from launch.finetune import add_task_arguments
 from lfzh_ds.classification.baseline import (DEFAULT_C_GRID, DEFAULT_MAX_FEATURES, DEFAULT_NGRAM_RANGE,
                                              describe_baseline_run, run_tfidf_baseline)
+from lfzh_ds.classification.tasks import load_task
 
 
 def main(argv=None) -> None:
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES)
     args = parser.parse_args(argv)
 
-    task = load_task_from_args(args)
+    task = load_task(args)
     for line in task.summary_lines():
         print(line)
     summary = run_tfidf_baseline(task, args.output_dir, c_grid=args.c_grid, ngram_range=args.ngram_range,

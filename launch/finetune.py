@@ -6,8 +6,13 @@
     python launch/finetune.py --model MODEL_DIR --task jsonl --train train.jsonl --dev dev.jsonl --test test.jsonl \\
         --text-field text --label-field label --output-dir runs/mine
 
+    python launch/finetune.py ... --output-dir runs/ccf --resume     # continue a stopped run where it was
+
 Writes OUTPUT_DIR/best (the best-on-dev checkpoint, a from_pretrained directory),
-predictions_{dev,test}.jsonl, metrics_{dev,test}.json and summary.json.
+predictions_{dev,test}.jsonl, metrics_{dev,test}.json, summary.json, metrics.jsonl (one line per step and per
+dev evaluation), curves.png, tensorboard/ (when the DeepSpeed config enables it) and checkpoints/ (for --resume).
+
+Exit status: 0 done, 2 bad arguments or data, 3 the loss stayed non-finite.
 """
 from __future__ import annotations
 
@@ -18,15 +23,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python launch/finetune.py` runs this file as a script: this checkout's code first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lfzh_ds.deepspeed_configs import deepspeed_config_path
+from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV, DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES  # noqa: E402
+from lfzh_ds.deepspeed_configs import deepspeed_config_path  # noqa: E402
 
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options shared by launch/finetune.py and launch/baseline.py."""
-    from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV
-
     group = parser.add_argument_group("data")
     group.add_argument("--task", required=True, choices=TASKS,
                        help="ccf-sentiment (CCF BDCI 2019 internet news, 3 classes), or your own jsonl/csv files")
@@ -47,25 +51,6 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the CSV split, the shuffling and the new head")
 
 
-def load_task_from_args(args):
-    from lfzh_ds.classification import load_ccf_task, load_generic_task
-
-    if args.task == "ccf-sentiment":
-        task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
-    else:
-        if args.train is None or args.dev is None:
-            sys.exit(f"--task {args.task} needs --train and --dev files (and optionally --test)")
-        task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field, label_field=args.label_field,
-                                 title_field=args.title_field, id_field=args.id_field, file_format=args.task,
-                                 dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")
-    if args.max_train_docs:
-        task.train = task.train[: args.max_train_docs]
-    if args.max_eval_docs:
-        task.dev = task.dev[: args.max_eval_docs]
-        task.test = task.test[: args.max_eval_docs]
-    return task
-
-
 def default_deepspeed_config() -> Path:
     from deepspeed.accelerator import get_accelerator
 
@@ -81,8 +66,6 @@ def fraction(text: str) -> float:
 
 
 def parse_args(argv=None):
-    from lfzh_ds.classification import DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="from_pretrained directory of a LongformerZh model (pretrained MLM, converted, released "
@@ -106,6 +89,15 @@ def parse_args(argv=None):
                             "(scikit-learn's class_weight='balanced', as the TF-IDF baseline), so no class is "
                             "given up; none: plain cross-entropy")
     group.add_argument("--log-every", type=int, default=10, help="print the loss every N optimizer steps")
+    group.add_argument("--resume", action="store_true",
+                       help="continue --output-dir's latest checkpoint with the same options (exactly: the same "
+                            "losses and metrics as an uninterrupted run)")
+    group.add_argument("--save-interval", type=int, default=0,
+                       help="checkpoint every N optimizer steps and at the end (default 0: at the end of every epoch)")
+    group.add_argument("--keep-checkpoints", type=int, default=1,
+                       help="keep the last N training checkpoints, 0 keeps all (default 1; best/ is kept apart)")
+    group.add_argument("--max-nonfinite-steps", type=int, default=50,
+                       help="stop when the loss is NaN/inf for this many consecutive steps (default 50)")
     group = parser.add_argument_group("DeepSpeed")
     group.add_argument("--deepspeed_config", type=Path,
                        help="DeepSpeed JSON config (the pretraining ones work; batch sizes, lr and schedule are set by the "
@@ -115,31 +107,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int | None:
     args = parse_args(argv)
     if not args.model.is_dir():  # before the data is read and tokenised
         raise FileNotFoundError(f"--model {args.model} does not exist or is not a directory")
+    # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
+    from lfzh_ds.classification.tasks import load_task
     from lfzh_ds.finetuning import FinetuneSettings, finetune
+    from lfzh_ds.training.trainer import TrainingDiverged
 
-    settings = FinetuneSettings(
-        model_dir=str(args.model),
-        output_dir=str(args.output_dir),
-        deepspeed_config=str(args.deepspeed_config or default_deepspeed_config()),
-        max_len=args.max_len,
-        truncation=args.truncation,
-        head_fraction=args.head_fraction,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        warmup_ratio=args.warmup_ratio,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        log_every=args.log_every,
-        class_weight=args.class_weight,
-    )
-    task = load_task_from_args(args)
-    summary = finetune(task, settings)
+    same_names = ("max_len", "truncation", "head_fraction", "epochs", "batch_size", "micro_batch_size", "warmup_ratio",
+                  "eval_batch_size", "seed", "log_every", "class_weight", "resume", "save_interval",
+                  "keep_checkpoints", "max_nonfinite_steps")
+    settings = FinetuneSettings(model_dir=str(args.model), output_dir=str(args.output_dir), learning_rate=args.lr,
+                                deepspeed_config=str(args.deepspeed_config or default_deepspeed_config()),
+                                **{name: getattr(args, name) for name in same_names})
+    task = load_task(args)
+    try:
+        summary = finetune(task, settings)
+    except TrainingDiverged as err:
+        print(f"finetune.py: error: {err}", file=sys.stderr, flush=True)
+        return 3
     if summary is not None:
         m = summary["metrics"]
         scores = ", ".join(f"{split} macro-F1 {v['macro_f1']:.4f}" for split, v in m.items())

@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lfzh_ds.training.engine import ConfigError, lost_a_peer, rank_from_env
-    from lfzh_ds.training.pretraining import TrainingDiverged, run
+    # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
+    from lfzh_ds.training.distributed import lost_a_peer, rank_and_world
+    from lfzh_ds.training.ds_config import ConfigError
+    from lfzh_ds.training.pretraining import run
+    from lfzh_ds.training.trainer import TrainingDiverged
 
     if args.start_step and not args.init_from:
         print("error: --start-step continues the schedule of a model given with --init-from", file=sys.stderr)
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     except (ConfigError, TrainingDiverged) as err:
         # Every process stops with the same error; rank 0 says it. The launcher ends all processes as soon as one
         # exits, so the others give rank 0 a moment to print first.
-        if rank_from_env() == 0:
+        if rank_and_world()[0] == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         else:
             time.sleep(3)
@@ -126,11 +129,11 @@ def main(argv=None) -> int:
         if not lost_a_peer(err):
             raise
         reason = str(err).strip().splitlines()[-1].rpartition("] ")[2].partition(". ")[0][:200] or type(err).__name__
-        print(f"error: rank {rank_from_env()} lost contact with another process of the run ({reason}): a process or "
+        print(f"error: rank {rank_and_world()[0]} lost contact with another process of the run ({reason}): a process or "
               f"node stopped (see its log). Stopping; once all nodes are back, start the same command with --resume "
               f"on every node to continue from the last checkpoint in {args.output_dir}", file=sys.stderr, flush=True)
         return 4
-    if rank_from_env() == 0:
+    if rank_and_world()[0] == 0:
         bpc = ""
         if summary.first_val_bpc is not None and summary.last_val_bpc is not None:
             bpc = f"; validation BPC {summary.first_val_bpc:.3f} -> {summary.last_val_bpc:.3f}"

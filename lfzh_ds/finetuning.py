@@ -1,10 +1,12 @@
 """Fine-tuning ``LongformerZhForSequenceClassification`` on a document classification task.
 
-The loop in :func:`finetune` reads top to bottom: encode the splits, load the model, build the
-DeepSpeed engine (the same config files and CPU fallback as pretraining, from
-:mod:`lfzh_ds.training.engine`), then per epoch train, evaluate on dev and keep the best
-checkpoint as a ``from_pretrained`` directory. At the end the best checkpoint is loaded back and
-scored on dev and test; predictions and metrics are written as files.
+:func:`finetune` reads top to bottom: encode the splits, load the model, build the DeepSpeed engine (the same
+config checks and CPU fallback as pretraining, :mod:`lfzh_ds.training.ds_config`), restore a checkpoint with
+--resume, then hand the classification objective (:class:`Classification`: the epochs' micro-batches, weighted
+cross-entropy, dev macro-F1 after every epoch, the best epoch kept as a ``from_pretrained`` directory) to the one
+training loop of pretraining (:func:`lfzh_ds.training.trainer.train`: ``metrics.jsonl``, TensorBoard, the NaN
+guard, keep-N checkpoints, curves). At the end the best checkpoint is loaded back and scored on dev and test;
+predictions and metrics are written as files.
 
 Runs as one process (``python launch/finetune.py``) or under the ``deepspeed`` launcher
 (``deepspeed --num_gpus N launch/finetune.py``), where every process trains on its share of each
@@ -20,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from .classification import (
@@ -34,6 +37,12 @@ from .classification import (
 from .constants import PAD_ID
 from .loading import load_model, quiet_transformers
 from .tokenization import load_tokenizer
+from .training.checkpoint import CheckpointManager, TrainingState
+from .training.distributed import (barrier, gather_objects, init_distributed, local_device, rank_and_world,
+                                   rank_batches, say)
+from .training.ds_config import ConfigError, load_deepspeed_config, read_config_file, validate_with_deepspeed
+from .training.engine import build_engine
+from .training.trainer import FaultInjection, Objective, train
 
 BEST_CHECKPOINT_DIR = "best"
 
@@ -55,6 +64,15 @@ class FinetuneSettings:
     seed: int = 0
     log_every: int = 10
     class_weight: str = "balanced"  # "balanced": classes weigh inversely to their train frequency; "none"
+    resume: bool = False  # continue OUTPUT_DIR's latest checkpoint
+    save_interval: int = 0  # checkpoint every N optimizer steps; 0: at the end of every epoch
+    keep_checkpoints: int = 1  # training checkpoints kept in OUTPUT_DIR/checkpoints (the best model is kept apart)
+    max_nonfinite_steps: int = 50  # stop when the loss is NaN/inf for this many consecutive steps
+
+
+# What a resumed fine-tuning must share with the run it continues (the rest, such as --log-every, may change).
+RESUMED_SETTINGS = ("model_dir", "deepspeed_config", "max_len", "truncation", "head_fraction", "epochs",
+                    "learning_rate", "batch_size", "micro_batch_size", "warmup_ratio", "seed", "class_weight")
 
 
 CLASS_WEIGHT_MODES = ("balanced", "none")
@@ -72,38 +90,6 @@ def class_weights(labels: list[int], num_classes: int, mode: str = "balanced") -
         missing = [c for c in range(num_classes) if counts[c] == 0]
         raise ValueError(f"class weight balanced: class(es) {missing} have no training document")
     return (len(labels) / (num_classes * counts)).float()
-
-
-# ---------------------------------------------------------------------------------- distributed helpers
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank_and_world() -> tuple[int, int]:
-    dist = _dist()
-    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-
-
-def log(message: str) -> None:
-    if rank_and_world()[0] == 0:
-        print(message, flush=True)
-
-
-def barrier() -> None:
-    dist = _dist()
-    if dist:
-        dist.barrier()
-
-
-def gather_objects(obj) -> list:
-    dist = _dist()
-    if not dist:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -145,14 +131,9 @@ def epoch_micro_batches(lengths: list[int], global_batch: int, micro_batch: int,
 
 
 def eval_shards(lengths: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This process's evaluation batches: documents sorted by length, dealt out round-robin.
-    Every process gets the same number of batches (ZeRO-3 needs every process in every forward);
-    short shards repeat their last document, and the duplicates are dropped after gathering."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    per_rank = math.ceil(len(order) / world)
-    mine = order[rank::world]
-    mine = mine + [mine[-1] if mine else order[-1]] * (per_rank - len(mine))
-    return [mine[j : j + batch_size] for j in range(0, len(mine), batch_size)]
+    """This process's evaluation batches: documents sorted by length (less padding), dealt out round-robin, every
+    process the same number of batches (``rank_batches``: an empty batch is an uncounted forward)."""
+    return rank_batches(sorted(range(len(lengths)), key=lambda i: lengths[i]), batch_size, rank, world)
 
 
 @torch.no_grad()
@@ -163,7 +144,7 @@ def predict(model, encoded: EncodedSplit, batch_size: int, device) -> tuple[list
     model.eval()
     mine = {}
     for indices in eval_shards(encoded.lengths(), batch_size, rank, world):
-        logits = model(**make_batch(encoded, indices, None, device)).logits.float()
+        logits = model(**make_batch(encoded, indices or [0], None, device)).logits.float()
         probabilities = torch.softmax(logits, dim=-1).cpu().tolist()
         for i, p in zip(indices, probabilities):
             mine[i] = p
@@ -218,57 +199,148 @@ def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_si
     return overrides, notes
 
 
-def build_finetuning_engine(model, settings: FinetuneSettings, world_size: int, total_steps: int, run_dir: Path):
-    """The DeepSpeed engine, built with the pretraining helpers (config checks, CPU fallback)."""
-    from .training import engine as ds_engine
-
-    file_config = ds_engine.read_config_file(settings.deepspeed_config)
+def finetuning_config(settings: FinetuneSettings, world_size: int, total_steps: int, run_dir: Path):
+    """The DeepSpeed config file with fine-tuning's batch sizes and schedule, checked as pretraining's is."""
+    file_config = read_config_file(settings.deepspeed_config)
     overrides, notes = finetuning_overrides(file_config, settings, world_size, total_steps)
-    resolved = ds_engine.load_deepspeed_config(settings.deepspeed_config, world_size, max_steps=total_steps, run_dir=run_dir, overrides=overrides)
+    resolved = load_deepspeed_config(settings.deepspeed_config, world_size, max_steps=total_steps, run_dir=run_dir,
+                                     overrides=overrides)
     resolved.notes[:0] = notes
-    ds_engine.validate_with_deepspeed(resolved)
-    if ds_engine.uses_activation_checkpointing(resolved):
-        ds_engine.enable_activation_checkpointing(model)
-    return ds_engine.build_engine(model, resolved), resolved
+    return resolved
 
 
-def save_best_checkpoint(engine, out_dir: Path, tokenizer) -> None:
-    """The engine's weights as a ``from_pretrained`` directory with the vocab (rank 0 writes)."""
-    rank, _ = rank_and_world()
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: every process takes part in gathering
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = engine.module.state_dict()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-        with quiet_transformers():
-            engine.module.save_pretrained(out_dir, state_dict=state_dict)
-        # The weights are written in fp32 whatever the training precision; say so in config.json
-        # (save_pretrained records the in-memory dtype, e.g. bfloat16).
-        config = copy.deepcopy(engine.module.config)
-        config.dtype = "float32"
-        config.save_pretrained(out_dir)
-        load_tokenizer(config.max_position_embeddings).save_pretrained(out_dir)
+def save_best_checkpoint(engine, out_dir: Path) -> None:
+    """The engine's weights as a ``from_pretrained`` directory with the vocab (rank 0 writes; collective)."""
+    # ZeRO-3 partitions the weights: every process takes part in gathering them (DeepSpeed's public context; a
+    # no-op for the other stages).
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.zero_optimization_partition_weights()):
+        if rank_and_world()[0] == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state_dict = {k: v.detach().to("cpu", torch.float32).contiguous()
+                          for k, v in engine.module.state_dict().items()}
+            with quiet_transformers():
+                engine.module.save_pretrained(out_dir, state_dict=state_dict)
+            # The weights are written in fp32 whatever the training precision; say so in config.json
+            # (save_pretrained records the in-memory dtype, e.g. bfloat16).
+            config = copy.deepcopy(engine.module.config)
+            config.dtype = "float32"
+            config.save_pretrained(out_dir)
+            load_tokenizer(config.max_position_embeddings).save_pretrained(out_dir)
     barrier()
 
 
-# ---------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------- the objective
+class Classification(Objective):
+    """Fine-tuning's objective for the one training loop: each epoch's seeded order of the training documents (the
+    data position is the step: epoch and step within it follow from it), weighted cross-entropy on the
+    classifier's logits, dev macro-F1 after every epoch with the best epoch saved to ``best_dir``."""
+
+    name = "finetune"
+
+    def __init__(self, settings: FinetuneSettings, task: TaskData, encoded: dict, labels: dict, engine, weights,
+                 steps_per_epoch: int, best_dir: Path, kept_settings: dict):
+        self.settings, self.task, self.encoded, self.labels = settings, task, encoded, labels
+        self.model_config = engine.module.config
+        self.device = engine.device
+        self.weights, self.steps_per_epoch, self.best_dir = weights, steps_per_epoch, best_dir
+        self.kept_settings = kept_settings
+        self.lengths = encoded["train"].lengths()
+        self._epoch: tuple[int, list] = (0, [])
+        self.best: dict | None = None
+        self.history: list[dict] = []
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch (from 1) that optimizer step ``step`` (from 1) belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1
+
+    def micro_batches(self, state):
+        epoch = self.epoch_of(state.step + 1)
+        if self._epoch[0] != epoch:
+            rank, world = rank_and_world()
+            s = self.settings
+            self._epoch = (epoch, list(epoch_micro_batches(self.lengths, s.batch_size, s.micro_batch_size, rank,
+                                                           world, s.seed, epoch)))
+        micro_batches = self._epoch[1][state.step % self.steps_per_epoch]
+        first = rank_and_world()[0] * len(micro_batches)
+        for j, indices in enumerate(micro_batches):
+            yield first + j, make_batch(self.encoded["train"], indices, self.labels["train"], self.device)
+
+    def loss(self, engine, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.nn.functional.cross_entropy(engine(**inputs).logits.float(), batch["labels"], weight=self.weights)
+
+    def extend_record(self, record, flops):
+        record["epoch"] = self.epoch_of(record["step"])
+
+    def console_line(self, record, max_steps):
+        return (f"epoch {record['epoch']} step {record['step']}/{max_steps} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.2e} ({record['tokens_per_second']:,.0f} tokens/s)")
+
+    def evaluates_at(self, step, last):
+        return step % self.steps_per_epoch == 0
+
+    def evaluate(self, engine, state, final):
+        epoch = state.step // self.steps_per_epoch
+        predictions, _ = predict(engine, self.encoded["dev"], self.settings.eval_batch_size, engine.device)
+        metrics = classification_metrics(self.labels["dev"], predictions, self.task.label_names)
+        improved = self.best is None or metrics["macro_f1"] > self.best["dev_macro_f1"]
+        seconds = state.elapsed_seconds - (self.history[-1]["elapsed_seconds"] if self.history else 0.0)
+        self.history.append({"epoch": epoch, "step": state.step, "train_seconds": seconds,
+                             "elapsed_seconds": state.elapsed_seconds, "dev_macro_f1": metrics["macro_f1"],
+                             "dev_accuracy": metrics["accuracy"],
+                             "dev_f1_per_class": {n: m["f1"] for n, m in metrics["per_class"].items()},
+                             "best": improved})
+        per_class = ", ".join(f"{name} {m['f1']:.3f}" for name, m in metrics["per_class"].items())
+        say(f"epoch {epoch}: dev macro-F1 {metrics['macro_f1']:.4f} accuracy {metrics['accuracy']:.4f} "
+            f"(F1 per class: {per_class}; {seconds:.0f} s)" + (f"; new best, saved to {self.best_dir}" if improved
+                                                                  else ""))
+        if improved:
+            self.best = {"epoch": epoch, "dev_macro_f1": metrics["macro_f1"]}
+            save_best_checkpoint(engine, self.best_dir)
+        return {"step": state.step, "epoch": epoch, "val_macro_f1": metrics["macro_f1"],
+                "val_accuracy": metrics["accuracy"], "wall_time": time.time()}
+
+    def state_dict(self):
+        return {"settings": self.kept_settings, "best": self.best, "history": self.history}
+
+    def load_state_dict(self, data):
+        if data:
+            self.best, self.history = data["best"], data["history"]
+
+
+def check_resumed_settings(checkpoints: CheckpointManager, kept: dict) -> None:
+    """A resumed fine-tuning continues with the settings and documents it started with: a difference is refused."""
+    saved = (checkpoints.point.state.objective or {}).get("settings") if checkpoints.resumed else None
+    for name, value in (saved or {}).items():
+        if kept.get(name) != value:
+            where = checkpoints.dir / checkpoints.point.tag
+            raise ConfigError(f"{name} {kept.get(name)!r} differs from the {value!r} of the fine-tuning being resumed "
+                              f"({where}): a resumed run continues with its own settings. Pass the same options, or "
+                              "start a new run in another --output-dir")
+
+
+# ---------------------------------------------------------------------------------- the run
 def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
-    from .training.engine import init_distributed
-
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
-    threads = init_distributed()  # on CPU this also splits the cores between the local processes
-    rank, world = rank_and_world()
     output_dir = Path(settings.output_dir)
     best_dir = output_dir / BEST_CHECKPOINT_DIR
+    fault = FaultInjection.from_env()
+    checkpoints = CheckpointManager(output_dir, keep=settings.keep_checkpoints, resume=settings.resume,
+                                    before_latest=fault.before_latest)
+    kept = {**{name: getattr(settings, name) for name in RESUMED_SETTINGS},
+            "documents": {split: len(getattr(task, split)) for split in ("train", "dev")}}
+    check_resumed_settings(checkpoints, kept)
+    threads = init_distributed()  # on CPU this also splits the cores between the local processes
+    rank, world = rank_and_world()
+    checkpoints.prepare(world)
     torch.manual_seed(settings.seed)
 
     for line in task.summary_lines():
-        log(line)
+        say(line)
     tokenizer = load_tokenizer()
     encoded = {}
     for split in ("train", "dev", "test"):
@@ -277,7 +349,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
             continue
         encoded[split] = encode_examples(examples, tokenizer, settings.max_len, settings.truncation, settings.head_fraction)
         e = encoded[split]
-        log(f"  {split}: {e.num_truncated} of {len(examples)} documents ({100 * e.truncated_share:.1f}%) longer than "
+        say(f"  {split}: {e.num_truncated} of {len(examples)} documents ({100 * e.truncated_share:.1f}%) longer than "
             f"{settings.max_len} tokens, truncated ({settings.truncation})")
     labels = {split: [e.label for e in getattr(task, split)] for split in encoded}
 
@@ -285,80 +357,51 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     if settings.max_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
     if info["missing_keys"]:
-        log(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
+        say(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
 
     steps_per_epoch = math.ceil(len(task.train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    engine, resolved = build_finetuning_engine(model, settings, world, total_steps, output_dir)
+    resolved = finetuning_config(settings, world, total_steps, output_dir)
+    checkpoints.load_universal_if_needed(resolved)
+    validate_with_deepspeed(resolved)
+    engine = build_engine(model, resolved)
     for note in resolved.notes:
-        log(note)
-    log(f"{world} process(es)" + (f" x {threads} CPU threads" if threads else "") + f", {resolved.precision}, "
+        say(note)
+    say(f"{world} process(es)" + (f" x {threads} CPU threads" if threads else "") + f", {resolved.precision}, "
         f"ZeRO stage {resolved.zero_stage}; {settings.epochs} epochs x "
         f"{steps_per_epoch} steps of {settings.batch_size} documents (micro-batch {settings.micro_batch_size}, "
         f"accumulation {resolved.gradient_accumulation_steps}), lr {settings.learning_rate}")
 
     weights = class_weights(labels["train"], len(task.label_names), settings.class_weight)
     if weights is not None:
-        log("class weights (balanced): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(task.label_names, weights.tolist())))
+        say("class weights (balanced): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(task.label_names, weights.tolist())))
         weights = weights.to(engine.device)
-    history = []
-    best = None
-    train_lengths = encoded["train"].lengths()
-    train_seconds = 0.0
-    step = 0
-    for epoch in range(1, settings.epochs + 1):
-        engine.train()
-        epoch_start = time.perf_counter()
-        running_loss, running_n = 0.0, 0
-        for micro_batches in epoch_micro_batches(train_lengths, settings.batch_size, settings.micro_batch_size, rank, world, settings.seed, epoch):
-            lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves after it)
-            for indices in micro_batches:
-                batch = make_batch(encoded["train"], indices, labels["train"], engine.device)
-                targets = batch.pop("labels")
-                loss = torch.nn.functional.cross_entropy(engine(**batch).logits.float(), targets, weight=weights)
-                engine.backward(loss)
-                engine.step()
-                running_loss += loss.item()
-                running_n += 1
-            step += 1
-            if step % settings.log_every == 0 or step == total_steps:
-                log(f"epoch {epoch} step {step}/{total_steps} loss {running_loss / max(running_n, 1):.4f} lr {lr:.2e} "
-                    f"({time.perf_counter() - epoch_start:.0f} s into the epoch)")
-                running_loss, running_n = 0.0, 0
-        epoch_train_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_train_seconds
-        dev_predictions, _ = predict(engine, encoded["dev"], settings.eval_batch_size, engine.device)
-        dev_metrics = classification_metrics(labels["dev"], dev_predictions, task.label_names)
-        improved = best is None or dev_metrics["macro_f1"] > best["dev_macro_f1"]
-        history.append({"epoch": epoch, "step": step, "train_seconds": epoch_train_seconds,
-                        "dev_macro_f1": dev_metrics["macro_f1"], "dev_accuracy": dev_metrics["accuracy"],
-                        "dev_f1_per_class": {n: m["f1"] for n, m in dev_metrics["per_class"].items()}, "best": improved})
-        per_class = ", ".join(f"{name} {m['f1']:.3f}" for name, m in dev_metrics["per_class"].items())
-        log(f"epoch {epoch}: dev macro-F1 {dev_metrics['macro_f1']:.4f} accuracy {dev_metrics['accuracy']:.4f} "
-            f"(F1 per class: {per_class}; {epoch_train_seconds:.0f} s training)"
-            + (f"; new best, saved to {best_dir}" if improved else ""))
-        if improved:
-            best = {"epoch": epoch, "dev_macro_f1": dev_metrics["macro_f1"]}
-            save_best_checkpoint(engine, best_dir, tokenizer)
+    state = TrainingState(global_batch_size=settings.batch_size, world_size=world, seed=settings.seed,
+                          zero_stage=resolved.zero_stage, total_num_steps=total_steps)
+    state = checkpoints.restore(engine, state, resolved)
+    objective = Classification(settings, task, encoded, labels, engine, weights, steps_per_epoch, best_dir,
+                               kept)
+    state = train(engine, objective, checkpoints, state, max_steps=total_steps, global_batch_size=settings.batch_size,
+                  save_interval=settings.save_interval or steps_per_epoch, log_interval=settings.log_every,
+                  max_nonfinite_steps=settings.max_nonfinite_steps, fault=fault)
 
     # Score the saved best checkpoint, so the numbers belong to the files a user gets.
     del engine
-    from .modeling import LongformerZhForSequenceClassification
-
     with quiet_transformers():
-        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(_device())
+        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(local_device())
     results = {}
     for split in encoded:
         if split == "train":
             continue
-        predictions, probabilities = predict(best_model, encoded[split], settings.eval_batch_size, _device())
+        predictions, probabilities = predict(best_model, encoded[split], settings.eval_batch_size, local_device())
         metrics = classification_metrics(labels[split], predictions, task.label_names)
         metrics["truncated_share"] = encoded[split].truncated_share
         results[split] = metrics
         if rank == 0:
             write_predictions(output_dir / f"predictions_{split}.jsonl", getattr(task, split), predictions, task.label_names, probabilities)
             write_metrics(output_dir / f"metrics_{split}.json", metrics)
-        log(f"best checkpoint (epoch {best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} accuracy {metrics['accuracy']:.4f}")
+        say(f"best checkpoint (epoch {objective.best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} "
+            f"accuracy {metrics['accuracy']:.4f}")
     summary = {
         "task": task.name,
         "label_names": task.label_names,
@@ -367,21 +410,13 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         "truncated_share": {split: e.truncated_share for split, e in encoded.items()},
         "settings": asdict(settings),
         "deepspeed": {"precision": resolved.precision, "zero_stage": resolved.zero_stage, "processes": world, "notes": resolved.notes},
-        "history": history,
-        "best_epoch": best["epoch"],
+        "history": objective.history,
+        "best_epoch": objective.best["epoch"],
         "metrics": {split: {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]} for split, m in results.items()},
-        "train_seconds": train_seconds,
+        "train_seconds": state.elapsed_seconds,
         "total_seconds": time.perf_counter() - started,
     }
     if rank == 0:
         write_metrics(output_dir / "summary.json", summary)
     barrier()
     return summary if rank == 0 else None
-
-
-def _device():
-    import os
-
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))

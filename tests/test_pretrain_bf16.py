@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from test_pretrain import REPO, STEPS, files, free_port, pretrain, shards, train_losses  # noqa: F401 (fixtures)
+from test_pretrain import REPO, STEPS, files, finished_run, free_port, pretrain, shards, train_losses  # noqa: F401 (fixtures)
 
 from lfzh_ds.training.checkpoint import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
@@ -28,10 +28,8 @@ SURVIVOR_EXIT_BOUND_S = 60  # measured 6-10 s on 2 busy cores (gloo notices the 
 
 @pytest.fixture(scope="module")
 def reference(shards, files, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("bf16_reference") / "run"
-    result = pretrain(shards, files, run_dir, "--peak-tflops", str(PEAK_TFLOPS), ds_config=BF16)
-    assert result.returncode == 0, result.output[-4000:]
-    return run_dir, result.output
+    return finished_run(tmp_path_factory, "bf16_reference",
+                        lambda run_dir: pretrain(shards, files, run_dir, "--peak-tflops", str(PEAK_TFLOPS), ds_config=BF16))
 
 
 def test_bf16_trains_on_two_processes_and_logs_throughput_and_mfu(reference):

@@ -10,7 +10,7 @@ reproduces it only if the scaler's state (scale and remaining hysteresis) came b
 import shutil
 
 import pytest
-from test_pretrain import REPO, files, pretrain, shards, train_losses  # noqa: F401 (files, shards: fixtures)
+from test_pretrain import REPO, files, finished_run, pretrain, shards, train_losses  # noqa: F401 (files, shards: fixtures)
 
 from lfzh_ds.loading import load_model
 from lfzh_ds.run_folder import read_latest_tag
@@ -37,10 +37,7 @@ def pretrain_fp16(shards, files, run_dir, *extra, nproc=2, fault=OVERFLOWS):
 
 @pytest.fixture(scope="module")
 def reference(shards, files, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("fp16_reference") / "run"
-    result = pretrain_fp16(shards, files, run_dir)
-    assert result.returncode == 0, result.output[-4000:]
-    return run_dir, result.output
+    return finished_run(tmp_path_factory, "fp16_reference", lambda run_dir: pretrain_fp16(shards, files, run_dir))
 
 
 def scale_trace(run_dir) -> list[tuple[float, int]]:

@@ -14,7 +14,7 @@ from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.convert import convert_bert_to_longformer
 from lfzh_ds.modeling import LongformerZhForMaskedLM
 from lfzh_ds.training import pretraining
-from lfzh_ds.training.engine import ConfigError
+from lfzh_ds.training.ds_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

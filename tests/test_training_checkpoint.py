@@ -142,8 +142,8 @@ def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_st
     from argparse import Namespace
 
     from lfzh_ds.training.checkpoint import ResumePoint, TrainingState
-    from lfzh_ds.training.engine import ResolvedConfig
-    from lfzh_ds.training.pretraining import continue_checkpoint_settings
+    from lfzh_ds.training.ds_config import ResolvedConfig
+    from lfzh_ds.training.checkpoint import continue_checkpoint_settings
 
     args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps, **flags)
     resolved = ResolvedConfig(source="ds.json", config={"scheduler": {"params": {"total_num_steps": total_num_steps}}},
@@ -155,7 +155,7 @@ def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_st
 
 
 def test_a_resumed_run_takes_its_checkpoints_seed_and_masking_and_refuses_other_ones(tmp_path):
-    from lfzh_ds.training.engine import ConfigError
+    from lfzh_ds.training.ds_config import ConfigError
 
     saved = dict(seed=7, masking="dynamic", total_num_steps=10)
     args, said = resume_settings(tmp_path, saved)  # no flags: the checkpoint's, not the defaults (42, static)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lfzh_ds.training.engine import ConfigError, load_deepspeed_config
+from lfzh_ds.training.ds_config import ConfigError, load_deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"
@@ -123,7 +123,7 @@ def test_launcher_processes_on_one_cpu_machine_split_its_cores(monkeypatch):
 
     import torch
 
-    from lfzh_ds.training.engine import share_cpu_threads
+    from lfzh_ds.training.distributed import share_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -262,3 +262,29 @@ def test_overrides_replace_the_files_blocks_and_are_checked_like_them(tmp_path):
     with pytest.raises(ConfigError, match=r'unknown key "scheduler\.params\.warmup_num_step"'):
         load_deepspeed_config(CONFIGS / "zero2.json", world_size=2, max_steps=20, overrides={
             "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_step": 2, "total_num_steps": 20}}})
+
+
+def test_an_empty_validation_split_is_explained_by_the_fraction_the_manifest_records():
+    """No validation sequences: with --val-fraction 0 the message says so; with a fraction the corpus was too small
+    for, it says that instead of suggesting a --val-fraction 0 the user never passed."""
+    from argparse import Namespace
+
+    from lfzh_ds.training.pretraining import check_validation_request
+
+    args = Namespace(data="shards", eval_interval=10, eval_sequences=None, final_eval_sequences=None)
+    empty = {"shards": [], "rows": 0, "documents": 0}
+
+    def refusal(val_fraction):
+        manifest = {"config": {"val_fraction": val_fraction},
+                    "splits": {"train": {"shards": [{"rows": 40}], "documents": 12}, "validation": empty}}
+        with pytest.raises(ConfigError) as err:
+            check_validation_request(args, manifest)
+        return str(err.value)
+
+    small = refusal(0.05)
+    assert small.startswith("--data shards: the validation split is empty (preprocessed with --val-fraction 0.05, "
+                            "but none of its 12 documents fell in it (about 0.6 expected): too few documents for the "
+                            "fraction")
+    assert "--val-fraction 0?" not in small and "--eval-interval 0" in small
+    assert "preprocessed with --val-fraction 0?" in refusal(0.0)
+    check_validation_request(Namespace(**{**vars(args), "eval_interval": 0}), {})  # no validation asked for

@@ -347,3 +347,22 @@ def deduplicate_train(train: list[Example], dev: list[Example], test: list[Examp
     }
     return kept, report
 
+
+def load_task(args) -> TaskData:
+    """The task named by the data options of launch/finetune.py and launch/baseline.py (``add_task_arguments``):
+    ``--task ccf-sentiment`` or a jsonl/csv task from --train/--dev(/--test), cut to --max-train-docs and
+    --max-eval-docs."""
+    if args.task == "ccf-sentiment":
+        task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
+    else:
+        if args.train is None or args.dev is None:
+            raise ValueError(f"--task {args.task} needs --train and --dev files (and optionally --test)")
+        task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field,
+                                 label_field=args.label_field, title_field=args.title_field, id_field=args.id_field,
+                                 file_format=args.task, dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")
+    if args.max_train_docs:
+        task.train = task.train[: args.max_train_docs]
+    if args.max_eval_docs:
+        task.dev = task.dev[: args.max_eval_docs]
+        task.test = task.test[: args.max_eval_docs]
+    return task

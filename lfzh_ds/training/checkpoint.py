@@ -1,4 +1,11 @@
-"""Training checkpoints: DeepSpeed's engine state plus what DeepSpeed does not save.
+"""Training checkpoints, and every step of resuming a run: the one place where resume lives.
+
+``CheckpointManager`` owns a run's checkpoints: saving (``latest`` moved last, keep-N), finding the point to resume
+from, removing an interrupted save, converting to DeepSpeed's universal format for another world size, loading
+the engine state, putting back what DeepSpeed does not save (counters, data position, every process's RNG states,
+the dynamic loss scale), the settings a resumed run keeps from its checkpoint, its learning-rate schedule, and
+dropping the ``metrics.jsonl`` lines the interrupted run wrote past the checkpoint. Pretraining and fine-tuning
+both use it through ``training.trainer``.
 
 The layout of a run folder is described (and read without an engine) in ``lfzh_ds.run_folder``.
 
@@ -23,6 +30,9 @@ import torch
 from ..atomic_files import write_atomic
 from ..run_folder import (CHECKPOINTS_DIRNAME, LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX,
                           checkpoints_dir, read_latest_tag, resolve_checkpoint, step_of_tag, tag_for_step)
+from .distributed import barrier, gather_objects, rank_and_world, say
+from .ds_config import ConfigError, ResolvedConfig
+from .metrics import METRICS_FILENAME, truncate_after
 
 STATE_FILENAME = "training_state.json"
 CLIENT_STATE_KEY = "lfzh_ds"
@@ -50,6 +60,7 @@ class TrainingState:
     lr_knots: list | None = None
     mask_unit: str | None = None  # dynamic masking's unit: "word" (whole words) or "character"; None: recorded before
     output_vocab: str | None = None  # the training softmax's tokens: "all" or "training"; None: recorded before
+    objective: dict | None = None  # what the objective carries across a resume (fine-tuning: settings, best, history)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingState":
@@ -83,14 +94,13 @@ def restore_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """Every process's RNG state, in rank order (collective: every rank must call it)."""
-    import torch.distributed as dist
+    return gather_objects(capture_rng_state())
 
-    mine = capture_rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -101,8 +111,6 @@ def save_checkpoint(engine, run_dir, state: TrainingState, model_config, keep: i
     ``before_latest`` is called on every rank after all files are written and before ``latest`` moves (the
     window a crash-during-save test aims at).
     """
-    import torch.distributed as dist
-
     ckpt_dir = checkpoints_dir(run_dir)
     tag = tag_for_step(state.step)
     client_state = {CLIENT_STATE_KEY: {**asdict(state), "rng": gather_rng_states(),
@@ -113,13 +121,13 @@ def save_checkpoint(engine, run_dir, state: TrainingState, model_config, keep: i
     if engine.global_rank == 0:
         write_atomic(tag_dir / STATE_FILENAME, json.dumps(asdict(state), indent=2) + "\n")
         write_atomic(tag_dir / MODEL_CONFIG_FILENAME, model_config.to_json_string())
-    dist.barrier()
+    barrier()
     if before_latest is not None:
         before_latest(state.step)
     if engine.global_rank == 0:
         write_atomic(ckpt_dir / LATEST_FILENAME, tag + "\n")
         prune_checkpoints(ckpt_dir, keep)
-    dist.barrier()
+    barrier()
     return tag
 
 
@@ -228,3 +236,217 @@ def client_training_state(client_state: dict | None, where: str) -> tuple[Traini
         raise KeyError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
     data = client_state[CLIENT_STATE_KEY]
     return TrainingState.from_dict(data), data.get("rng", [])
+
+
+# ---------------------------------------------------------------------------------------------- settings and schedule
+
+def continue_checkpoint_settings(args, resume: ResumePoint, resolved: ResolvedConfig, run_dir, say) -> None:
+    """A resumed pretraining run keeps its checkpoint's --seed, --masking, --mask-unit and --output-vocab (a flag that
+    disagrees is refused) and says so when its learning-rate schedule now ends at another step (total_num_steps
+    "auto" follows --max-steps)."""
+    saved = resume.state
+    where = checkpoints_dir(run_dir) / resume.tag / STATE_FILENAME
+    for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--mask-unit", "mask_unit"),
+                       ("--output-vocab", "output_vocab")):
+        kept = getattr(saved, name)
+        given = getattr(args, name, None)
+        if kept is None:  # a checkpoint from before masking was recorded
+            continue
+        if given is not None and given != kept:
+            raise ConfigError(f"{flag} {given} differs from the {flag} {kept} of the run being resumed ({where}): "
+                              f"a resumed run continues with its own {name}. Drop {flag} (or pass {kept}), or "
+                              "start a new run in another --output-dir")
+        setattr(args, name, kept)
+    given = getattr(args, "mask_prob", None)
+    if given is not None and given != saved.mask_prob:
+        kept = "the shards' rate" if saved.mask_prob is None else saved.mask_prob
+        raise ConfigError(f"--mask-prob {given} differs from the run being resumed ({where}: {kept}): a resumed run "
+                          "continues with its own masking. Drop --mask-prob, or start a new run in another --output-dir")
+    args.mask_prob = saved.mask_prob
+    if saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps:
+        if getattr(args, "stretch_schedule", False):
+            how = "the learning rate follows the new schedule (--stretch-schedule)"
+        elif getattr(args, "rewarm_steps", 0):
+            how = (f"the learning rate climbs back to its peak over {args.rewarm_steps} steps (--rewarm-steps), then "
+                   f"decays to 0 at step {resolved.total_num_steps}")
+        else:
+            how = (f"the learning rate decays on from where it was to 0 at step {resolved.total_num_steps} "
+                   "(--rewarm-steps N climbs back to the peak first)")
+        say(f"note: the learning-rate schedule's total_num_steps changes from {saved.total_num_steps} (the "
+            f"checkpoint's) to {resolved.total_num_steps} ({resolved.source} with --max-steps {args.max_steps}): "
+            f"from step {saved.step + 1} on {how}")
+
+
+@dataclass
+class ScheduleAfterRestore:
+    """How a restored run's learning rate goes on when its schedule's end changed (launch/pretrain.py's flags)."""
+
+    max_steps: int
+    rewarm_steps: int = 0
+    stretch_schedule: bool = False
+
+
+def rate_at(knots: list, step: int) -> float:
+    """The learning rate of optimizer step ``step`` on the piecewise-linear schedule through ``knots``."""
+    return float(np.interp(step, [k[0] for k in knots], [k[1] for k in knots]))
+
+
+def continued_schedule(last_rate: float, last_step: int, total_steps: int, rewarm_steps: int = 0,
+                       peak: float | None = None) -> list:
+    """Knots of the schedule of a run continued after ``last_step`` (which ran at ``last_rate``) towards a new end
+    ``total_steps``: linear from that rate down to 0 after ``total_steps`` (continuing a finished run never makes
+    the rate jump up), or with ``rewarm_steps`` first linearly back up to ``peak`` over that many steps."""
+    knots = [[last_step, last_rate]]
+    if rewarm_steps:
+        knots.append([last_step + rewarm_steps, peak])
+    knots.append([total_steps + 1, 0.0])
+    return knots
+
+
+def peak_learning_rate(resolved: ResolvedConfig) -> float:
+    scheduler = resolved.config.get("scheduler", {}).get("params", {})
+    return float(scheduler.get("warmup_max_lr", resolved.config.get("optimizer", {}).get("params", {}).get("lr", 0)))
+
+
+def set_learning_rate(engine, rate: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = rate
+
+
+def schedule_after_restore(engine, saved: TrainingState, resolved: ResolvedConfig, how: ScheduleAfterRestore):
+    """The learning-rate knots of a run restored from ``saved`` (None: the config's schedule, via DeepSpeed's
+    scheduler). Called right after ``engine.load_checkpoint``."""
+    # a checkpoint from before the rate was recorded: the restored optimizer's rate, the old schedule's next one
+    last_rate = float(engine.get_lr()[0]) if saved.learning_rate is None else saved.learning_rate
+    changed = saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps
+    if how.stretch_schedule or not (changed or how.rewarm_steps):
+        scheduler = engine.lr_scheduler
+        if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
+            # DeepSpeed's schedulers restore only their counter and the optimizer keeps the rate it saved, which is
+            # the old schedule's when total_num_steps changed: set the rate of this schedule at this point.
+            scheduler.step(scheduler.last_batch_iteration)
+        return None if how.stretch_schedule else saved.lr_knots
+    return continued_schedule(last_rate, saved.step, resolved.total_num_steps or how.max_steps,
+                              how.rewarm_steps, peak_learning_rate(resolved))
+
+
+# ---------------------------------------------------------------------------------------------- the manager
+
+# What a resumed run takes from its checkpoint; every other field of TrainingState describes the run as started now.
+_RESUMED_FIELDS = ("step", "samples_consumed", "tokens_seen", "skipped_steps", "elapsed_seconds", "learning_rate",
+                   "objective")
+
+
+class CheckpointManager:
+    """A run's checkpoints in RUN_DIR/checkpoints, from the first check (before any compute) to the last save.
+
+    In order: ``CheckpointManager(run_dir, keep=, resume=)`` finds the resume point (or refuses a run folder that
+    holds checkpoints without --resume); ``continue_from`` names another run's checkpoint for a new phase;
+    ``load_universal_if_needed`` marks the config when the world size changed; after torch.distributed is up,
+    ``prepare`` removes an interrupted save and converts to the universal format; once the engine exists,
+    ``restore`` loads it and returns the counters, data position and schedule to continue with; ``save`` writes a
+    checkpoint. ``last_tag`` is the newest complete checkpoint of this run.
+    """
+
+    def __init__(self, run_dir, *, keep: int, resume: bool, before_latest=None):
+        self.run_dir = Path(run_dir)
+        self.dir = checkpoints_dir(run_dir)
+        self.keep = keep
+        self.before_latest = before_latest
+        self.point = find_resume_point(run_dir) if resume else None
+        if resume and self.point is None:
+            say(f"--resume: no checkpoint in {self.dir} yet, starting a new run")
+        if not resume and read_latest_tag(self.dir):
+            raise ConfigError(f"{self.run_dir} already holds checkpoints (latest: {read_latest_tag(self.dir)}); pass "
+                              "--resume to continue that run or choose another --output-dir")
+        self.source = None  # (checkpoints folder, tag, TrainingState) of another run to continue from
+        self.last_tag = self.point.tag if self.point else None
+
+    @property
+    def resumed(self) -> bool:
+        return self.point is not None
+
+    def continue_from(self, ckpt_dir, tag: str, state: TrainingState) -> None:
+        """A new phase of another run: its weights, optimizer state and schedule position (ignored when resuming
+        this run's own checkpoint, which holds everything)."""
+        if self.point is None:
+            self.source = (Path(ckpt_dir), tag, state)
+
+    def _universal(self, world_size: int) -> bool:
+        saved = self.point.state if self.point else self.source[2] if self.source else None
+        return saved is not None and saved.world_size != world_size
+
+    def load_universal_if_needed(self, resolved: ResolvedConfig) -> None:
+        """A checkpoint of another world size loads through DeepSpeed's universal format."""
+        if self._universal(resolved.world_size):
+            resolved.config.setdefault("checkpoint", {})["load_universal"] = True
+
+    def prepare(self, world_size: int) -> None:
+        """After torch.distributed is up (collective): drop an interrupted save, convert for another world size."""
+        main = rank_and_world()[0] == 0
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.point is not None:
+                for tag in remove_incomplete_checkpoints(self.dir):
+                    say(f"removed {tag}: a checkpoint whose save was interrupted")
+        if self._universal(world_size):
+            ckpt_dir, tag, saved = (self.dir, self.point.tag, self.point.state) if self.point else self.source
+            what = "resuming" if self.point else "continuing"
+            where = tag if self.point else ckpt_dir / tag
+            say(f"{what} a {saved.world_size}-process checkpoint on {world_size} processes: converting {where} to "
+                "DeepSpeed's universal format")
+            if main:
+                convert_to_universal(ckpt_dir, tag)
+        barrier()
+
+    def _load(self, engine, ckpt_dir: Path, tag: str, universal: bool) -> tuple[str, dict]:
+        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag + UNIVERSAL_SUFFIX if universal else tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+        if universal:
+            restore_loss_scaler(engine, client_state)
+        return load_path, client_state
+
+    def restore(self, engine, state: TrainingState, resolved: ResolvedConfig,
+                schedule: ScheduleAfterRestore | None = None) -> TrainingState:
+        """The state to train on from: ``state`` (a new run) or the checkpoint's counters, data position, RNG
+        states and schedule on top of ``state``'s settings. Seeds every process's RNG for a new run."""
+        rank, world_size = rank_and_world()
+        schedule = schedule or ScheduleAfterRestore(max_steps=resolved.total_num_steps or 0)
+        seed_everything(state.seed * 1000 + rank + 1)  # dropout differs across processes, reproducibly
+        universal = self._universal(world_size)
+        if self.point is not None:
+            load_path, client_state = self._load(engine, self.dir, self.point.tag, universal)
+            saved, rng_states = client_training_state(client_state, load_path)
+            if len(rng_states) == world_size:
+                restore_rng_state(rng_states[rank])
+            else:
+                seed_everything(state.seed * 1000 + rank + 1 + saved.step)
+            if saved.global_batch_size != resolved.global_batch_size:
+                say(f"note: the global batch changes from {saved.global_batch_size} to {resolved.global_batch_size} "
+                    "sequences; the data stream continues at the same sample")
+            state = TrainingState(**{**asdict(state), **{name: getattr(saved, name) for name in _RESUMED_FIELDS},
+                                     "lr_knots": schedule_after_restore(engine, saved, resolved, schedule)})
+            say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
+            if rank == 0:
+                dropped = truncate_after(self.run_dir / METRICS_FILENAME, state.step)
+                if dropped:
+                    say(f"dropped {dropped} metrics lines past step {state.step} (written by the interrupted run)")
+        elif self.source is not None:
+            # A new phase of a run (ModernBERT's context extension, or new data): the weights, optimizer state and
+            # schedule position of another run's checkpoint, a new data stream from its beginning.
+            ckpt_dir, tag, saved = self.source
+            self._load(engine, ckpt_dir, tag, universal)
+            state.lr_knots = schedule_after_restore(engine, saved, resolved, schedule)
+            state.step, state.tokens_seen, state.elapsed_seconds = saved.step, saved.tokens_seen, saved.elapsed_seconds
+            if state.lr_knots is not None:
+                say(f"learning rate: {rate_at(state.lr_knots, state.step + 1):.3g} at step {state.step + 1}, linear "
+                    f"through {', '.join(f'{r:.3g} at step {s}' for s, r in state.lr_knots[1:])}")
+        return state
+
+    def save(self, engine, state: TrainingState, model_config) -> str:
+        """Checkpoint ``state`` (collective); ``latest`` moves to it and older ones beyond ``keep`` go."""
+        self.last_tag = save_checkpoint(engine, self.run_dir, state, model_config, self.keep,
+                                        before_latest=self.before_latest)
+        say(f"saved checkpoint {self.dir / self.last_tag}")
+        return self.last_tag

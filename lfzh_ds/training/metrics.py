@@ -22,23 +22,22 @@ import time
 from pathlib import Path
 
 from ..atomic_files import write_atomic
+from ..constants import IGNORE_INDEX
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, *, enabled: bool, monitor=None, resume_step: int | None = None):
+    """Rank 0's writer of ``metrics.jsonl`` and of TensorBoard events (through DeepSpeed's monitor). A new run starts
+    the file empty; a resumed one appends (the checkpoint manager has dropped the interrupted run's tail)."""
+
+    def __init__(self, run_dir, *, enabled: bool, monitor=None, append: bool = False):
         self.path = Path(run_dir) / METRICS_FILENAME
         self.enabled = enabled
         self.monitor = monitor if (monitor is not None and getattr(monitor, "enabled", False)) else None
-        self.dropped = 0
-        if not enabled:
-            return
-        if resume_step is None:
+        if enabled and not append:
             self.path.write_text("")
-        else:
-            self.dropped = truncate_after(self.path, resume_step)
 
     def _append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -60,10 +59,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._append({"kind": "val", **record})
-        if self.monitor is not None:
+        if self.monitor is not None:  # every number of the line: val/bpc, val/loss, val/macro_f1, ...
             step = record["step"]
-            self.monitor.write_events([("val/bpc", float(record["val_bpc"]), step),
-                                       ("val/loss", float(record["val_loss"]), step)])
+            self.monitor.write_events([(f"val/{key[4:]}", float(value), step) for key, value in record.items()
+                                       if key.startswith("val_") and isinstance(value, (int, float))
+                                       and math.isfinite(value)])
 
 
 def truncate_after(path, step: int) -> int:
@@ -116,8 +116,9 @@ def format_step(record: dict, max_steps: int) -> str:
 
 
 def plot_curves(run_dir, out_path=None) -> Path:
-    """Training loss, validation BPC and learning rate against steps, as a PNG next to ``metrics.jsonl``."""
-    import matplotlib
+    """Training loss, the validation number (pretraining's BPC, fine-tuning's dev macro-F1) and learning rate
+    against steps, as a PNG next to ``metrics.jsonl``."""
+    import matplotlib  # lazily: only the curves need it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,18 +129,21 @@ def plot_curves(run_dir, out_path=None) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], lw=1)
-    axes[0].set_title("training loss (masked-token cross-entropy, nats)")
+    finetuning = bool(val) and "val_macro_f1" in val[0]
+    key, title = (("val_macro_f1", "dev macro-F1") if finetuning else
+                  ("val_bpc", "validation BPC (bits per masked character)"))
+    axes[0].set_title("training loss (cross-entropy, nats)" if finetuning else
+                      "training loss (masked-token cross-entropy, nats)")
     if val:
-        axes[1].plot([r["step"] for r in val], [r["val_bpc"] for r in val], marker="o", label="model")
+        axes[1].plot([r["step"] for r in val], [r[key] for r in val], marker="o", label="model")
         for r in (val[0], val[-1]):
-            axes[1].annotate(f"{r['val_bpc']:.2f}", (r["step"], r["val_bpc"]), textcoords="offset points",
-                             xytext=(4, 4))
+            axes[1].annotate(f"{r[key]:.2f}", (r["step"], r[key]), textcoords="offset points", xytext=(4, 4))
         baseline = [r["frequency_baseline_bpc"] for r in val if r.get("frequency_baseline_bpc") is not None]
         if baseline:
             axes[1].axhline(baseline[-1], color="gray", ls="--",
                             label=f"character frequencies alone ({baseline[-1]:.2f})")
             axes[1].legend(loc="upper right")
-    axes[1].set_title("validation BPC (bits per masked character)")
+    axes[1].set_title(title)
     axes[2].plot(steps, [r["lr"] for r in train], lw=1)
     axes[2].set_title("learning rate")
     for ax in axes:
@@ -214,7 +218,7 @@ def attention_pairs(config, seq_len: int, layer: int) -> int:
     each side, clipped at the ends), never a dense ``seq_len`` squared. Token-level global attention, which
     pretraining does not use, is not counted."""
     if config.attention_backend == "block_sparse":
-        from ..attention.layout import block_sparse_layout
+        from ..attention.layout import block_sparse_layout  # lazily: curves and metrics need no torch
 
         block = config.sparse_block_size
         layout = block_sparse_layout(-(-seq_len // block), config.layer_sliding_window_blocks(layer),
@@ -259,7 +263,5 @@ class ModelFlops:
         return 3 * (sequences * self.encoder_forward(seq_len) + self.head_forward(masked_tokens))
 
     def of_batch(self, batch: dict) -> int:
-        from ..constants import IGNORE_INDEX
-
         sequences, seq_len = batch["input_ids"].shape
         return self.training(sequences, seq_len, int((batch["labels"] != IGNORE_INDEX).sum()))
