@@ -63,7 +63,6 @@ def build(name: str, L: int, size: str = "small", tokens_per_step: int = 4096, d
     batch = max(1, tokens_per_step // L)
     dims = dict(SIZES[size], vocab_size=VOCAB)
     if name.startswith("lfzh"):
-        import lfzh_ds.modeling  # noqa: F401 - registers the classes
         from lfzh_ds.configuration import LongformerZhConfig
         from lfzh_ds.modeling import LongformerZhForMaskedLM
 

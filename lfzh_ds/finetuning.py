@@ -387,8 +387,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
 
     # Score the saved best checkpoint, so the numbers belong to the files a user gets.
     del engine
-    with quiet_transformers():
-        best_model = LongformerZhForSequenceClassification.from_pretrained(best_dir).to(local_device())
+    best_model = load_model(best_dir, task="classification").to(local_device())
     results = {}
     for split in encoded:
         if split == "train":

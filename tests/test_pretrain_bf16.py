@@ -16,7 +16,7 @@ import time
 import pytest
 from test_pretrain import REPO, STEPS, files, finished_run, free_port, pretrain, shards, train_losses  # noqa: F401 (fixtures)
 
-from lfzh_ds.training.checkpoint import read_latest_tag
+from lfzh_ds.run_folder import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

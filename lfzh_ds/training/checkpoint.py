@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..atomic_files import write_atomic
-from ..run_folder import (CHECKPOINTS_DIRNAME, LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX,
-                          checkpoints_dir, read_latest_tag, resolve_checkpoint, step_of_tag, tag_for_step)
+from ..run_folder import (LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX, checkpoints_dir, read_latest_tag,
+                          step_of_tag, tag_for_step)
 from .distributed import barrier, gather_objects, rank_and_world, say
 from .ds_config import ConfigError, ResolvedConfig
 from .metrics import METRICS_FILENAME, truncate_after

@@ -26,6 +26,7 @@ from ..configuration import LongformerZhConfig
 from ..constants import VOCAB_SIZE
 from ..hf_layout import read_config_dict
 from ..modeling import LongformerZhForMaskedLM
+from ..run_folder import MODEL_CONFIG_FILENAME, resolve_checkpoint
 from ..shards import ShardDataset, ShardError, read_manifest
 from . import checkpoint as ckpt
 from .distributed import init_distributed, rank_and_world, rank_batches, say
@@ -221,10 +222,10 @@ class MaskedLM(Objective):
 def continued_model_config(args: Namespace):
     """The model of the checkpoint named by --continue-from (a run folder or one of its step_N folders)."""
     try:
-        ckpt_dir, tag = ckpt.resolve_checkpoint(args.continue_from)
+        ckpt_dir, tag = resolve_checkpoint(args.continue_from)
     except FileNotFoundError as err:
         raise ConfigError(f"--continue-from: {err}") from None
-    config_file = ckpt_dir / tag / ckpt.MODEL_CONFIG_FILENAME
+    config_file = ckpt_dir / tag / MODEL_CONFIG_FILENAME
     if not config_file.is_file():
         raise ConfigError(f"--continue-from {args.continue_from}: {config_file} is missing, so the checkpoint does "
                           "not say which model it holds")
@@ -237,7 +238,7 @@ def continued_model_config(args: Namespace):
 def keep_window_mode(model_config, tag_dir) -> None:
     """A resumed run keeps the attention its checkpoint was trained with, whatever its --model-config now says
     (a config naming no window mode meant the block layout before token mode existed)."""
-    saved_file = tag_dir / ckpt.MODEL_CONFIG_FILENAME
+    saved_file = tag_dir / MODEL_CONFIG_FILENAME
     if model_config is None or not saved_file.is_file():
         return
     saved = LongformerZhConfig.from_json_file(str(saved_file))
