@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python launch/evaluate.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.cli import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,54 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Each command imports what it needs when it runs: `curves` needs no torch, and --help none of the library.
 def run_bpc(args) -> None:
-    import torch
-
-    from lfzh_ds.shards import ShardDataset
     from lfzh_ds.loading import load_model
-    from lfzh_ds.training.evaluation import evaluate_model_bpc, frequency_baseline, validation_indices
+    from lfzh_ds.training.evaluation import bpc_on_shards
 
-    if args.max_sequences is not None and args.max_sequences <= 0:
-        raise ValueError(f"--max-sequences {args.max_sequences}: evaluate at least 1 sequence (leave it out for all)")
     model = load_model(args.model, task="masked_lm")
-    data = ShardDataset(args.data, split=args.split, masking="static")
-    if not data.num_rows:
-        raise ValueError(f"--data {args.data}: the {args.split} split is empty (its manifest.json lists no "
-                         f"{args.split} sequences; preprocessed with --val-fraction 0?)")
-    with torch.no_grad():
-        result = evaluate_model_bpc(model, data, batch_size=args.batch_size, max_sequences=args.max_sequences)
-    low, high = result.bpc_interval()
-    train = ShardDataset(args.data, split="train", verify=False)
-    baseline = (frequency_baseline(train, data, validation_indices(data, args.max_sequences)).bpc
-                if train.num_rows else math.nan)
+    result = bpc_on_shards(model, args.data, args.split, args.batch_size, args.max_sequences)
     if args.json:
-        print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, "bpc": result.bpc,
-                          "bpc_low": low, "bpc_high": high, "frequency_baseline_bpc": baseline,
-                          "loss": result.loss, "masked_tokens": result.masked_tokens, "sequences": result.sequences}))
-    else:
-        print(f"{args.split} BPC {result.bpc:.4f} (95% interval {low:.4f}-{high:.4f}, bootstrap over sequences; "
-              f"character frequencies alone: {baseline:.4f}) from cross-entropy {result.loss:.4f} nats over "
-              f"{result.masked_tokens:,} masked tokens in {result.sequences} sequences, for {args.model}")
+        print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, **result}))
+        return
+    print(f"{args.split} BPC {result['bpc']:.4f} (95% interval {result['bpc_low']:.4f}-{result['bpc_high']:.4f}, "
+          f"bootstrap over sequences; character frequencies alone: {result['frequency_baseline_bpc']:.4f}) from "
+          f"cross-entropy {result['loss']:.4f} nats over {result['masked_tokens']:,} masked tokens in "
+          f"{result['sequences']} sequences, for {args.model}")
 
 
 def run_cloze(args) -> None:
-    from lfzh_ds.cloze import (frequency_guess, frequency_guess_from_shards, make_blanks, read_blanks,
-                               read_corpus_texts, score_cloze, write_blanks)
-    from lfzh_ds.tokenization import load_tokenizer
+    from lfzh_ds.cloze import blanks_and_guess, score_cloze
     from lfzh_ds.loading import load_model
+    from lfzh_ds.tokenization import load_tokenizer
 
-    if args.blanks:
-        blanks = read_blanks(args.blanks)
-    else:
-        blanks = make_blanks(read_corpus_texts(args.corpus, args.field), args.num_blanks, args.seed)
-        if not blanks:
-            raise ValueError(f"--corpus {' '.join(args.corpus)}: no sentence to make a blank from")
-        if args.save_blanks:
-            write_blanks(args.save_blanks, blanks)
-    if args.frequencies_from:
-        guess = frequency_guess_from_shards(args.frequencies_from)
-    else:
-        guess = frequency_guess([b.text.replace("[MASK]", b.answer) for b in blanks])
+    blanks, guess = blanks_and_guess(args.blanks, args.corpus, args.field, args.num_blanks, args.seed,
+                                     args.save_blanks, args.frequencies_from)
     result = score_cloze(load_model(args.model, task="masked_lm"), load_tokenizer(), blanks, guess)
     if args.json:
         print(json.dumps({"model": str(args.model), **result}, ensure_ascii=False))
@@ -115,11 +91,10 @@ def run_cloze(args) -> None:
 
 def run_fill_mask(args) -> None:
     from lfzh_ds.fill_mask import fill_mask
-    from lfzh_ds.tokenization import load_tokenizer
     from lfzh_ds.loading import load_model
+    from lfzh_ds.tokenization import load_tokenizer
 
-    model = load_model(args.model, task="masked_lm")
-    slots = fill_mask(model, load_tokenizer(), args.text, top_k=args.top_k)
+    slots = fill_mask(load_model(args.model, task="masked_lm"), load_tokenizer(), args.text, top_k=args.top_k)
     print(args.text)
     for i, candidates in enumerate(slots, 1):
         shown = "  ".join(f"{c['token']} {c['score']:.3f}" for c in candidates)
@@ -132,16 +107,13 @@ def run_curves(args) -> None:
     print(f"wrote {plot_curves(args.run, args.out)}")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from lfzh_ds.shards import ShardError
+COMMANDS = {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves, "cloze": run_cloze}
 
-    try:
-        {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves, "cloze": run_cloze}[args.command](args)
-    except (FileNotFoundError, ValueError, KeyError, ShardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv=None) -> int:
+    """Exit status 2 with one line for a user's mistake, also when called from Python (the tests do)."""
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: COMMANDS[args.command](args), "evaluate.py")
 
 
 if __name__ == "__main__":

@@ -161,3 +161,21 @@ def score_cloze(model, tokenizer, blanks: list[Blank], guess: list[str], top_k: 
     n = len(blanks)
     return {"blanks": n, "top1": hits1 / n, f"top{top_k}": hits_k / n, "frequency_guess": guess[:top_k],
             "frequency_top1": guess1 / n, f"frequency_top{top_k}": guess_k / n, "examples": examples}
+
+
+def blanks_and_guess(blanks_file=None, corpus=None, field: str = "content", num_blanks: int = 300, seed: int = 0,
+                     save_blanks=None, frequencies_from=None) -> tuple[list[Blank], list[str]]:
+    """``launch/evaluate.py cloze``: the blanks (read from ``blanks_file`` or made from ``corpus`` files, then saved
+    to ``save_blanks`` if given) and the frequency guess to score beside the model (a shards folder's training
+    split when ``frequencies_from`` is given, else the blanks' own texts)."""
+    if blanks_file:
+        blanks = read_blanks(blanks_file)
+    else:
+        blanks = make_blanks(read_corpus_texts(corpus, field), num_blanks, seed)
+        if not blanks:
+            raise ValueError(f"--corpus {' '.join(map(str, corpus))}: no sentence to make a blank from")
+        if save_blanks:
+            write_blanks(save_blanks, blanks)
+    if frequencies_from:
+        return blanks, frequency_guess_from_shards(frequencies_from)
+    return blanks, frequency_guess([b.text.replace(MASK_TOKEN, b.answer) for b in blanks])

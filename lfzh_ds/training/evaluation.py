@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..constants import IGNORE_INDEX, VOCAB_SIZE
+from ..shards import ShardDataset
 
 
 @dataclass
@@ -148,3 +149,23 @@ def evaluate_model_bpc(model, dataset, batch_size: int = 4, max_sequences: int |
     model.eval()
     device = next(model.parameters()).device
     return masked_lm_cross_entropy(model, dataset, validation_indices(dataset, max_sequences), batch_size, device)
+
+
+def bpc_on_shards(model, data_dir, split: str = "validation", batch_size: int = 4,
+                  max_sequences: int | None = None) -> dict:
+    """``launch/evaluate.py bpc``: the model's BPC on a shards folder's split with the data service's fixed masks,
+    its 95% bootstrap interval, and the character-frequency baseline of the same masks (NaN without a train split)."""
+    if max_sequences is not None and max_sequences <= 0:
+        raise ValueError(f"--max-sequences {max_sequences}: evaluate at least 1 sequence (leave it out for all)")
+    data = ShardDataset(data_dir, split=split, masking="static")
+    if not data.num_rows:
+        raise ValueError(f"--data {data_dir}: the {split} split is empty (its manifest.json lists no "
+                         f"{split} sequences; preprocessed with --val-fraction 0?)")
+    with torch.no_grad():
+        result = evaluate_model_bpc(model, data, batch_size=batch_size, max_sequences=max_sequences)
+    low, high = result.bpc_interval()
+    train = ShardDataset(data_dir, split="train", verify=False)
+    baseline = (frequency_baseline(train, data, validation_indices(data, max_sequences)).bpc
+                if train.num_rows else math.nan)
+    return {"bpc": result.bpc, "bpc_low": low, "bpc_high": high, "frequency_baseline_bpc": baseline,
+            "loss": result.loss, "masked_tokens": result.masked_tokens, "sequences": result.sequences}
