@@ -154,6 +154,7 @@ def run(config: PipelineConfig) -> RunResult:
     """Run (or finish, or verify) the preprocessing job described by ``config``."""
     config.validate()
     t0 = time.monotonic()
+    files, inputs = input_files(config)  # before the output folder exists: a missing input leaves nothing behind
     output = output_folder(config.output)
     if config.overwrite and output.exists():
         clear_output(output)
@@ -162,7 +163,6 @@ def run(config: PipelineConfig) -> RunResult:
     for stale in output.glob(TEMPORARY_GLOB):
         stale.unlink()
 
-    files, inputs = input_files(config)
     manifest_config = config.output_config()
     done = finished_manifest(output, manifest_config, inputs)
     if done is not None:

@@ -730,3 +730,9 @@ def test_an_empty_validation_split_says_in_one_line_that_the_documents_are_too_f
     manifest = result.manifest
     assert manifest["splits"]["validation"]["documents"] == 0 and manifest["splits"]["train"]["documents"] == 3
     assert manifest["config"]["val_fraction"] == 0.01 and manifest["totals"]["documents"] == 3
+
+
+def test_a_missing_input_is_one_line_and_leaves_no_output_folder_behind(tmp_path, capsys):
+    assert preprocess_main(["--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out")]) == 2
+    assert "missing.jsonl: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
