@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from .hf_layout import is_classifier_config
-from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
+from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, masked_lm_from_checkpoint
 from .run_folder import WHAT_TO_GIVE, is_training_checkpoint, resolve_checkpoint
 from .tokenization import load_tokenizer
 
@@ -69,6 +69,10 @@ def load_model(path, *, task: str = "auto", label_names: list[str] | None = None
             raise ValueError(f"{path} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
                              "start from the pretrained (masked LM) checkpoint instead")
         kwargs = {"id2label": dict(enumerate(label_names)), "label2id": {name: i for i, name in enumerate(label_names)}}
+    if not classifier and is_training_checkpoint(path):  # the weights as they are: no from_pretrained round trip
+        model = masked_lm_from_checkpoint(path)
+        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+        return (model, info) if output_loading_info else model
     model_class = LongformerZhForSequenceClassification if classifier else LongformerZhForMaskedLM
     with quiet_transformers():
         model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)

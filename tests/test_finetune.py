@@ -278,6 +278,7 @@ def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_
     assert (run_dir / "predictions_dev.jsonl").read_text() == (reference / "predictions_dev.jsonl").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_finetuning_stops_on_a_nonfinite_loss_and_names_the_last_good_checkpoint(tmp_path):
     model_dir = tiny_pretrained_model(tmp_path / "tiny")
@@ -293,28 +294,3 @@ def test_finetuning_stops_on_a_nonfinite_loss_and_names_the_last_good_checkpoint
     assert f"The last good checkpoint is {out / 'checkpoints' / 'step_2'}" in result.stderr
     losses = [r["loss"] for r in read_metrics(out)[0]]
     assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and not any(map(math.isfinite, losses[2:]))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_zero3_finetuning_runs_end_to_end_and_saves_the_trained_weights_as_best(tmp_path):
-    """Fine-tuning with the shipped ZeRO-3 config (offload dropped on CPU): best/ holds the trained weights, whole,
-    and scores on dev what the run measured. (On one CPU process this does not tell a gathered save from an
-    ungathered one: the weights are whole there either way.)"""
-    model_dir = tiny_pretrained_model(tmp_path / "tiny")
-    out = tmp_path / "run"
-    log = run([
-        sys.executable, "launch/finetune.py", "--model", str(model_dir), *weather_task(tmp_path), "--output-dir", str(out),
-        "--deepspeed_config", "ds_configs/zero3_offload.json", "--max-len", "64", "--epochs", "2", "--batch-size", "4",
-        "--micro-batch-size", "2", "--lr", "1e-3",
-    ])
-    assert "ZeRO stage 3" in log
-    start = LongformerZhForMaskedLM.from_pretrained(model_dir).bert.embeddings.word_embeddings.weight
-    best = LongformerZhForSequenceClassification.from_pretrained(out / BEST_CHECKPOINT_DIR)
-    trained = best.bert.embeddings.word_embeddings.weight
-    # trained (moved) but from the start's values: 12 Adam steps of lr 1e-3 move a weight by at most ~0.012
-    assert trained.shape == start.shape and not torch.equal(trained, start)
-    assert (trained - start).abs().max().item() < 0.03
-    summary = json.loads((out / "summary.json").read_text())
-    best_epoch = summary["history"][summary["best_epoch"] - 1]
-    assert summary["metrics"]["dev"]["macro_f1"] == pytest.approx(best_epoch["dev_macro_f1"])
