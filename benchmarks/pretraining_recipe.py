@@ -15,12 +15,14 @@ is, and why"); the quick start itself trains with the ``deepspeed`` launcher.
         --recipe "mask=0.3" --recipe "mask=0.3,lr=4e-3" --out recipes.jsonl
 
 A recipe is ``name`` or comma-separated ``key=value`` changes to the base recipe (keys: mask, lr, warmup,
-batch, hidden, layers, heads, ffn, window, static, data2 (a second shard folder), switch (the step at which
+batch, hidden, layers, heads, ffn, window (the full attention window: one for every layer, or one per layer
+bottom first as 2/32), static, data2 (a second shard folder), switch (the step at which
 training moves on to data2), bias (1: the output bias starts at the training split's log character frequencies),
 steps (this recipe's number of steps instead of --steps), dropout (hidden and attention dropout, BERT's 0.1),
 wordlen (mask words of at most this many tokens, longer ones token by token), vocab (1: the training softmax over
 the training split's tokens), cooc (the word embeddings start at co-occurrence vectors, this many times BERT's
-init scale), coocwindow (their window, default 2)).
+init scale), coocwindow (their window, default 2), pos (the position embeddings start at sinusoids, scaled to this
+many times BERT's init std), posnormal (they start at BERT's normal init times this)).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noq
                                              init_word_embeddings_from_cooccurrence)
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
-        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0, "coocwindow": 2}
+        "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0, "coocwindow": 2,
+        "pos": 0.0, "posnormal": 0.0}
 
 
 def parse_recipe(text: str) -> dict:
@@ -56,8 +59,14 @@ def parse_recipe(text: str) -> dict:
         key, _, value = item.partition("=")
         if key not in BASE:
             raise SystemExit(f"--recipe {text!r}: unknown key {key!r} (one of {', '.join(BASE)})")
-        recipe[key] = value if key == "data2" else float(value) if "." in value or "e" in value else int(value)
+        recipe[key] = value if key in ("data2", "window") else float(value) if "." in value or "e" in value else int(value)
     return recipe
+
+
+def window_setting(value):
+    """``window=128``: every layer's; ``window=2/32``: one per layer, bottom first."""
+    windows = [int(w) for w in str(value).split("/")]
+    return windows[0] if len(windows) == 1 else windows
 
 
 def cpu_seconds() -> float:
@@ -84,7 +93,7 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
     config = LongformerZhConfig(hidden_size=int(recipe["hidden"]), num_hidden_layers=int(recipe["layers"]),
                                 num_attention_heads=int(recipe["heads"]), intermediate_size=int(recipe["ffn"]),
                                 max_position_embeddings=max(max_len, val.seq_len),
-                                attention_window=int(recipe["window"]), attention_backend="block_sparse",
+                                attention_window=window_setting(recipe["window"]), attention_backend="block_sparse",
                                 sparse_block_size=64, hidden_dropout_prob=float(recipe["dropout"]),
                                 attention_probs_dropout_prob=float(recipe["dropout"]))
     model = LongformerZhForMaskedLM(config)
@@ -93,6 +102,15 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
         init_output_bias_to_unigram(model, counts)
     if recipe["cooc"]:
         init_word_embeddings_from_cooccurrence(model, train, float(recipe["cooc"]), int(recipe["coocwindow"]))
+    positions = model.base_model.embeddings.position_embeddings.weight
+    with torch.no_grad():
+        if recipe["pos"]:
+            index = torch.arange(positions.shape[0], dtype=torch.float64)[:, None]
+            frequency = 10000.0 ** (-torch.arange(0, positions.shape[1], 2, dtype=torch.float64) / positions.shape[1])
+            sinusoids = torch.cat([torch.sin(index * frequency), torch.cos(index * frequency)], dim=1)
+            positions.copy_(sinusoids / sinusoids.std() * float(recipe["pos"]) * config.initializer_range)
+        elif recipe["posnormal"]:
+            positions.mul_(float(recipe["posnormal"]))
     output_vocab = torch.from_numpy(np.flatnonzero(np.asarray(counts))) if recipe["vocab"] else None
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]

@@ -89,8 +89,18 @@ def random_model(quickstart: Path, work: Path, seed: int) -> Path:
     return out
 
 
+# The fine-tuning settings the README's table was measured with; a run with other settings gets its own folder
+# (named by what differs), so variants sit beside the table's runs and a rerun never mixes them.
+FINETUNE_DEFAULTS = {"max_len": 128, "epochs": 2, "lr": 1e-3, "class_weight": "balanced"}
+
+
+def finetune_variant(args) -> str:
+    return "".join(f"-{key}={getattr(args, key)}" for key, value in FINETUNE_DEFAULTS.items()
+                   if getattr(args, key) != value)
+
+
 def finetune(args, start: str, model: Path, seed: int, work: Path) -> dict:
-    out = work / "finetune" / f"{start}-seed{seed}"
+    out = work / "finetune" / f"{start}{finetune_variant(args)}-seed{seed}"
     if not (out / "summary.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/finetune.py",
@@ -122,10 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "benchmarks_out" / "pretraining_value")
     p.add_argument("--long-steps", type=int, default=2000, help="steps of the longer pretraining")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--class-weight", choices=("balanced", "none"), default="balanced")
+    p.add_argument("--max-len", type=int, default=FINETUNE_DEFAULTS["max_len"])
+    p.add_argument("--epochs", type=int, default=FINETUNE_DEFAULTS["epochs"])
+    p.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"])
+    p.add_argument("--class-weight", choices=("balanced", "none"), default=FINETUNE_DEFAULTS["class_weight"])
     p.add_argument("--starts", nargs="+", default=["random", "quickstart", "long"])
     args = p.parse_args(argv)
     quickstart = args.quickstart_out.resolve()
@@ -167,8 +177,9 @@ def main(argv=None) -> int:
                 f"{args.seeds}; long pretraining {args.long_steps} steps")
     print(table)
     print(settings)
-    (work / "table.md").write_text(table + "\n\n" + settings + "\n")
-    (work / "results.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work),
+    variant = finetune_variant(args)
+    (work / f"table{variant}.md").write_text(table + "\n\n" + settings + "\n")
+    (work / f"results{variant}.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work),
                                                                            "quickstart_out": str(quickstart)},
                                                    "results": results, "tfidf": baseline}, indent=2, default=str))
     return 0

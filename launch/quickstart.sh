@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 OUT="${1:-quickstart_out}"
-STEPS="${QUICKSTART_STEPS:-400}"
+STEPS="${QUICKSTART_STEPS:-500}"
 START=$SECONDS
 
 stage() { echo; echo "=== $* ($((SECONDS - START)) s)"; }
@@ -44,6 +44,9 @@ stage "3/5 preprocessing with a local Ray into $OUT/shards"
   --mask-prob 0.10 --max-predictions 80 --dupe-factor 1 --val-fraction 0.3 --seed 0
 
 stage "4/5 pretraining a small Longformer_ZH from scratch: $STEPS steps, 2 CPU processes"
+# Windows per layer, as the Longformer paper's (small at the bottom, wider above): the first layer sees two
+# characters each side, the second eight; measured against one window of 128 for every layer in the README's recipe
+# table (the largest gain of round 3).
 cat > "$OUT/model_config.json" <<'JSONEOF'
 {
   "hidden_size": 128,
@@ -51,7 +54,7 @@ cat > "$OUT/model_config.json" <<'JSONEOF'
   "num_attention_heads": 4,
   "intermediate_size": 512,
   "max_position_embeddings": 512,
-  "attention_window": 128,
+  "attention_window": [4, 16],
   "attention_backend": "block_sparse",
   "sparse_block_size": 64,
   "hidden_dropout_prob": 0.0,

@@ -359,10 +359,11 @@ def test_an_explicit_problem_type_survives_the_export(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- window modes
-@pytest.mark.parametrize("seq_len", [300, 510])
-def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_len, caplog):
-    """A block-sparse model in token mode (what pretraining trains) is the stock Longformer it exports to."""
-    config = LongformerZhConfig(max_position_embeddings=512, attention_window=64, attention_backend="block_sparse",
+@pytest.mark.parametrize("seq_len, window", [(300, 64), (510, 64), (510, [4, 16])])
+def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_len, window, caplog):
+    """A block-sparse model in token mode (what pretraining trains) is the stock Longformer it exports to, with one
+    window for every layer or one per layer (the quick start's: one neighbour each side, then 8)."""
+    config = LongformerZhConfig(max_position_embeddings=512, attention_window=window, attention_backend="block_sparse",
                                 sparse_block_size=16, **SMALL)
     assert config.sparse_window_mode == "token"
     model = LongformerZhForMaskedLM(config).eval()
@@ -375,6 +376,15 @@ def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_
     kwargs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask)
     real = attention_mask.bool()
     assert max_diff(model(input_ids, **kwargs).logits[real], stock(input_ids, **kwargs).logits[real]) <= TOL
+
+
+@pytest.mark.parametrize("window", [[2, 16], [8, 12]])
+def test_windows_stock_longformer_cannot_compute_are_refused_at_export(tmp_path, window):
+    config = LongformerZhConfig(max_position_embeddings=512, attention_window=window, attention_backend="block_sparse",
+                                sparse_block_size=16, **SMALL)
+    with pytest.raises(ValueError, match=r"attention windows \[%d, %d\] cannot be exported" % tuple(window)):
+        export_to_hf_longformer(LongformerZhForMaskedLM(config), tmp_path / "stock", write_tokenizer=False)
+    assert not (tmp_path / "stock").exists()
 
 
 def test_a_block_mode_model_still_warns_on_export_and_differs(tmp_path, caplog):

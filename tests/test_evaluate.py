@@ -325,3 +325,6 @@ def test_curves_name_the_run_and_draw_the_frequency_baseline(tmp_path):
     assert run_title(run_dir) == ("qs/run | 2 layers x 128 hidden, block_sparse window 128 | data shards, "
                                   "dynamic 30% masking, seed 42")
     assert plot_curves(run_dir).read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((run_dir / "model_config.json").read_text())
+    (run_dir / "model_config.json").write_text(json.dumps({**config, "attention_window": [4, 16]}))
+    assert "block_sparse windows 4/16 |" in run_title(run_dir)

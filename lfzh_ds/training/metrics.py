@@ -162,8 +162,10 @@ def run_title(run_dir) -> str:
     parts = [f"{run_dir.parent.name}/{run_dir.name}"]
     try:
         model = json.loads((run_dir / "model_config.json").read_text(encoding="utf-8"))
+        window = model.get("attention_window")
+        window = ("windows " + "/".join(map(str, window))) if isinstance(window, list) else f"window {window}"
         parts.append(f"{model['num_hidden_layers']} layers x {model['hidden_size']} hidden, "
-                     f"{model.get('attention_backend', '')} window {model.get('attention_window')}")
+                     f"{model.get('attention_backend', '')} {window}")
         args = json.loads((run_dir / "args.json").read_text(encoding="utf-8"))
         masking = args.get("masking") or "static"
         if args.get("mask_prob"):
