@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-predictions", type=int, default=None,
                    help="with --masking dynamic: at most N masked tokens per sequence (default: the shards' setting, "
                         "or no cap with --mask-prob)")
-    p.add_argument("--mask-unit", choices=("word", "character"), default=None,
-                   help="with --masking dynamic: mask whole words (the shards' rule, as the upstream) or characters "
-                        "on their own, so the model also learns to fill one character of a word from the others "
-                        "(default word; with --resume: the checkpoint's)")
+    p.add_argument("--mask-unit", choices=("word", "character", "mixed"), default=None,
+                   help="with --masking dynamic: mask whole words (the shards' rule, as the upstream), characters "
+                        "on their own, so the model also learns to fill one character of a word from the others, or "
+                        "each sequence one way or the other at random (mixed: half and half) (default word; with "
+                        "--resume: the checkpoint's)")
     p.add_argument("--output-bias-init", choices=("zero", "unigram"), default="zero",
                    help="a model trained from scratch: its masked-LM output bias starts at 0 (BERT's) or at the "
                         "log character frequencies of the training shards, so it starts where a frequency table "

@@ -35,6 +35,12 @@ SPLIT_KEYS = {"train": 0, "validation": 1}  # mixed into static mask seeds
 MAX_SEQ_LEN = np.iinfo(np.uint16).max
 
 
+# Dynamic masking's units. "mixed" masks a sequence by characters with this probability, else by whole words: whole
+# words alone never show the model a lone [MASK] between characters of its own word (what a fill-in-the-blank asks),
+# characters alone never a word masked whole (what the upstream's validation masks are); measured in the README.
+MASK_UNITS = ("word", "character", "mixed")
+MIXED_CHARACTER_SHARE = 0.5
+
 class ShardError(RuntimeError):
     """A shard or manifest that is missing, corrupt or from another schema."""
 
@@ -182,8 +188,8 @@ class ShardDataset:
         if (mask_prob is not None or max_predictions is not None or mask_unit is not None) and masking != "dynamic":
             raise ValueError("mask_prob, max_predictions and mask_unit choose the masks at training time: they need "
                              "masking='dynamic' (static masks were fixed by the data service)")
-        if mask_unit not in (None, "word", "character"):
-            raise ValueError(f"mask_unit must be 'word' or 'character', got {mask_unit!r}")
+        if mask_unit not in (None, *MASK_UNITS):
+            raise ValueError(f"mask_unit must be one of {', '.join(MASK_UNITS)}, got {mask_unit!r}")
         if mask_prob is not None and not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be between 0 and 1, got {mask_prob}")
         self.data_dir = Path(data_dir)
@@ -197,7 +203,9 @@ class ShardDataset:
         if max_predictions is None:
             max_predictions = self.seq_len if mask_prob is not None else self.config.get("max_predictions")
         self.max_predictions = max_predictions
-        # whole words up to the shards' word length (the upstream's rule), or every character on its own
+        # whole words up to the shards' word length (the upstream's rule), every character on its own, or a draw
+        # between the two for each sequence ("mixed")
+        self.mask_unit = mask_unit or "word"
         self.max_word_len = 1 if mask_unit == "character" else self.config.get("wwm_max_word_len")
         self.shards = list(self.manifest["splits"][split]["shards"])
         for entry in self.shards:
@@ -254,10 +262,13 @@ class ShardDataset:
             row = index
             shard, local = self._locate(row)
             ids = shard.input_ids[local]
+            rng = mask_rng(self.seed, self.epoch, index)
+            max_word_len = self.max_word_len
+            if self.mask_unit == "mixed" and rng.random() < MIXED_CHARACTER_SHARE:
+                max_word_len = 1
             positions, replacement = whole_word_mask(
-                ids, shard.word_starts[local], mask_rng(self.seed, self.epoch, index),
-                mask_prob=self.mask_prob, max_predictions=self.max_predictions,
-                max_word_len=self.max_word_len)
+                ids, shard.word_starts[local], rng, mask_prob=self.mask_prob, max_predictions=self.max_predictions,
+                max_word_len=max_word_len)
         masked, labels = apply_mask(ids, positions, replacement)
         attention = np.zeros(self.seq_len, dtype=np.int64)
         attention[: int(shard.num_tokens[local])] = 1

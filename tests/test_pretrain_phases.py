@@ -176,6 +176,23 @@ def test_character_masks_split_words_and_whole_word_masks_never_do(shard_folder)
         ShardDataset(folder, "train", masking="dynamic", mask_unit="sentence")
 
 
+def test_mixed_masks_split_words_in_some_sequences_only_and_repeat_exactly(shard_folder):
+    folder = shard_folder({"train": [[60] * 20] * 4}, seq_len=32, word_len=2)
+    data = ShardDataset(folder, "train", masking="dynamic", mask_prob=0.3, mask_unit="mixed", seed=3)
+    again = ShardDataset(folder, "train", masking="dynamic", mask_prob=0.3, mask_unit="mixed", seed=3)
+    splitting = []
+    for i in range(len(data)):
+        ids, starts, num_tokens = data.sequence(i)
+        labels = data[i]["labels"]
+        assert torch.equal(labels, again[i]["labels"])
+        masked = labels.numpy() != -100
+        splits = [masked[b:b + n].any() and not masked[b:b + n].all()
+                  for b, n in zip(*whole_word_spans(ids[:num_tokens], starts[:num_tokens]))]
+        splitting.append(any(splits))
+    # a sequence masked by characters splits some word here (30% of two-token words); one masked by words never does
+    assert len(data) >= 8 and 0 < sum(splitting) < len(splitting)
+
+
 def test_mask_unit_is_recorded_and_needs_dynamic_masks(setup, in_process, capsys):
     tmp_path, short, _ = setup
     run_dir = tmp_path / "run"

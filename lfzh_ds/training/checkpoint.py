@@ -58,7 +58,7 @@ class TrainingState:
     # [[step, rate], ...]: the learning rate, linear between these steps, replacing the config's schedule once a
     # continued run's schedule changed end (see pretraining.continued_schedule); None: the config's schedule
     lr_knots: list | None = None
-    mask_unit: str | None = None  # dynamic masking's unit: "word" (whole words) or "character"; None: recorded before
+    mask_unit: str | None = None  # dynamic masking's unit: "word", "character" or "mixed"; None: recorded before
     output_vocab: str | None = None  # the training softmax's tokens: "all" or "training"; None: recorded before
     objective: dict | None = None  # what the objective carries across a resume (fine-tuning: settings, best, history)
 
