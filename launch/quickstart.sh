@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 OUT="${1:-quickstart_out}"
-STEPS="${QUICKSTART_STEPS:-500}"
+STEPS="${QUICKSTART_STEPS:-550}"
 START=$SECONDS
 
 stage() { echo; echo "=== $* ($((SECONDS - START)) s)"; }
@@ -70,7 +70,7 @@ fi
 deepspeed --num_gpus 2 --master_port "${QUICKSTART_PORT:-29533}" launch/pretrain.py \
   --deepspeed_config ds_configs/quickstart_cpu.json --data "$OUT/shards" --output-dir "$RUN" \
   --model-config "$OUT/model_config.json" --max-steps "$STEPS" --masking dynamic --mask-prob 0.3 \
-  --output-bias-init unigram --embedding-init cooccurrence --output-vocab training --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
+  --mask-unit mixed --output-bias-init unigram --embedding-init cooccurrence --output-vocab training --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
   --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42 --peak-tflops 0.096
 
 stage "5/5 exporting the model, filling a [MASK], scoring blanks from held-out news"
@@ -105,6 +105,8 @@ mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
 print(f"throughput: {tokens_per_second:,.0f} tokens/s over both processes"
       + (f", MFU {100 * sum(mfu) / len(mfu):.1f}% of two cores' fp32 matmul peak" if mfu else ""))
 print(f"fill-mask: {fill[0]}\n  {fill[1]}")
+cloze = open(out + "/cloze.txt", encoding="utf-8").readline().strip()
+print(f"fill-in-the-blank on held-out news: {cloze}")
 print(f"""
 where everything is:
   corpus (JSON lines)        {out}/corpus/  (held-out dev split: {out}/heldout/)
