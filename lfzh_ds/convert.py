@@ -177,13 +177,6 @@ def export_to_hf_longformer(model, out_dir, write_tokenizer: bool = True) -> Pat
             "export_to_hf_longformer exports a LongformerZhForMaskedLM or LongformerZhForSequenceClassification, "
             f"got {type(model).__name__}"
         )
-    windows = [model.config.layer_attention_window(i) for i in range(model.config.num_hidden_layers)]
-    if any(w < 4 or max(windows) % w for w in windows):
-        # stock Longformer pads inputs to a multiple of the largest window and cuts each layer's input into chunks
-        # of its own window: a window that does not divide the largest fails there, and 2 (one token each side)
-        # gives empty chunks
-        raise ValueError(f"attention windows {windows} cannot be exported: transformers' Longformer needs every "
-                         "layer's window to be at least 4 and to divide the largest one")
     if model.config.attention_backend == "block_sparse" and model.config.sparse_window_mode == "block":
         logger.warning(
             "exporting a block_sparse model in block mode: stock Longformer uses a token-level sliding window, so "

@@ -213,6 +213,9 @@ def hf_longformer_config(config: LongformerZhConfig, architecture: str = "Longfo
         )
     windows = [config.layer_attention_window(i) for i in range(config.num_hidden_layers)]
     check_windows_nest(windows)  # stock Longformer pads to the largest window too (a block_sparse model may not nest)
+    if min(windows) < 4:
+        raise ValueError(f"attention_window {min(windows)}: transformers' Longformer cannot compute a window under 4 "
+                         "(its chunks of one token each side come out empty); train with 4 or more to export")
     fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
     return LongformerConfig(
         **fields,

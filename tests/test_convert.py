@@ -378,11 +378,10 @@ def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_
     assert max_diff(model(input_ids, **kwargs).logits[real], stock(input_ids, **kwargs).logits[real]) <= TOL
 
 
-@pytest.mark.parametrize("window", [[2, 16], [8, 12]])
-def test_windows_stock_longformer_cannot_compute_are_refused_at_export(tmp_path, window):
-    config = LongformerZhConfig(max_position_embeddings=512, attention_window=window, attention_backend="block_sparse",
+def test_a_window_stock_longformer_cannot_compute_is_refused_at_export(tmp_path):
+    config = LongformerZhConfig(max_position_embeddings=512, attention_window=[2, 16], attention_backend="block_sparse",
                                 sparse_block_size=16, **SMALL)
-    with pytest.raises(ValueError, match=r"attention windows \[%d, %d\] cannot be exported" % tuple(window)):
+    with pytest.raises(ValueError, match="cannot compute a window under 4"):
         export_to_hf_longformer(LongformerZhForMaskedLM(config), tmp_path / "stock", write_tokenizer=False)
     assert not (tmp_path / "stock").exists()
 
