@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart-out", type=Path, default=REPO / "quickstart_out")
     p.add_argument("--work", type=Path, default=REPO / "benchmarks_out" / "pretraining_value")
-    p.add_argument("--long-steps", type=int, default=2000, help="steps of the longer pretraining")
+    p.add_argument("--long-steps", type=int, default=4000, help="steps of the longer pretraining")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-len", type=int, default=FINETUNE_DEFAULTS["max_len"])
     p.add_argument("--epochs", type=int, default=FINETUNE_DEFAULTS["epochs"])
