@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then runs the suite (about 15 minutes on 2 cores).
+# The test command: installs what the tests need, then runs the suite (about 18 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
