@@ -41,6 +41,7 @@ MAX_SEQ_LEN = np.iinfo(np.uint16).max
 MASK_UNITS = ("word", "character", "mixed")
 MIXED_CHARACTER_SHARE = 0.5
 
+
 class ShardError(RuntimeError):
     """A shard or manifest that is missing, corrupt or from another schema."""
 

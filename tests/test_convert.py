@@ -362,7 +362,7 @@ def test_an_explicit_problem_type_survives_the_export(tmp_path):
 @pytest.mark.parametrize("seq_len, window", [(300, 64), (510, 64), (510, [4, 16])])
 def test_a_token_mode_model_exports_exactly_well_beyond_one_block(tmp_path, seq_len, window, caplog):
     """A block-sparse model in token mode (what pretraining trains) is the stock Longformer it exports to, with one
-    window for every layer or one per layer (the quick start's: one neighbour each side, then 8)."""
+    window for every layer or one per layer (the quick start's: two neighbours each side, then eight)."""
     config = LongformerZhConfig(max_position_embeddings=512, attention_window=window, attention_backend="block_sparse",
                                 sparse_block_size=16, **SMALL)
     assert config.sparse_window_mode == "token"
