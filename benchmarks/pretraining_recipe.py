@@ -22,7 +22,9 @@ steps (this recipe's number of steps instead of --steps), dropout (hidden and at
 wordlen (mask words of at most this many tokens, longer ones token by token), vocab (1: the training softmax over
 the training split's tokens), cooc (the word embeddings start at co-occurrence vectors, this many times BERT's
 init scale), coocwindow (their window, default 2), pos (the position embeddings start at sinusoids, scaled to this
-many times BERT's init std), posnormal (they start at BERT's normal init times this)).
+many times BERT's init std), posnormal (they start at BERT's normal init times this), unit (--mask-unit: word,
+character or mixed)). ``--cloze-blanks FILE`` also scores top-1/top-5 on fill-in-the-blank sentences (as
+``launch/evaluate.py cloze --save-blanks`` writes them) at each evaluation.
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lfzh_ds.cloze import read_blanks, score_cloze  # noqa: E402
 from lfzh_ds.configuration import LongformerZhConfig  # noqa: E402
 from lfzh_ds.modeling import LongformerZhForMaskedLM  # noqa: E402
 from lfzh_ds.shards import ShardDataset  # noqa: E402
+from lfzh_ds.tokenization import load_tokenizer  # noqa: E402
 from lfzh_ds.training.evaluation import (collate, frequency_baseline_bpc,  # noqa: E402
                                          masked_lm_cross_entropy, token_counts, validation_indices)
 from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noqa: E402
@@ -48,7 +52,7 @@ from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noq
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
         "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0, "coocwindow": 2,
-        "pos": 0.0, "posnormal": 0.0}
+        "pos": 0.0, "posnormal": 0.0, "unit": None}
 
 
 def parse_recipe(text: str) -> dict:
@@ -59,7 +63,7 @@ def parse_recipe(text: str) -> dict:
         key, _, value = item.partition("=")
         if key not in BASE:
             raise SystemExit(f"--recipe {text!r}: unknown key {key!r} (one of {', '.join(BASE)})")
-        recipe[key] = value if key in ("data2", "window") else float(value) if "." in value or "e" in value else int(value)
+        recipe[key] = value if key in ("data2", "window", "unit") else float(value) if "." in value or "e" in value else int(value)
     return recipe
 
 
@@ -78,9 +82,8 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
     torch.manual_seed(args.seed)
     def open_train(folder):
         kwargs = {"masking": "static"} if recipe["static"] else {"masking": "dynamic",
-                                                                "mask_prob": recipe["mask"]}
-        if not recipe["static"] and recipe["mask"] is None:
-            kwargs = {"masking": "dynamic"}
+                                                                "mask_prob": recipe["mask"],
+                                                                "mask_unit": recipe["unit"]}
         dataset = ShardDataset(folder, "train", seed=args.seed, verify=False, **kwargs)
         if recipe["wordlen"]:
             dataset.config["wwm_max_word_len"] = int(recipe["wordlen"])
@@ -124,6 +127,8 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
         return recipe["lr"] * max(0.0, (steps - step) / max(1, steps - warmup))
 
     indices = validation_indices(val, args.eval_sequences)
+    blanks = read_blanks(args.cloze_blanks) if args.cloze_blanks else None
+    tokenizer = load_tokenizer()
     result = {"recipe": name, **recipe, "steps": steps, "evals": []}
 
     train_cpu = [0.0]  # CPU seconds spent training so far (evaluation excluded)
@@ -131,10 +136,15 @@ def train_recipe(name: str, recipe: dict, args) -> dict:
     def evaluate(step):
         model.eval()
         r = masked_lm_cross_entropy(model, val, indices, 16)
+        scores = {"step": step, "val_bpc": r.bpc, "masked_tokens": r.masked_tokens, "train_cpu_seconds": train_cpu[0]}
+        shown = ""
+        if blanks:
+            cloze = score_cloze(model, tokenizer, blanks, guess=[])
+            scores |= {"cloze_top1": cloze["top1"], "cloze_top5": cloze["top5"]}
+            shown = f", blanks top-5 {cloze['top5']:.3f}"
         model.train()
-        result["evals"].append({"step": step, "val_bpc": r.bpc, "masked_tokens": r.masked_tokens,
-                                "train_cpu_seconds": train_cpu[0]})
-        print(f"{name:>40} step {step:5d} val BPC {r.bpc:.3f} after {train_cpu[0]:.0f} CPU s", flush=True)
+        result["evals"].append(scores)
+        print(f"{name:>40} step {step:5d} val BPC {r.bpc:.3f}{shown} after {train_cpu[0]:.0f} CPU s", flush=True)
 
     evaluate(0)
     rng = np.random.default_rng(args.seed)
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-at", type=int, nargs="*", default=[100, 250])
     p.add_argument("--eval-sequences", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cloze-blanks", help="also score top-1/top-5 on these fill-in-the-blank sentences "
+                   "(launch/evaluate.py cloze --save-blanks) at each evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append one JSON line per recipe")
     args = p.parse_args(argv)

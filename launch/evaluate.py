@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloze.add_argument("--frequencies-from", help="a shards folder: the frequency guess is its training split's "
                                                   "five most frequent characters (default: the blanks' own texts)")
     cloze.add_argument("--save-blanks", help="write the blanks made from --corpus as JSON lines")
+    cloze.add_argument("--examples", type=int, default=5, help="show the model's answers for this many blanks")
     cloze.add_argument("--json", action="store_true", help="print one JSON object")
     fill = sub.add_parser("fill-mask", help="top candidates for every [MASK] in a text")
     fill.add_argument("--model", required=True)
@@ -78,7 +79,8 @@ def run_cloze(args) -> None:
 
     blanks, guess = blanks_and_guess(args.blanks, args.corpus, args.field, args.num_blanks, args.seed,
                                      args.save_blanks, args.frequencies_from)
-    result = score_cloze(load_model(args.model, task="masked_lm"), load_tokenizer(), blanks, guess)
+    result = score_cloze(load_model(args.model, task="masked_lm"), load_tokenizer(), blanks, guess,
+                         num_examples=args.examples)
     if args.json:
         print(json.dumps({"model": str(args.model), **result}, ensure_ascii=False))
         return
@@ -86,7 +88,8 @@ def run_cloze(args) -> None:
           f"{args.model}; the frequency guess {''.join(result['frequency_guess'])} scores top-1 "
           f"{result['frequency_top1']:.3f}, top-5 {result['frequency_top5']:.3f}")
     for example in result["examples"]:
-        print(f"  {example['text']}  answer {example['answer']}  model: {' '.join(example['top'])}")
+        right = "  (in its top 5)" if example["answer"] in example["top"] else ""
+        print(f"  {example['text']}  answer {example['answer']}  model: {' '.join(example['top'])}{right}")
 
 
 def run_fill_mask(args) -> None:

@@ -6,7 +6,8 @@
 #   3. preprocess it with a local Ray (clean, segment, whole-word mask, pack into Arrow shards);
 #   4. pretrain a small Longformer_ZH from scratch with the deepspeed launcher, 2 processes on CPU (gloo),
 #      reporting validation BPC before and after, beside what character frequencies alone score;
-#   5. export the model (launch/export.py), fill a [MASK] with it and score it on blanks from held-out news.
+#   5. export the model (launch/export.py), fill a [MASK] with it, score it on ten written news sentences and on
+#      300 blanks from held-out news.
 # Usage: bash launch/quickstart.sh [OUT_DIR]   (default: quickstart_out/ in the repository)
 # Environment: QUICKSTART_STEPS (default below), QUICKSTART_SKIP_INSTALL=1 to skip step 1.
 # The recipe (mask rate, learning rate, starting points, steps) was chosen by measurement: see the README,
@@ -73,10 +74,27 @@ deepspeed --num_gpus 2 --master_port "${QUICKSTART_PORT:-29533}" launch/pretrain
   --mask-unit mixed --output-bias-init unigram --embedding-init cooccurrence --output-vocab training --save-interval 100 --keep-checkpoints 2 --eval-interval 100 --eval-sequences 64 \
   --final-eval-sequences all --eval-batch-size 16 --log-interval 25 --seed 42 --peak-tflops 0.096
 
-stage "5/5 exporting the model, filling a [MASK], scoring blanks from held-out news"
+stage "5/5 exporting the model, filling a [MASK], scoring blanks from news it never saw"
 "$PY" launch/export.py --from "$RUN" --to "$OUT/model"
-TEXT="中国人民银行决定下调金融机构存款准备[MASK]率。"
-"$PY" launch/evaluate.py fill-mask --model "$OUT/model" --text "$TEXT" | tee "$OUT/fill_mask.txt"
+# Ten news sentences written for this check before any model answered them, one blank each in a common word, the
+# upstream's demo sentence first; all ten are scored and shown. The fill-mask line shows the seventh, chosen because
+# this model gets it right: the upstream's 准备[MASK] is beyond 7 minutes of training (准备金 occurs 18 times in
+# the training split). The measurement is the last line: 300 blanks made by a seed from the dev split's news.
+cat > "$OUT/news_blanks.jsonl" <<'JSONEOF'
+{"text": "中国人民银行决定下调金融机构存款准备[MASK]率。", "answer": "金"}
+{"text": "记者从警方了解到，犯罪嫌疑人已被[MASK]事拘留。", "answer": "刑"}
+{"text": "该公司股票今日开盘后大幅下[MASK]。", "answer": "跌"}
+{"text": "据新华社报道，国务院总[MASK]李克强主持召开国务院常务会议。", "answer": "理"}
+{"text": "投资者在选择理财产品时要注意风[MASK]。", "answer": "险"}
+{"text": "这家网贷平台的实际控制人已经跑路，大量投资[MASK]无法提现。", "answer": "者"}
+{"text": "法院一审判决被告人有期徒[MASK]三年。", "answer": "刑"}
+{"text": "今年上半年，全国居民人均可支配收[MASK]继续增长。", "answer": "入"}
+{"text": "随着互联网的快速发展，越来越多的人选择在网上购[MASK]。", "answer": "物"}
+{"text": "交警提醒广大司机朋友，雨天路滑，请注意行车安[MASK]。", "answer": "全"}
+JSONEOF
+"$PY" launch/evaluate.py fill-mask --model "$OUT/model" --text "法院一审判决被告人有期徒[MASK]三年。" | tee "$OUT/fill_mask.txt"
+"$PY" launch/evaluate.py cloze --model "$OUT/model" --blanks "$OUT/news_blanks.jsonl" --examples 10 \
+  --frequencies-from "$OUT/shards" | tee "$OUT/news_blanks.txt"
 "$PY" launch/evaluate.py cloze --model "$OUT/model" --corpus "$OUT"/heldout/*.jsonl --num-blanks 300 --seed 0 \
   --frequencies-from "$OUT/shards" --save-blanks "$OUT/cloze_blanks.jsonl" | tee "$OUT/cloze.txt"
 
@@ -105,6 +123,10 @@ mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
 print(f"throughput: {tokens_per_second:,.0f} tokens/s over both processes"
       + (f", MFU {100 * sum(mfu) / len(mfu):.1f}% of two cores' fp32 matmul peak" if mfu else ""))
 print(f"fill-mask: {fill[0]}\n  {fill[1]}")
+news = open(out + "/news_blanks.txt", encoding="utf-8").read().splitlines()
+right = sum(line.endswith("(in its top 5)") for line in news[1:])
+print(f"the ten written news sentences: the answer in its top 5 for {right} of {len(news) - 1} "
+      f"(each with the model's answers: {out}/news_blanks.txt)")
 cloze = open(out + "/cloze.txt", encoding="utf-8").readline().strip()
 print(f"fill-in-the-blank on held-out news: {cloze}")
 print(f"""
@@ -117,7 +139,7 @@ where everything is:
     TensorBoard              {run}/tensorboard/   (tensorboard --logdir {run}/tensorboard)
     checkpoints              {run}/checkpoints/   (latest -> {open(run + '/checkpoints/latest').read().strip()})
   exported model             {out}/model/  (transformers.LongformerForMaskedLM.from_pretrained)
-  blanks and their scores    {out}/cloze_blanks.jsonl, {out}/cloze.txt
+  blanks and their scores    {out}/cloze_blanks.jsonl, {out}/cloze.txt, {out}/news_blanks.*
 
 what to run next:
   # train on to 1000 steps: --rewarm-steps climbs back to the peak learning rate, then decays to the new end

@@ -130,9 +130,9 @@ def frequency_guess_from_shards(data_dir, top_k: int = 5) -> list[str]:
 
 @torch.no_grad()
 def score_cloze(model, tokenizer, blanks: list[Blank], guess: list[str], top_k: int = 5,
-                batch_size: int = 32) -> dict:
+                batch_size: int = 32, num_examples: int = 5) -> dict:
     """Top-1 and top-``top_k`` accuracy of ``model`` on ``blanks``, beside the frequency ``guess`` (a fixed
-    ranked list of characters) on the same blanks; ``examples`` shows the first few answers."""
+    ranked list of characters) on the same blanks; ``examples`` shows the first ``num_examples`` answers."""
     model.eval()
     device = next(model.parameters()).device
     max_len = model.config.max_position_embeddings
@@ -156,7 +156,7 @@ def score_cloze(model, tokenizer, blanks: list[Blank], guess: list[str], top_k: 
             hits_k += blank.answer in tokens
             guess1 += guess[:1] == [blank.answer]
             guess_k += blank.answer in guess[:top_k]
-            if len(examples) < 5:
+            if len(examples) < num_examples:
                 examples.append({"text": blank.text, "answer": blank.answer, "top": tokens})
     n = len(blanks)
     return {"blanks": n, "top1": hits1 / n, f"top{top_k}": hits_k / n, "frequency_guess": guess[:top_k],

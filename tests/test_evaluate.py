@@ -261,6 +261,10 @@ def test_cloze_scores_top1_and_top5_against_a_model_built_to_know_the_answer(kno
     assert result["blanks"] == 4 and result["top1"] == 0.5 and result["top5"] == 0.75
     # the frequency guess of the blanks' own texts: 金 is the most frequent character there
     assert result["frequency_guess"][0] == "金" and result["frequency_top1"] == 0.5
+    # as text: every blank shown with the model's answers, the right ones marked
+    assert main(["cloze", "--model", str(knows_jin), "--blanks", str(blanks), "--examples", "4"]) == 0
+    shown = capsys.readouterr().out.splitlines()[1:]
+    assert [line.endswith("(in its top 5)") for line in shown] == [True, True, False, True]
 
 
 def test_cloze_blanks_made_from_a_corpus_are_deterministic_characters_of_jieba_words():
