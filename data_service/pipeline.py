@@ -322,15 +322,13 @@ def _build_all_shards(job: _Job, plan: Plan) -> dict:
     job.progress.show("packing and masking", force=True)
 
     def finish_one():
-        (split, index, docs_sha), stats = window.wait_one()
-        name = shard_name(split, index)
-        if not result.shared_storage:
-            data, stats = stats
-            write_atomic(output / name, data)
-        entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"],
-                 "documents": len(plan.shards[split][index]), "predictions": stats["predictions"],
-                 "sha256": stats["sha256"], "documents_sha256": docs_sha}
-        write_json_atomic(shard_record_path(work, name), {**entry, "shard_config": shard_config})
+        (split, index, docs_sha), built = window.wait_one()
+        if result.shared_storage:  # the worker wrote the shard and its record
+            entry = built
+        else:
+            data, stats = built
+            entry = write_shard_and_record(output, work, split, index, data, stats,
+                                           len(plan.shards[split][index]), docs_sha, shard_config)
         entries[split][index] = entry
         result.shards_built += 1
 
@@ -355,7 +353,8 @@ def _build_all_shards(job: _Job, plan: Plan) -> dict:
             if result.shared_storage:  # the worker reads the documents from the stored chunk results
                 refs = [doc[:3] for doc in docs]
                 task = remote(_build_shard_file).remote(split, index, refs, {n: str(paths[n]) for n, *_ in refs},
-                                                        str(output.resolve()), shard_config)
+                                                        str(output.resolve()), str(work.resolve()), docs_sha,
+                                                        shard_config)
             else:
                 task = remote(build_shard).remote(split, index, *gather(docs, paths, cache), shard_config)
             window.submit(task, (split, index, docs_sha))
@@ -365,13 +364,27 @@ def _build_all_shards(job: _Job, plan: Plan) -> dict:
     return entries
 
 
-def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: str, shard_config: dict) -> dict:
+def write_shard_and_record(output: Path, work: Path, split: str, index: int, data: bytes, stats: dict,
+                           documents: int, docs_sha: str, shard_config: dict) -> dict:
+    """Write a shard, then the record a rerun checks before it keeps the shard (a shard without one is rebuilt).
+    Returns the shard's manifest entry."""
+    name = shard_name(split, index)
+    write_atomic(output / name, data)
+    entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"], "documents": documents,
+             "predictions": stats["predictions"], "sha256": stats["sha256"], "documents_sha256": docs_sha}
+    write_json_atomic(shard_record_path(work, name), {**entry, "shard_config": shard_config})
+    return entry
+
+
+def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: str, work: str, docs_sha: str,
+                      shard_config: dict) -> dict:
     """Stage 4 on a worker that sees the output: gather the shard's documents from the stored chunk
-    results, pack and mask them, write the shard. Returns its stats."""
+    results, pack and mask them, write the shard and its record (here, not on the driver: a job killed while
+    the driver waits on other tasks keeps every shard already written). Returns its manifest entry."""
     tokens, starts, lengths = gather(docs, chunk_paths, OrderedDict())
     data, stats = build_shard(split, index, tokens, starts, lengths, shard_config)
-    write_atomic(Path(output) / shard_name(split, index), data)
-    return stats
+    return write_shard_and_record(Path(output), Path(work), split, index, data, stats, len(docs), docs_sha,
+                                  shard_config)
 
 
 # ---------------------------------------------------------------- the report

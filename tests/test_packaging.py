@@ -5,6 +5,7 @@ The wheel is built offline from a copy of the tree (setuptools of this environme
 into a fresh virtualenv that sees this environment's dependencies, and its commands run from there."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -56,6 +57,12 @@ def venv_bin(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # --system-site-packages sees the base interpreter's packages only: where the tests run in a virtualenv (as the
+    # README suggests), its dependencies live in that virtualenv's site-packages, which the new one gets as plain
+    # path lines, after its own (the wheel comes first; the checkout's editable-install .pth is not read).
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "outer_environment.pth").write_text("".join(f"{d}\n" for d in site.getsitepackages()))
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True, env=without_pythonpath(), capture_output=True)
     return venv / "bin"
