@@ -1,5 +1,6 @@
 import pytest
 import torch
+from model_helpers import torch_threads
 
 
 @pytest.fixture
@@ -7,10 +8,8 @@ def frugal_torch():
     """One thread and a fixed seed for small in-process model tests (the CPU is shared with Ray and launcher
     subprocesses); the thread count is restored afterwards."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -1,5 +1,18 @@
 """Inputs and comparisons shared by the model tests (not a test module)."""
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def torch_threads(count: int):
+    """torch on ``count`` threads inside the block, the thread count before it restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def padded_batch_with_globals(vocab_size, seq_len, pad_from, first_globals, second_globals):

@@ -19,6 +19,7 @@ import torch
 from lfzh_ds.loading import load_model
 from lfzh_ds.run_folder import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
+from model_helpers import torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -128,14 +129,9 @@ def reference_seed_7(shards, files, tmp_path_factory):
     it (the in_process fixture's): with two threads, reductions sum in another order, and on some CPUs step 6's loss
     then differs in the 7th digit."""
     run_dir = tmp_path_factory.mktemp("reference_seed_7") / "run"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads(1):
         in_process_env(monkeypatch)
-        torch.set_num_threads(1)
-        try:
-            assert pretrain_in_process(shards, files, run_dir, "--seed", "7") == 0
-        finally:
-            torch.set_num_threads(threads)
+        assert pretrain_in_process(shards, files, run_dir, "--seed", "7") == 0
     return run_dir
 
 
