@@ -70,7 +70,8 @@ from .plan import Plan, documents_sha256, empty_validation_warning, input_files,
 from .process import DocumentOptions, process_chunk
 from .ray_session import RaySession, SharedStorageError, TaskWindow, remote
 from .work_folder import (WORK_DIR, cached_chunk, chunk_path, clear_output, finished_manifest, gather, load_chunk,
-                          output_folder, reopen_finished_output, shard_record_path, start_job, store_chunk_result)
+                          output_folder, reopen_finished_output, shard_record_path, start_job, store_chunk_result,
+                          write_shard_record)
 
 
 @dataclasses.dataclass
@@ -372,7 +373,7 @@ def write_shard_and_record(output: Path, work: Path, split: str, index: int, dat
     write_atomic(output / name, data)
     entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"], "documents": documents,
              "predictions": stats["predictions"], "sha256": stats["sha256"], "documents_sha256": docs_sha}
-    write_json_atomic(shard_record_path(work, name), {**entry, "shard_config": shard_config})
+    write_shard_record(work, entry, shard_config)
     return entry
 
 

@@ -88,9 +88,8 @@ def reopen_finished_output(output: Path, work: Path) -> None:
     shard_config = {k: manifest.get("config", {}).get(k) for k in SHARD_CONFIG}
     for split in SPLITS:
         for entry in manifest.get("splits", {}).get(split, {}).get("shards", []):
-            record = shard_record_path(work, entry["file"])
-            if not record.is_file():
-                write_json_atomic(record, {**entry, "shard_config": shard_config})
+            if not shard_record_path(work, entry["file"]).is_file():
+                write_shard_record(work, entry, shard_config)
     path.unlink()
 
 
@@ -144,6 +143,11 @@ def chunk_path(work: Path, key) -> Path:
 
 def shard_record_path(work: Path, name: str) -> Path:
     return work / "shards" / f"{name}.json"
+
+
+def write_shard_record(work: Path, entry: dict, shard_config: dict) -> None:
+    """What a rerun checks before it keeps a written shard: its manifest entry and the options it was built with."""
+    write_json_atomic(shard_record_path(work, entry["file"]), {**entry, "shard_config": shard_config})
 
 
 def store_chunk_result(out: dict, path: Path, job_id: str, chunk_bytes: int, key, input_path: str) -> dict:
