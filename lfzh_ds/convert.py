@@ -4,6 +4,10 @@
   ``BertForPreTraining`` or ``BertModel`` weights) -> a long ``LongformerZhForMaskedLM``: position rows
   tiled to the new length, global projections copied from the local ones, MLM head kept, BERT's pooler
   saved beside it (the MLM model ignores it; ``LongformerZhForSequenceClassification`` loads it).
+* ``lengthen_longformer``: one of our long models (a model folder, a pretraining run or one of its ``step_N``
+  folders, a fine-tuned classifier) with more positions: the trained rows tiled to the new length (the upstream's
+  and the Longformer paper's recipe), everything else as it was, so inputs within the old length give the same
+  logits; the per-layer windows are kept unless new ones are given.
 * ``export_to_hf_longformer``: our model -> a directory that stock ``transformers.LongformerForMaskedLM``
   (or ``LongformerForSequenceClassification``, for our classifier) loads without this package and that
   gives the same logits (a block-sparse model in block mode: a different attention pattern, with a warning).
@@ -27,6 +31,7 @@ from transformers import BertConfig, LongformerForMaskedLM, LongformerForSequenc
 from .configuration import LongformerZhConfig
 from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_MD5, VOCAB_SIZE
 from .hf_layout import hf_longformer_config, hf_longformer_state_dict, read_config_dict, read_state_dict
+from .loading import config_of, load_model, save_model_folder
 from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from .tokenization import load_tokenizer, vocab_md5
 
@@ -81,6 +86,12 @@ def tile_positions(table: torch.Tensor, new_rows: int) -> torch.Tensor:
     return table.repeat(repeats, 1)[:new_rows].clone()
 
 
+def is_short_bert(path) -> bool:
+    """A BERT checkpoint to convert (not one of the long models ``lengthen_longformer`` takes)."""
+    config = config_of(Path(path))
+    return config.get("model_type") == "bert" and "attention_window" not in config
+
+
 def convert_bert_to_longformer(
     short_dir,
     long_dir=None,
@@ -95,7 +106,8 @@ def convert_bert_to_longformer(
         raise ValueError(
             f"{short_dir} is already a long model (its config.json has model_type={raw_config.get('model_type')!r}, "
             f"attention_window={raw_config.get('attention_window')!r}); conversion takes a short BERT/roberta_zh "
-            "checkpoint. Load this one with LongformerZhForMaskedLM.from_pretrained, or export it with launch/export.py"
+            "checkpoint. Lengthen this one with lengthen_longformer (launch/convert.py does), load it with "
+            "LongformerZhForMaskedLM.from_pretrained, or export it with launch/export.py"
         )
     short_config = BertConfig.from_pretrained(short_dir)
     warnings = []
@@ -157,6 +169,65 @@ def convert_bert_to_longformer(
         model.save_pretrained(long_dir, state_dict={**model.state_dict(), **pooler})
         load_tokenizer(model.config.max_position_embeddings).save_pretrained(long_dir)
     return ConversionResult(model, head_kept, short_positions, dropped, warnings, pooler_kept=bool(pooler))
+
+
+# ---------------------------------------------------------------------------------------------- ours, longer
+@dataclass
+class LengtheningResult:
+    model: torch.nn.Module
+    old_max_positions: int
+    old_attention_window: int | list[int]
+
+    def summary(self, source, target) -> str:
+        """What the lengthening did, for people (the lines ``lfzh-convert`` prints)."""
+        config = self.model.config
+        window = (f"{self.old_attention_window} -> {config.attention_window}"
+                  if config.attention_window != self.old_attention_window else f"{config.attention_window} (kept)")
+        return "\n".join([
+            f"lengthened {source} -> {target} ({type(self.model).__name__})",
+            f"  positions {self.old_max_positions} -> {config.max_position_embeddings} (trained rows tiled: row i is "
+            f"old row i % {self.old_max_positions})",
+            f"  attention window {window}, backend {config.attention_backend}; global projections and heads kept",
+            "  tokenizer files written beside the weights",
+        ])
+
+
+def lengthen_longformer(source, target=None, max_pos: int = DEFAULT_MAX_POSITIONS,
+                        attention_window: int | list[int] | None = None) -> LengtheningResult:
+    """``source`` (anything ``load_model`` takes) with ``max_pos`` positions; saved to ``target`` if given.
+
+    ``max_pos`` must exceed the model's positions and be a multiple of what inputs are padded to (the block size of
+    the block kernel, the largest window of sliding chunks), so an input of ``max_pos`` tokens fits unpadded.
+    """
+    model = load_model(source)
+    config = model.config
+    old_positions, old_window = config.max_position_embeddings, config.attention_window
+    if max_pos <= old_positions:
+        raise ValueError(f"--max-pos {max_pos}: {source} already has {old_positions} positions; lengthening needs "
+                         "more (to use fewer, give inputs of that length)")
+    if attention_window is not None:
+        config.attention_window = attention_window
+    config.max_position_embeddings = max_pos
+    try:
+        config.validate_longformer()
+        multiple = config.padding_multiple()
+    except ValueError as err:
+        raise ValueError(f"{source} with --max-pos {max_pos}"
+                         + (f" and --attention-window {attention_window}" if attention_window is not None else "")
+                         + f": {err}") from None
+    if max_pos % multiple:
+        raise ValueError(f"--max-pos {max_pos} is not a multiple of {multiple}, what this model pads its inputs to "
+                         f"({config.attention_backend}, window {config.attention_window}); choose a multiple, "
+                         f"e.g. {max_pos + multiple - max_pos % multiple}")
+    state = model.state_dict()
+    position_key = f"{model.base_model_prefix}.embeddings.position_embeddings.weight"
+    state[position_key] = tile_positions(state[position_key], max_pos)
+    model = type(model)(config)  # the same model, built at the new length; every weight from the old one
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if target is not None:
+        save_model_folder(model, target)
+    return LengtheningResult(model, old_positions, old_window)
 
 
 # ---------------------------------------------------------------------------------------------- ours -> HF Longformer

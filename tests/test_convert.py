@@ -500,3 +500,66 @@ def test_init_from_a_converted_model_trains_with_sliding_chunks_losses_on_the_bl
     assert "attention sliding_chunks" in capsys.readouterr().out
     assert len(token) == len(sliding) == 4 and len(set(token)) == 4  # the model trains
     assert max(abs(a - b) for a, b in zip(token, sliding)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- ours, longer
+def per_layer_model(model_class=LongformerZhForMaskedLM, **extra):
+    torch.manual_seed(0)
+    config = LongformerZhConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=64, attention_window=[4, 16],
+                                sparse_block_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                **SMALL, **extra)
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("model_class", [LongformerZhForMaskedLM, LongformerZhForSequenceClassification])
+def test_lengthening_our_model_gives_its_logits_within_the_old_length(tmp_path, capsys, model_class):
+    short = per_layer_model(model_class, num_labels=3)
+    short.save_pretrained(tmp_path / "short")
+
+    assert convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "256"]) is None
+    printed = capsys.readouterr().out
+    assert "positions 64 -> 256" in printed and "window [4, 16] (kept)" in printed
+
+    long = AutoModelForMaskedLM.from_pretrained(tmp_path / "long") if model_class is LongformerZhForMaskedLM else \
+        LongformerZhForSequenceClassification.from_pretrained(tmp_path / "long")
+    assert type(long) is model_class and long.config.max_position_embeddings == 256
+    assert long.config.attention_window == [4, 16]
+    table = long.bert.embeddings.position_embeddings.weight
+    assert torch.equal(table[:64], short.bert.embeddings.position_embeddings.weight)
+    assert torch.equal(table[192:256], table[:64])
+    assert json.loads((tmp_path / "long" / "tokenizer_config.json").read_text())["model_max_length"] == 256
+    # the oracle: the original model on inputs within its length (one padded, one with a global token)
+    input_ids, attention_mask = padded_batch(seq_len=64, pad_from=37)
+    global_mask = torch.zeros_like(attention_mask)
+    global_mask[0, 0] = 1
+    expected = short(input_ids, attention_mask=attention_mask, global_attention_mask=global_mask).logits
+    got = long(input_ids, attention_mask=attention_mask, global_attention_mask=global_mask).logits
+    assert max_diff(expected, got) <= TOL if model_class is LongformerZhForSequenceClassification else \
+        max_diff(expected[attention_mask.bool()], got[attention_mask.bool()]) <= TOL
+    # and it reads the new length
+    assert long(torch.randint(104, VOCAB_SIZE, (1, 256))).logits.shape[0] == 1
+
+
+def test_lengthening_can_set_new_windows(tmp_path):
+    per_layer_model().save_pretrained(tmp_path / "short")
+    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "128",
+                      "--attention-window", "16,32"])
+    assert LongformerZhForMaskedLM.from_pretrained(tmp_path / "long").config.attention_window == [16, 32]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-pos", "64"], "already has 64 positions; lengthening needs more"),
+    (["--max-pos", "40"], "already has 64 positions"),
+    (["--max-pos", "200"], "--max-pos 200 is not a multiple of 16, what this model pads its inputs to"),
+    (["--max-pos", "256", "--attention-window", "6,16"], "with --max-pos 256 and --attention-window [6, 16]: "),
+])
+def test_a_lengthening_the_model_cannot_take_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    from launch.cli import run_main
+
+    per_layer_model().save_pretrained(tmp_path / "short")
+    capsys.readouterr()
+    argv = ["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), *extra]
+    assert run_main(lambda: convert_cli.main(argv), "convert.py") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "long").exists()

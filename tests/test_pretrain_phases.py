@@ -143,6 +143,32 @@ def test_a_second_phase_refuses_a_model_too_short_for_the_data(setup, in_process
     assert "--continue-from" in capsys.readouterr().err
 
 
+def test_the_upstreams_route_a_short_phase_lengthened_then_a_long_phase(setup, in_process, capsys):
+    """A 64-position run, its step folder lengthened to 128 positions (launch/convert.py), then trained on 128-token
+    sequences from there with --init-from and --start-step: the schedule goes on, the weights are the lengthened
+    ones, and the lengthened model gives the short one's logits on the short data."""
+    from launch.convert import main as convert_main
+
+    tmp_path, short, long = setup
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY_MODEL, "max_position_embeddings": 64}))
+    phase1 = tmp_path / "phase1"
+    assert pretrain(tmp_path, short, phase1, "--max-steps", "4") == 0
+    convert_main(["--from", str(phase1 / "checkpoints" / "step_2"), "--to", str(tmp_path / "long_model"),
+                  "--max-pos", "128"])
+    assert "positions 64 -> 128 (trained rows tiled" in capsys.readouterr().out
+    short_model, long_model = load_model(phase1 / "checkpoints" / "step_2"), load_model(tmp_path / "long_model")
+    batch = ShardDataset(short, "validation")[0]
+    inputs = {"input_ids": batch["input_ids"][None].long()}
+    assert torch.allclose(short_model(**inputs).logits, long_model(**inputs).logits, atol=1e-5)
+
+    phase2 = tmp_path / "phase2"
+    assert pretrain(tmp_path, long, phase2, "--init-from", str(tmp_path / "long_model"), "--start-step", "2",
+                    "--max-steps", "4", model=False) == 0
+    assert sorted(rates(phase2)) == [3, 4]
+    assert rates(phase2)[3] == pytest.approx(rates(phase1)[3], rel=1e-6)  # the schedule goes on where step 2 was
+    assert load_model(phase2).config.max_position_embeddings == 128
+
+
 # ---------------------------------------------------------------------------------------------- mask rate
 
 def test_dynamic_masking_masks_the_share_chosen_at_training_time(shard_folder):

@@ -126,7 +126,9 @@ def build_model(args: Namespace, model_config):
 def check_model_fits_data(model_config, seq_len: int, data_dir) -> None:
     if seq_len > model_config.max_position_embeddings:
         raise ConfigError(f"the shards in {data_dir} hold sequences of {seq_len} tokens but the model has "
-                          f"max_position_embeddings={model_config.max_position_embeddings}")
+                          f"max_position_embeddings={model_config.max_position_embeddings}: lengthen it first "
+                          f"(launch/convert.py --from MODEL_RUN_OR_STEP --to LONG --max-pos {seq_len}), then "
+                          "--init-from LONG (with --start-step N to go on with the schedule)")
     if model_config.vocab_size != VOCAB_SIZE:
         raise ConfigError(f"the model's vocab_size is {model_config.vocab_size}; the shards use the "
                           f"{VOCAB_SIZE}-token Chinese BERT vocab")
