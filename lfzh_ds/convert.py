@@ -196,8 +196,8 @@ def lengthen_longformer(source, target=None, max_pos: int = DEFAULT_MAX_POSITION
                         attention_window: int | list[int] | None = None) -> LengtheningResult:
     """``source`` (anything ``load_model`` takes) with ``max_pos`` positions; saved to ``target`` if given.
 
-    ``max_pos`` must exceed the model's positions and be a multiple of what inputs are padded to (the block size of
-    the block kernel, the largest window of sliding chunks), so an input of ``max_pos`` tokens fits unpadded.
+    ``max_pos`` must exceed the model's positions and fit its attention (the block layout of block mode needs a
+    multiple of its block; inputs are padded past the last position otherwise, which needs no position row).
     """
     model = load_model(source)
     config = model.config
@@ -208,17 +208,12 @@ def lengthen_longformer(source, target=None, max_pos: int = DEFAULT_MAX_POSITION
     if attention_window is not None:
         config.attention_window = attention_window
     config.max_position_embeddings = max_pos
-    try:
+    try:  # what the windows allow: e.g. the block layout needs whole blocks of positions
         config.validate_longformer()
-        multiple = config.padding_multiple()
     except ValueError as err:
         raise ValueError(f"{source} with --max-pos {max_pos}"
                          + (f" and --attention-window {attention_window}" if attention_window is not None else "")
                          + f": {err}") from None
-    if max_pos % multiple:
-        raise ValueError(f"--max-pos {max_pos} is not a multiple of {multiple}, what this model pads its inputs to "
-                         f"({config.attention_backend}, window {config.attention_window}); choose a multiple, "
-                         f"e.g. {max_pos + multiple - max_pos % multiple}")
     state = model.state_dict()
     position_key = f"{model.base_model_prefix}.embeddings.position_embeddings.weight"
     state[position_key] = tile_positions(state[position_key], max_pos)

@@ -540,23 +540,34 @@ def test_lengthening_our_model_gives_its_logits_within_the_old_length(tmp_path, 
     assert long(torch.randint(104, VOCAB_SIZE, (1, 256))).logits.shape[0] == 1
 
 
-def test_lengthening_can_set_new_windows(tmp_path):
-    per_layer_model().save_pretrained(tmp_path / "short")
-    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "128",
+def test_lengthening_can_set_new_windows_and_pads_past_the_last_position(tmp_path):
+    """The block kernel in token mode pads a 100-position model's inputs to its blocks' multiple (9 for windows
+    4 and 16): the padding needs no position row, so any length is allowed."""
+    per_layer_model(attention_backend="block_sparse").save_pretrained(tmp_path / "short")
+    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), "--max-pos", "100"])
+    long = LongformerZhForMaskedLM.from_pretrained(tmp_path / "long")
+    assert long.config.padding_multiple() == 9 and long(torch.randint(104, VOCAB_SIZE, (1, 100))).logits.shape[1] == 100
+    convert_cli.main(["--from", str(tmp_path / "short"), "--to", str(tmp_path / "wider"), "--max-pos", "128",
                       "--attention-window", "16,32"])
-    assert LongformerZhForMaskedLM.from_pretrained(tmp_path / "long").config.attention_window == [16, 32]
+    assert LongformerZhForMaskedLM.from_pretrained(tmp_path / "wider").config.attention_window == [16, 32]
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--max-pos", "64"], "already has 64 positions; lengthening needs more"),
     (["--max-pos", "40"], "already has 64 positions"),
-    (["--max-pos", "200"], "--max-pos 200 is not a multiple of 16, what this model pads its inputs to"),
-    (["--max-pos", "256", "--attention-window", "6,16"], "with --max-pos 256 and --attention-window [6, 16]: "),
+    (["--max-pos", "200"], "with --max-pos 200: max_position_embeddings=200 is not a multiple of sparse_block_size=16"),
+    (["--max-pos", "256", "--attention-window", "24,32"], "with --max-pos 256 and --attention-window [24, 32]: "
+                                                          "attention_window[0]=24 is not a multiple of sparse_block_size"),
 ])
 def test_a_lengthening_the_model_cannot_take_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    """Block mode (DeepSpeed's layout) needs whole blocks of positions and windows."""
     from launch.cli import run_main
 
-    per_layer_model().save_pretrained(tmp_path / "short")
+    block_mode = dict(attention_backend="block_sparse", sparse_window_mode="block")
+    torch.manual_seed(0)
+    LongformerZhForMaskedLM(LongformerZhConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=64,
+                                               attention_window=[16, 32], sparse_block_size=16, **block_mode,
+                                               **SMALL)).save_pretrained(tmp_path / "short")
     capsys.readouterr()
     argv = ["--from", str(tmp_path / "short"), "--to", str(tmp_path / "long"), *extra]
     assert run_main(lambda: convert_cli.main(argv), "convert.py") == 2
