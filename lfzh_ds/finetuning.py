@@ -110,24 +110,82 @@ def make_batch(encoded: EncodedSplit, indices: list[int], labels: list[int] | No
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def epoch_micro_batches(lengths: list[int], global_batch: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int):
-    """This process's micro-batches for one epoch, grouped by optimizer step.
+# Optimizer steps are cut from pools of this many global batches, each sorted by length (HF's group_by_length
+# "megabatch" is at most 50 batches): steps of similar documents, yet a different grouping every epoch.
+LENGTH_POOL_STEPS = 50
 
-    The order is a seeded shuffle (the same on every process); the last step is filled up with
-    documents from the start of the order so every step has ``global_batch`` documents. Inside a
-    step the documents are sorted by length and dealt out round-robin, so processes get similar
-    work and each micro-batch holds documents of similar length (less padding); the gradient of
-    the step is the same whatever the order inside it.
+
+def epoch_steps(lengths: list[int], global_batch: int, seed: int, epoch: int,
+                pool_steps: int = LENGTH_POOL_STEPS) -> list[list[int]]:
+    """The documents of every optimizer step of one epoch, in training order: a pure function of (lengths, seed,
+    epoch), the same whatever the number of processes (so ``--resume`` finds the same steps).
+
+    A seeded shuffle of the documents is cut into pools of ``pool_steps`` global batches; each pool is sorted by
+    length (ties keep the shuffled order) and cut into steps of ``global_batch`` documents of similar length; the
+    order of all the steps is then shuffled with the same seed, so long and short steps alternate at random. Every
+    document is in one step per epoch, except that a pool whose size is not a multiple of ``global_batch`` ends with
+    a step of its ``global_batch`` longest documents, filled up with the longest of the step before it (the only
+    documents seen twice in an epoch; a last pool of less than one global batch joins the pool before it). A task
+    with fewer documents than one global batch repeats them in its one step.
     """
-    order = list(range(len(lengths)))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
-    steps = math.ceil(len(order) / global_batch)
-    while len(order) < steps * global_batch:
-        order += order[: steps * global_batch - len(order)]
-    for s in range(steps):
-        step_docs = sorted(order[s * global_batch : (s + 1) * global_batch], key=lambda i: lengths[i])
-        mine = step_docs[rank::world]
+    n = len(lengths)
+    rng = random.Random(seed * 1000003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    if n < global_batch:
+        while 0 < len(order) < global_batch:
+            order += order[: global_batch - len(order)]
+        return [order] if order else []
+    pool = pool_steps * global_batch
+    bounds = list(range(0, n, pool)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < global_batch:
+        del bounds[-2]
+    steps = []
+    for a, b in zip(bounds, bounds[1:]):
+        docs = sorted(order[a:b], key=lambda i: lengths[i])
+        starts = list(range(0, len(docs) - global_batch + 1, global_batch))
+        if len(docs) % global_batch:
+            starts.append(len(docs) - global_batch)
+        steps += [docs[s : s + global_batch] for s in starts]
+    rng.shuffle(steps)
+    return steps
+
+
+def epoch_micro_batches(lengths: list[int], global_batch: int, micro_batch: int, rank: int, world: int, seed: int,
+                        epoch: int, pool_steps: int = LENGTH_POOL_STEPS):
+    """This process's micro-batches for one epoch, grouped by optimizer step (the steps of :func:`epoch_steps`).
+
+    Inside a step the documents are sorted by length and dealt out round-robin, so processes get similar work and
+    each micro-batch holds documents of similar length (the steps already do: little padding); the gradient of the
+    step is the same whatever the order inside it.
+    """
+    for step in epoch_steps(lengths, global_batch, seed, epoch, pool_steps):
+        mine = sorted(step, key=lambda i: lengths[i])[rank::world]
         yield [mine[j : j + micro_batch] for j in range(0, len(mine), micro_batch)]
+
+
+def padding_efficiency(lengths: list[int], batches, multiple: int = 1) -> float:
+    """Real tokens / padded tokens over ``batches`` (lists of document indices, empty ones skipped): a batch costs
+    its size x its longest document, rounded up to a multiple of ``multiple`` (1: :func:`make_batch`'s right-padding;
+    the model's ``config.padding_multiple()``: what the encoder computes on). 1.0 for no batch."""
+    real = padded = 0
+    for batch in batches:
+        if not batch:
+            continue
+        width = max(lengths[i] for i in batch)
+        real += sum(lengths[i] for i in batch)
+        padded += len(batch) * -(-width // multiple) * multiple
+    return real / padded if padded else 1.0
+
+
+def training_padding(lengths: list[int], settings: FinetuneSettings, world: int, multiple: int) -> dict:
+    """The padding efficiency of the whole run's training micro-batches (all epochs, all processes)."""
+    batches = [mb for epoch in range(1, settings.epochs + 1) for rank in range(world)
+               for step in epoch_micro_batches(lengths, settings.batch_size, settings.micro_batch_size, rank, world,
+                                               settings.seed, epoch) for mb in step]
+    return {"micro_batches": padding_efficiency(lengths, batches),
+            "with_model_padding": padding_efficiency(lengths, batches, multiple), "padding_multiple": multiple,
+            "one_document_per_micro_batch": padding_efficiency(lengths, [[i] for i in range(len(lengths))], multiple)}
 
 
 def eval_shards(lengths: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -371,6 +429,11 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         f"ZeRO stage {resolved.zero_stage}; {settings.epochs} epochs x "
         f"{steps_per_epoch} steps of {settings.batch_size} documents (micro-batch {settings.micro_batch_size}, "
         f"accumulation {resolved.gradient_accumulation_steps}), lr {settings.learning_rate}")
+    padding = training_padding(encoded["train"].lengths(), settings, world, model.config.padding_multiple())
+    say(f"padding efficiency of the training micro-batches (steps grouped by length): "
+        f"{100 * padding['micro_batches']:.1f}% real tokens; {100 * padding['with_model_padding']:.1f}% with the "
+        f"model's padding to multiples of {padding['padding_multiple']} (one document per micro-batch: "
+        f"{100 * padding['one_document_per_micro_batch']:.1f}%)")
 
     weights = class_weights(labels["train"], len(task.label_names), settings.class_weight)
     if weights is not None:
@@ -407,6 +470,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         "data": task.report,
         "documents": {split: len(getattr(task, split)) for split in ("train", "dev", "test")},
         "truncated_share": {split: e.truncated_share for split, e in encoded.items()},
+        "padding_efficiency": padding,
         "settings": asdict(settings),
         "deepspeed": {"precision": resolved.precision, "zero_stage": resolved.zero_stage, "processes": world, "notes": resolved.notes},
         "history": objective.history,

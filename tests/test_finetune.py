@@ -3,9 +3,11 @@ slice of the real CCF data, and a single-process run on a user's jsonl task."""
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lfzh_ds import classification as cls
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.convert import export_to_hf_longformer
-from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR
+from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR, epoch_micro_batches, epoch_steps, padding_efficiency
 from lfzh_ds.loading import load_model
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from lfzh_ds.tokenization import load_tokenizer
@@ -119,6 +121,10 @@ def test_own_jsonl_task_in_one_process_with_string_labels(tmp_path):
         "--max-len", "64", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3",
     ])
     assert "1 process(es)" in log
+    assert "padding efficiency of the training micro-batches (steps grouped by length): 100.0% real tokens" in log
+    padding = json.loads((out / "summary.json").read_text())["padding_efficiency"]
+    assert padding == {"micro_batches": 1.0, "with_model_padding": 1.0, "padding_multiple": 32,
+                       "one_document_per_micro_batch": 1.0}  # 24 documents of 64 tokens, window 32
     metrics = json.loads((out / "metrics_dev.json").read_text())
     assert metrics["labels"] == ["晴", "雨", "雪"] and metrics["num_examples"] == 6
     assert not (out / "metrics_test.json").exists()  # no --test file, no test metrics
@@ -181,6 +187,85 @@ def test_every_step_gets_the_whole_global_batch_every_document_is_seen_and_epoch
         assert list(epoch_micro_batches(lengths, 4, 1, 0, 2, seed=0, epoch=epoch)) == per_rank[0]  # deterministic
         seen_by_epoch[epoch] = seen
     assert len({tuple(seen) for seen in seen_by_epoch.values()}) == 3  # a new order every epoch
+
+
+def wide_lengths(n: int = 1001) -> list[int]:
+    """Document lengths spread as news articles' are at --max-len 4096: a few dozen to 4,096 tokens."""
+    rng = random.Random(3)
+    return [min(4096, int(rng.lognormvariate(6.3, 1.0)) + 2) for _ in range(n)]
+
+
+def in_step_sorting(lengths, global_batch, micro_batch, rank, world, seed, epoch):
+    """The former scheme, for comparison: the seeded shuffle cut into steps, sorted only inside each step."""
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    order += order[: -len(order) % global_batch]
+    for s in range(0, len(order), global_batch):
+        mine = sorted(order[s : s + global_batch], key=lambda i: lengths[i])[rank::world]
+        yield [mine[j : j + micro_batch] for j in range(0, len(mine), micro_batch)]
+
+
+def global_steps(lengths, global_batch, micro_batch, world, seed, epoch):
+    """Each optimizer step's documents, all processes together (sorted: the step as a multiset)."""
+    per_rank = [list(epoch_micro_batches(lengths, global_batch, micro_batch, rank, world, seed, epoch))
+                for rank in range(world)]
+    assert len({len(steps) for steps in per_rank}) == 1
+    return [sorted(i for rank in range(world) for mb in per_rank[rank][s] for i in mb) for s in range(len(per_rank[0]))]
+
+
+def test_steps_group_documents_of_similar_length_across_the_epoch_deterministically_from_seed_and_epoch():
+    lengths = wide_lengths()  # 1001 documents: 63 steps of 16, the last one filled up with 7 documents
+    steps = global_steps(lengths, 16, 4, 2, seed=0, epoch=1)
+    assert len(steps) == math.ceil(1001 / 16) == 63 and all(len(step) == len(set(step)) == 16 for step in steps)
+    counts = Counter(i for step in steps for i in step)
+    assert set(counts) == set(range(1001))  # every document once per epoch ...
+    assert sorted(counts.values()) == [1] * (1001 - 7) + [2] * 7  # ... but the 7 that fill up the last step
+
+    assert global_steps(lengths, 16, 4, 2, seed=0, epoch=1) == steps  # a pure function of (seed, epoch): --resume
+    for other in (global_steps(lengths, 16, 4, 2, seed=1, epoch=1), global_steps(lengths, 16, 4, 2, seed=0, epoch=2)):
+        assert len({tuple(s) for s in other} & {tuple(s) for s in steps}) < 10  # another grouping, not a new order
+
+    # Every step holds documents of similar length, and long and short steps alternate (not all long at the end).
+    widths = [max(lengths[i] for i in step) for step in steps]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    median = sorted(widths)[len(widths) // 2]
+    for part in (widths[:21], widths[21:42], widths[42:]):
+        assert min(part) < median < max(part)
+    for micro_batch in (2, 4):
+        new = [mb for rank in range(2) for step in epoch_micro_batches(lengths, 16, micro_batch, rank, 2, 0, 1) for mb in step]
+        old = [mb for rank in range(2) for step in in_step_sorting(lengths, 16, micro_batch, rank, 2, 0, 1) for mb in step]
+        assert padding_efficiency(lengths, new) >= 0.95, micro_batch
+        assert padding_efficiency(lengths, old) < {2: 0.85, 4: 0.65}[micro_batch]
+
+
+def test_the_steps_are_the_same_whatever_the_number_of_processes_and_processes_get_similar_work():
+    lengths = wide_lengths(300)
+    one = global_steps(lengths, 8, 1, 1, seed=5, epoch=3)
+    for world, micro_batch in ((2, 1), (2, 2), (4, 2), (8, 1)):
+        assert global_steps(lengths, 8, micro_batch, world, seed=5, epoch=3) == one, (world, micro_batch)
+    assert [sorted(step) for step in epoch_steps(lengths, 8, seed=5, epoch=3)] == one
+    for rank_steps in zip(*(epoch_micro_batches(lengths, 8, 2, rank, 2, 5, 3) for rank in range(2))):
+        work = [sum(lengths[i] for mb in mbs for i in mb) for mbs in rank_steps]  # dealt round-robin by length
+        assert min(work) >= 0.5 * max(work)
+
+
+def test_small_tasks_and_pool_edges_keep_every_step_a_whole_global_batch():
+    for n, pool_steps in ((3, 50), (16, 1), (17, 1), (33, 2), (50, 3), (90, 2), (100, 2), (100, 50)):
+        lengths = [(13 * i) % 29 + 1 for i in range(n)]
+        steps = epoch_steps(lengths, 16, seed=0, epoch=1, pool_steps=pool_steps)
+        assert len(steps) == math.ceil(n / 16) and all(len(step) == 16 for step in steps), (n, pool_steps)
+        assert {i for step in steps for i in step} == set(range(n))
+        if n >= 16:
+            assert all(len(set(step)) == 16 for step in steps)  # no document twice in a step
+            assert sum(map(len, steps)) - n < 16  # only the fill-up is seen twice
+    assert epoch_steps([], 16, 0, 1) == []
+
+
+def test_padding_efficiency_counts_real_tokens_over_padded_ones():
+    lengths = [3, 5, 8]
+    assert padding_efficiency(lengths, [[0, 1], [2]]) == pytest.approx(16 / 18)  # (3 + 5 + 8) / (2 x 5 + 8)
+    assert padding_efficiency(lengths, [[0, 1], [], [2]], multiple=4) == pytest.approx(16 / 24)  # 2 x 8 + 8
+    assert padding_efficiency(lengths, [[0], [1], [2]]) == 1.0 and padding_efficiency(lengths, []) == 1.0
 
 
 def test_evaluation_gives_every_process_the_same_number_of_batches_and_covers_every_document():
