@@ -100,15 +100,23 @@ def finetune_variant(args) -> str:
 
 
 def finetune(args, start: str, model: Path, seed: int, work: Path) -> dict:
-    out = work / "finetune" / f"{start}{finetune_variant(args)}-seed{seed}"
+    return finetune_ccf(model, work / "finetune" / f"{start}{finetune_variant(args)}-seed{seed}", seed=seed,
+                        max_len=args.max_len, epochs=args.epochs, lr=args.lr, class_weight=args.class_weight)
+
+
+def finetune_ccf(model: Path, out: Path, *, seed: int, max_len: int, epochs: int, lr: float, class_weight: str,
+                 eval_batch_size: int = 32) -> dict:
+    """CCF sentiment fine-tuned from ``model`` into ``out`` (skipped when its summary.json exists; a killed run
+    continues with --resume); its summary."""
     if not (out / "summary.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if (out / "checkpoints" / "latest").is_file() else []
         run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/finetune.py",
              "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model), "--task", "ccf-sentiment",
-             "--output-dir", str(out), "--max-len", str(args.max_len), "--truncation", "head+tail",
-             "--epochs", str(args.epochs), "--batch-size", "16", "--micro-batch-size", "4", "--eval-batch-size", "32",
-             "--lr", str(args.lr), "--class-weight", args.class_weight, "--seed", str(seed), "--log-every", "100"],
-            out / "finetune.log")
+             "--output-dir", str(out), "--max-len", str(max_len), "--truncation", "head+tail",
+             "--epochs", str(epochs), "--batch-size", "16", "--micro-batch-size", "4",
+             "--eval-batch-size", str(eval_batch_size), "--lr", str(lr), "--class-weight", class_weight,
+             "--seed", str(seed), "--log-every", "100", *resume], out / "finetune.log")
     return json.loads((out / "summary.json").read_text())
 
 
