@@ -332,3 +332,291 @@ def test_curves_name_the_run_and_draw_the_frequency_baseline(tmp_path):
     config = json.loads((run_dir / "model_config.json").read_text())
     (run_dir / "model_config.json").write_text(json.dumps({**config, "attention_window": [4, 16]}))
     assert "block_sparse windows 4/16 |" in run_title(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- by position, long document
+
+# The model below ranks 金 first and 银 second at every position and never ranks 气 in its top 5, whatever it reads:
+# a blank hiding 金 is a top-1 (and top-5) hit, one hiding 银 a top-5 hit only, one hiding 气 no hit.
+ALWAYS_FIRST, ALWAYS_SECOND, NEVER = "金", "银", "气"
+
+
+@pytest.fixture(scope="module")
+def knows_jin_4096(tmp_path_factory):
+    """A 4,096-position model built to know one answer (see ALWAYS_FIRST): its output bias decides every blank."""
+    import torch
+
+    from lfzh_ds.configuration import LongformerZhConfig
+    from lfzh_ds.modeling import LongformerZhForMaskedLM
+    from lfzh_ds.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LongformerZhConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=4096, attention_window=64)
+    model = LongformerZhForMaskedLM(config)
+    with torch.no_grad():
+        for token, bias in ((ALWAYS_FIRST, 100.0), (ALWAYS_SECOND, 90.0), (NEVER, -100.0)):
+            model.cls.predictions.bias[tokenizer.convert_tokens_to_ids(token)] = bias
+    path = tmp_path_factory.mktemp("knows_jin_4096")
+    model.save_pretrained(path)
+    return path
+
+
+def character_at(position: int) -> str:
+    """The character at token position ``position`` of every input of ``positional_corpus``: a different mix of the
+    three characters in each region, so every band has its own known top-1 and top-5, and a digit now and then
+    (never a blank: not a Chinese character)."""
+    if position % 13 == 0:
+        return "1"
+    if position < 500:
+        return ALWAYS_SECOND if (position // 7) % 2 else NEVER
+    if position < 2500:
+        return NEVER if (position // 5) % 3 == 0 else ALWAYS_FIRST
+    return ALWAYS_FIRST if (position // 11) % 2 else ALWAYS_SECOND
+
+
+def positional_corpus(path: Path, num_inputs: int, seq_len: int = 4096) -> Path:
+    """JSON lines whose packing gives inputs with ``character_at(p)`` at every position p: each document is
+    ``seq_len - 3`` one-token characters, so with the [SEP] after it it fills one input's body exactly; the last
+    document, with no [SEP] after it, is one token short of an input and is left out."""
+    document = "".join(character_at(p) for p in range(1, seq_len - 2))
+    path.write_text("".join(json.dumps({"content": document}) + "\n" for _ in range(num_inputs + 1)), encoding="utf-8")
+    return path
+
+
+def test_by_position_scores_every_band_against_a_model_built_to_know_the_answers(knows_jin_4096, tmp_path, capsys):
+    """Oracle: the blanks' positions (from the library, same seed), the answer at each read off ``character_at``, and
+    the model's known ranking; each band's top-1 is its share of 金, its top-5 its share of 金 or 银."""
+    import numpy as np
+
+    from lfzh_ds.cloze import position_band_blanks, read_corpus_texts
+    from lfzh_ds.tokenization import load_tokenizer
+
+    corpus = positional_corpus(tmp_path / "docs.jsonl", num_inputs=3)
+    args = ["by-position", "--model", str(knows_jin_4096), "--corpus", str(corpus), "--num-blanks", "250",
+            "--seed", "3"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["seq_len"], result["inputs"], result["blanks"], result["blank_every"]) == (4096, 3, 250, 40)
+
+    inputs = position_band_blanks(read_corpus_texts([corpus]), load_tokenizer(), 4096, 250, seed=3)
+    positions = np.concatenate([x.positions for x in inputs])
+    answers = np.array([character_at(int(p)) for p in positions])
+    assert len(positions) == 250 and NEVER in answers and ALWAYS_SECOND in answers
+
+    def expected(start, end):
+        inside = (positions >= start) & (positions <= end)
+        return {"band": f"{start}-{end}", "start": start, "end": end, "blanks": int(inside.sum()),
+                "top1": pytest.approx(float(np.mean(answers[inside] == ALWAYS_FIRST))),
+                "top5": pytest.approx(float(np.mean(np.isin(answers[inside], [ALWAYS_FIRST, ALWAYS_SECOND]))))}
+
+    assert result["bands"] == [expected(0, 499), expected(500, 2047), expected(2048, 2499), expected(2500, 4095)]
+    assert sum(band["blanks"] for band in result["bands"]) == 250
+    assert min(band["blanks"] for band in result["bands"]) >= 25  # every band gets its share of the blanks
+    assert result["bands"][0]["top1"] == 0 and result["bands"][1]["top5"] < 1  # the bands really differ
+    assert result["first_500"] == expected(0, 499) and result["past_2500"] == expected(2500, 4095)
+    assert result["ratio_far_to_near"] == pytest.approx(1.0 / result["first_500"]["top5"])  # all of 2500+ is 金/银
+
+    assert main(args) == 0  # as text: one line per band, then the ratio
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("250 blanks by position in 3 inputs of 4,096 tokens")
+    assert [line.split()[0] for line in lines[2:6]] == ["0-499", "500-2047", "2048-2499", "2500-4095"]
+    assert lines[6].endswith(f"{result['ratio_far_to_near']:.2f}")
+
+
+def test_by_position_blanks_are_spread_over_positions_seeded_and_masked_all_at_once():
+    import numpy as np
+
+    from lfzh_ds.cloze import position_band_blanks
+    from lfzh_ds.constants import MASK_ID
+    from lfzh_ds.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    texts = ["".join(character_at(p) for p in range(1, 4093))] * 3
+    inputs = position_band_blanks(texts, tokenizer, 4096, 10_000, seed=0)
+    assert len(inputs) == 2  # 3 x 4,092 tokens and 2 [SEP]s make 2 full inputs of 4,094 and a short one, left out
+    for blanked in inputs:
+        positions = blanked.positions
+        assert len(positions) == len(range(1, 4095, 40))  # one in every stretch of 40 tokens
+        assert positions.min() >= 1 and positions.max() <= 4094  # never [CLS] or the last [SEP]
+        assert np.all(np.diff(positions) >= 2)  # never neighbours
+        assert np.all((positions - 1) // 40 == np.arange(len(positions)))
+        assert all(len(t) == 1 and "\u4e00" <= t <= "\u9fff" for t in tokenizer.convert_ids_to_tokens(
+            blanked.answers.tolist()))
+        masked = blanked.masked_ids()
+        assert np.array_equal(np.flatnonzero(masked == MASK_ID), positions)
+        assert np.array_equal(np.delete(masked, positions), np.delete(blanked.ids, positions))
+    again = position_band_blanks(texts, tokenizer, 4096, 10_000, seed=0)
+    other = position_band_blanks(texts, tokenizer, 4096, 10_000, seed=1)
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(inputs, again))
+    assert not np.array_equal(inputs[0].positions, other[0].positions)
+    fewer = position_band_blanks(texts, tokenizer, 4096, 150, seed=0)  # the second input keeps a subset: 47 of 103
+    assert [len(x.positions) for x in fewer] == [103, 47] and fewer[1].positions.max() > 2500
+    dense = position_band_blanks(texts, tokenizer, 4096, 10_000, blank_every=2, seed=0)
+    assert all(np.all(np.diff(x.positions) >= 2) for x in dense)  # stretches of 2 next to each other: still apart
+
+
+def test_by_position_reads_each_blank_where_it_is_with_all_of_an_inputs_blanks_masked_in_one_forward():
+    """A stand-in model that answers a [MASK] with the true character of its position and nothing elsewhere: every
+    blank scores a hit only if the input came masked at exactly the blanks and each blank was read where it is; the
+    forwards it sees show one pass over whole inputs, all their blanks at once."""
+    import numpy as np
+    import torch
+
+    from lfzh_ds.cloze import position_band_blanks, score_position_blanks
+    from lfzh_ds.constants import MASK_ID
+    from lfzh_ds.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    document = "".join(character_at(p) for p in range(1, 4094))  # with its [SEP], one input's body (as below)
+    inputs = position_band_blanks([document] * 4, tokenizer, 4096, 10_000, seed=0)
+    truth = torch.from_numpy(inputs[0].ids)  # every input of this corpus holds the same tokens
+    assert len(inputs) == 3 and all(np.array_equal(x.ids, inputs[0].ids) for x in inputs)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+            self.forwards = []
+
+        def bert(self, ids, attention_mask, token_type_ids):
+            self.forwards.append((tuple(ids.shape), int(attention_mask.sum()), int((ids == MASK_ID).sum())))
+            hidden = torch.where(ids == MASK_ID, truth.expand_as(ids), -1).float()[..., None]
+            return type("Output", (), {"last_hidden_state": hidden})
+
+        def cls(self, hidden):  # the id in the hidden state wins; -1 (not a blank) gives all-equal logits
+            ids = hidden[:, 0].long()
+            logits = torch.zeros(len(ids), len(tokenizer))
+            logits[ids >= 0, ids[ids >= 0]] = 1.0
+            return logits
+
+    model = Oracle()
+    scores = score_position_blanks(model, inputs, batch_size=2)
+    assert len(scores.positions) == sum(len(x.positions) for x in inputs) and scores.top1.all() and scores.top_k.all()
+    blanks = [len(x.positions) for x in inputs]
+    assert model.forwards == [((2, 4096), 2 * 4096, blanks[0] + blanks[1]), ((1, 4096), 4096, blanks[2])]
+
+
+def test_bands_are_inclusive_and_the_default_ones_are_cut_to_the_inputs():
+    import numpy as np
+
+    from lfzh_ds.cloze import PositionBand, PositionScores, band_score, parse_bands
+
+    scores = PositionScores(positions=np.array([1, 499, 500, 2047, 2048]), answers=np.zeros(5, int),
+                            top1=np.array([True, False, False, False, True]), top_k=np.array([True, True, False,
+                                                                                            True, True]))
+    assert band_score(scores, PositionBand(0, 499)) == {"band": "0-499", "start": 0, "end": 499, "blanks": 2,
+                                                        "top1": 0.5, "top5": 1.0}
+    assert band_score(scores, PositionBand(500, 2047))["blanks"] == 2
+    assert band_score(scores, PositionBand(3000, 4000)) == {"band": "3000-4000", "start": 3000, "end": 4000,
+                                                            "blanks": 0, "top1": None, "top5": None}
+    assert [b.name for b in parse_bands(None, 4096)] == ["0-499", "500-2047", "2048-2499", "2500-4095"]
+    assert [b.name for b in parse_bands(None, 2048)] == ["0-499", "500-2047"]
+    assert [b.name for b in parse_bands(None, 1024)] == ["0-499", "500-1023"]
+    assert [b.name for b in parse_bands(None, 8192)][-1] == "2500-8191"
+    assert [b.name for b in parse_bands(" 0-9 , 20-29", 64)] == ["0-9", "20-29"]  # gaps are allowed
+
+
+def test_by_position_inputs_are_the_rows_the_data_service_packs():
+    """Oracle: data_service.pack.pack_documents on the same documents' tokens; its full rows are our inputs."""
+    import numpy as np
+
+    from data_service.pack import pack_documents
+    from lfzh_ds.cloze import packed_windows
+    from lfzh_ds.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    texts = ["今天北京的天气很好，我们去公园散步。", "股市大涨", "中国人民银行决定下调金融机构存款准备金率。" * 3, "好"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows, _, num_tokens = pack_documents(np.concatenate(ids).astype(np.uint16), np.ones(sum(map(len, ids)), np.uint8),
+                                         np.array([len(i) for i in ids]), 16)
+    full = rows[num_tokens == 16].astype(np.int64)
+    ours = list(packed_windows(texts, tokenizer, 16))
+    assert len(ours) == len(full) >= 4 and all(np.array_equal(a, b) for a, b in zip(ours, full))
+
+
+def test_by_position_refuses_bad_bands_and_a_seq_len_past_the_models_positions(tiny_model, tmp_path, capsys):
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("今天北京的天气很好，我们去公园散步。\n" * 20, encoding="utf-8")
+    base = ["by-position", "--model", str(tiny_model), "--corpus", str(corpus)]
+    for extra, message in (
+            (["--seq-len", "256"], "--seq-len 256: the model has 128 positions"),
+            (["--bands", "0-99,50-120"], "--bands 0-99,50-120: 50-120 overlaps or comes before 0-99"),
+            (["--bands", "10-5"], "--bands 10-5: 10-5 ends before it starts"),
+            (["--bands", "0-99,far"], "--bands 0-99,far: 'far' is not START-END"),
+            (["--bands", "0-200"], "--bands 0-200: 0-200 goes past position 127, the last of --seq-len 128"),
+            (["--num-blanks", "0"], "--num-blanks 0: score at least 1 blank")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err == f"evaluate.py: error: {err.split('error: ', 1)[1]}" and err.count("\n") == 1, err
+        assert message in err, err
+    # the default bands are cut to the model's 128 positions; nothing lies past 2,500, so there is no ratio
+    assert main(base + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [b["band"] for b in result["bands"]] == ["0-127"] and result["bands"][0]["blanks"] == result["blanks"] > 0
+    assert result["past_2500"] is None and result["ratio_far_to_near"] is None
+    assert main(base) == 0
+    assert "none, the inputs end at 127" in capsys.readouterr().out
+
+
+FINANCE = ["中国人民银行决定下调金融机构存款准备金率。", "证券交易所公布上市公司年度报告。"]
+WEATHER = ["今天北京的天气很好，我们去公园散步。", "足球比赛在周末举行，球迷热情高涨。"]
+
+
+def long_document() -> str:
+    """Finance sentences to character 1,000, weather ones to 2,300, a finance sentence again, weather to 2,700: the
+    first words past 2,000 occur earlier only after character 1,000; the first that occurs before 1,000 sits past
+    2,300."""
+    text = ""
+    for sentences, until in ((FINANCE, 1000), (WEATHER, 2300)):
+        while len(text) < until:
+            text += sentences[len(text) % 2]
+    text += FINANCE[0]
+    while len(text) < 2700:
+        text += WEATHER[len(text) % 2]
+    return text
+
+
+def test_long_document_fill_mask_blanks_past_character_2000_and_reads_the_whole_document(knows_jin_4096, tmp_path,
+                                                                                         capsys):
+    from lfzh_ds.tokenization import load_tokenizer
+
+    document = long_document()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"content": t}, ensure_ascii=False) + "\n"
+                              for t in ["短的文章。" * 100, document]), encoding="utf-8")
+    args = ["fill-mask", "--model", str(knows_jin_4096), "--corpus", str(corpus)]
+    assert main([*args, "--long-document", "2000", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    at, word = result["blank_char"], result["word"]
+    assert result["document"] == 1 and result["document_chars"] == len(document) > 2000
+    assert at >= 2300 and document[at:at + len(word)] == word and result["answer"] == document[at]
+    assert len(word) >= 2 and result["word_earlier_at"] == document.index(word) < 1000  # the clue, far back
+    masked = document[:at] + "[MASK]" + document[at + 1:]
+    assert result["tokens"] == len(load_tokenizer()(masked)["input_ids"]) == len(document) + 2  # all of it read
+    assert result["blank_token"] == at + 1 and result["model_positions"] == 4096
+    assert result["context"] == document[at - 30:at] + "[MASK]" + document[at + 1:at + 31]
+    assert result["top"][:2] == [ALWAYS_FIRST, ALWAYS_SECOND] and len(result["top"]) == 5
+    assert result["answer_rank"] == (result["top"].index(result["answer"]) + 1 if result["answer"] in result["top"]
+                                     else None)
+    assert main(args) == 0  # the default is 2,000 characters too; as text
+    shown = capsys.readouterr().out
+    assert f"{len(document):,} characters" in shown and f"blank at character {at:,}" in shown
+    assert f"the first of the word {word}, which occurs before at character {document.index(word)}" in shown
+
+
+def test_long_document_fill_mask_refuses_a_short_model_and_a_corpus_without_a_long_document(tiny_model, tmp_path,
+                                                                                             capsys):
+    document = long_document()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(json.dumps({"content": document}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["fill-mask", "--model", str(tiny_model), "--corpus", str(corpus)]) == 2
+    err = capsys.readouterr().err
+    assert (f"document 0 ({len(document):,} characters) is {len(document) + 2:,} tokens with [CLS] and [SEP]; the "
+            "model has 128 positions and would not read it whole") in err
+    assert err.count("\n") == 1
+    assert main(["fill-mask", "--model", str(tiny_model), "--corpus", str(corpus), "--long-document", "3000"]) == 2
+    assert "no document longer than 3,000 characters" in capsys.readouterr().err
+    assert main(["fill-mask", "--model", str(tiny_model), "--text", "今天[MASK]气", "--long-document", "10"]) == 2
+    assert "--long-document goes with --corpus" in capsys.readouterr().err
