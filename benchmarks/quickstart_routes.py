@@ -25,23 +25,20 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.pretraining_value import free_port  # noqa: E402
+
 STEPS = 550  # the quick start's budget, in steps of 8 x 512 tokens
 RECIPE = ["--masking", "dynamic", "--mask-prob", "0.3", "--mask-unit", "mixed", "--output-vocab", "training",
           "--eval-batch-size", "8", "--log-interval", "25", "--seed", "42"]
 FROM_SCRATCH = ["--output-bias-init", "unigram", "--embedding-init", "cooccurrence"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(command: list[str], log: Path) -> dict:
