@@ -79,7 +79,7 @@ stage "6/6 filling a [MASK], scoring blanks from news it never saw, near and far
   --frequencies-from "$OUT/shards" --json > "$OUT/news_blanks.json"
 "$PY" launch/evaluate.py cloze --model "$OUT/model" --corpus "$OUT"/heldout/*.jsonl --num-blanks 300 --seed 0 \
   --frequencies-from "$OUT/shards" --save-blanks "$OUT/cloze_blanks.jsonl" --json > "$OUT/cloze.json"
-"$PY" launch/evaluate.py by-position --model "$OUT/model" --corpus "$OUT"/heldout/*.jsonl --num-blanks 4000 --seed 0 --json \
+"$PY" launch/evaluate.py by-position --model "$OUT/model" --corpus "$OUT"/heldout/*.jsonl --num-blanks 8000 --seed 0 --json \
   > "$OUT/by_position.json"
 "$PY" launch/evaluate.py fill-mask --model "$OUT/model" --corpus "$OUT"/heldout/*.jsonl --long-document 2000 --json \
   > "$OUT/long_fill_mask.json"
