@@ -20,6 +20,17 @@ def run_main(main, prog: str) -> int:
         return 2
 
 
+def exit_run(status: int):
+    """End a training script (pretrain, finetune) with ``status``. After a failure once torch.distributed is loaded,
+    every process of the run leaves the same way (``lfzh_ds.training.distributed.leave``), so that the ``deepspeed``
+    launcher's status is this one; a failure before that has no process to wait for: a plain exit."""
+    if status and "torch.distributed" in sys.modules:
+        from lfzh_ds.training.distributed import leave
+
+        leave(status)
+    sys.exit(status)
+
+
 def _script(module: str, prog: str) -> int:
     # The command's module is imported when the command runs, so each loads only what it needs
     # (lfzh-preprocess neither torch nor DeepSpeed).
@@ -43,4 +54,4 @@ def evaluate() -> int:
 
 
 def finetune() -> int:
-    return _script("finetune", "lfzh-finetune")
+    exit_run(_script("finetune", "lfzh-finetune"))

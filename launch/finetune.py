@@ -12,7 +12,8 @@ Writes OUTPUT_DIR/best (the best-on-dev checkpoint, a from_pretrained directory)
 predictions_{dev,test}.jsonl, metrics_{dev,test}.json, summary.json, metrics.jsonl (one line per step and per
 dev evaluation), curves.png, tensorboard/ (when the DeepSpeed config enables it) and checkpoints/ (for --resume).
 
-Exit status: 0 done, 2 bad arguments or data, 3 the loss stayed non-finite.
+Exit status: 0 done, 2 bad arguments or data, 3 the loss stayed non-finite, 4 another process of the run (on this
+node or another) stopped: restart every node with --resume.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def main(argv=None) -> int | None:
     # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
     from lfzh_ds.classification.tasks import load_task
     from lfzh_ds.finetuning import FinetuneSettings, finetune
+    from lfzh_ds.training.distributed import EXIT_DIVERGED, EXIT_LOST_PEER, lost_a_peer, lost_peer_message
     from lfzh_ds.training.trainer import TrainingDiverged
 
     same_names = ("max_len", "truncation", "head_fraction", "epochs", "batch_size", "micro_batch_size", "warmup_ratio",
@@ -127,7 +129,12 @@ def main(argv=None) -> int | None:
         summary = finetune(task, settings)
     except TrainingDiverged as err:
         print(f"finetune.py: error: {err}", file=sys.stderr, flush=True)
-        return 3
+        return EXIT_DIVERGED
+    except Exception as err:
+        if not lost_a_peer(err):
+            raise
+        print(f"finetune.py: error: {lost_peer_message(err, args.output_dir)}", file=sys.stderr, flush=True)
+        return EXIT_LOST_PEER
     if summary is not None:
         m = summary["metrics"]
         scores = ", ".join(f"{split} macro-F1 {v['macro_f1']:.4f}" for split, v in m.items())
@@ -136,6 +143,6 @@ def main(argv=None) -> int | None:
 
 
 if __name__ == "__main__":
-    from launch.cli import run_main
+    from launch.cli import exit_run, run_main
 
-    sys.exit(run_main(main, "finetune.py"))
+    exit_run(run_main(main, "finetune.py"))

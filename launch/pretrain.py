@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed launch/pretrain.py` runs this file as a script
@@ -98,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
-    from lfzh_ds.training.distributed import lost_a_peer, rank_and_world
+    from lfzh_ds.training.distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOST_PEER, lost_a_peer,
+                                              lost_peer_message, rank_and_world)
     from lfzh_ds.training.ds_config import ConfigError
     from lfzh_ds.training.pretraining import run
     from lfzh_ds.training.trainer import TrainingDiverged
@@ -119,21 +119,16 @@ def main(argv=None) -> int:
     try:
         summary = run(args)
     except (ConfigError, TrainingDiverged) as err:
-        # Every process stops with the same error; rank 0 says it. The launcher ends all processes as soon as one
-        # exits, so the others give rank 0 a moment to print first.
+        # Every process stops with the same error; rank 0 says it (under the launcher, ``leave`` below then ends
+        # every process the same way).
         if rank_and_world()[0] == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(3)
-        return 2 if isinstance(err, ConfigError) else 3
+        return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_DIVERGED
     except Exception as err:
         if not lost_a_peer(err):
             raise
-        reason = str(err).strip().splitlines()[-1].rpartition("] ")[2].partition(". ")[0][:200] or type(err).__name__
-        print(f"error: rank {rank_and_world()[0]} lost contact with another process of the run ({reason}): a process or "
-              f"node stopped (see its log). Stopping; once all nodes are back, start the same command with --resume "
-              f"on every node to continue from the last checkpoint in {args.output_dir}", file=sys.stderr, flush=True)
-        return 4
+        print(f"error: {lost_peer_message(err, args.output_dir)}", file=sys.stderr, flush=True)
+        return EXIT_LOST_PEER
     if rank_and_world()[0] == 0:
         bpc = ""
         if summary.first_val_bpc is not None and summary.last_val_bpc is not None:
@@ -144,4 +139,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.cli import exit_run
+
+    exit_run(main())

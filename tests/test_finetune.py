@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -307,17 +308,25 @@ def weather_task(tmp_path: Path) -> list[str]:
     return ["--task", "jsonl", "--no-dedup", "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
 
 
-def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None, launcher=True):
-    """launch/finetune.py on 2 processes through the deepspeed launcher (``launcher=False``: one plain process)."""
-    start = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher else [sys.executable]
-    command = [*start, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args, "--output-dir", str(out),
-               "--max-len", "64", "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3",
-               "--save-interval", "4", "--keep-checkpoints", "2", "--log-every", "1", *extra]
+def finetune_script(model_dir, task_args, out, *extra) -> list[str]:
+    return ["launch/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--model", str(model_dir), *task_args,
+            "--output-dir", str(out), "--max-len", "64", "--epochs", "2", "--batch-size", "4", "--micro-batch-size",
+            "1", "--lr", "1e-3", "--save-interval", "4", "--keep-checkpoints", "2", "--log-every", "1", *extra]
+
+
+def fault_env(fault=None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LFZH_FAULT", None)
     if fault:
         env["LFZH_FAULT"] = fault
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+def finetune_with_launcher(model_dir, task_args, out, *extra, fault=None, launcher=True):
+    """launch/finetune.py on 2 processes through the deepspeed launcher (``launcher=False``: one plain process)."""
+    start = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher else [sys.executable]
+    command = [*start, *finetune_script(model_dir, task_args, out, *extra)]
+    result = subprocess.run(command, cwd=REPO, env=fault_env(fault), capture_output=True, text=True, timeout=300)
     result.output = result.stdout + result.stderr
     return result
 
@@ -364,18 +373,45 @@ def test_killed_finetuning_resumes_with_exactly_the_same_losses_and_metrics(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_finetuning_stops_on_a_nonfinite_loss_and_names_the_last_good_checkpoint(tmp_path):
+    """2 processes under the launcher: every process stops at the same step and the launcher's status is 3."""
     model_dir = tiny_pretrained_model(tmp_path / "tiny")
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "LFZH_FAULT": "nan_from_step=3"}
-    result = subprocess.run([
-        sys.executable, "launch/finetune.py", "--model", str(model_dir), *weather_task(tmp_path), "--output-dir", str(out),
-        "--max-len", "64", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3",
-        "--save-interval", "2", "--max-nonfinite-steps", "2",
-    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 3, result.stderr[-4000:]
-    assert "the loss was not finite for 2 consecutive steps (steps 3-4); stopping" in result.stderr
-    assert f"The last good checkpoint is {out / 'checkpoints' / 'step_2'}" in result.stderr
+    result = finetune_with_launcher(model_dir, weather_task(tmp_path), out, "--epochs", "1", "--micro-batch-size", "2",
+                                    "--save-interval", "2", "--max-nonfinite-steps", "2", fault="nan_from_step=3")
+    assert result.returncode == 3, result.output[-4000:]
+    assert "finetune.py: error: the loss was not finite for 2 consecutive steps (steps 3-4); stopping" in result.output
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step_2'}" in result.output
+    assert "terminate called" not in result.output  # no process aborted on its way out
     losses = [r["loss"] for r in read_metrics(out)[0]]
     assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and not any(map(math.isfinite, losses[2:]))
+    assert read_latest_tag(out / "checkpoints") == "step_2"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dead_node_stops_the_other_with_status_4_and_how_to_resume(tmp_path):
+    """Two "nodes" of one process each (the multi-node command with --no_ssh --node_rank); rank 0, on node 0,
+    SIGKILLs itself when step 2 starts: node 1's process says it lost contact, and its launcher exits 4."""
+    model_dir = tiny_pretrained_model(tmp_path / "tiny")
+    out, hostfile, port = tmp_path / "run", tmp_path / "hostfile", free_port()
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: --no_ssh starts nothing remote
+    script = finetune_script(model_dir, weather_task(tmp_path), out)
+    logs = [open(tmp_path / f"node{rank}.log", "w+") for rank in (0, 1)]
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), *script], cwd=REPO,
+                              env=fault_env("kill_at_step=2"), stdout=logs[rank], stderr=subprocess.STDOUT,
+                              start_new_session=True) for rank in (0, 1)]
+    try:
+        status = nodes[1].wait(timeout=240)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    logs[1].seek(0)
+    output = logs[1].read()
+    assert status == 4, output[-4000:]
+    assert "finetune.py: error: rank 1 lost contact with another process of the run (" in output
+    assert f"start the same command with --resume on every node to continue from the last checkpoint in {out}" in output
