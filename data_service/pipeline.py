@@ -41,37 +41,34 @@ Resume: rerunning the same command reuses finished chunk results and every shard
 still has the sha256 recorded when it was written; everything else is redone. A finished output
 is verified and left alone.
 
-This file is the driver: ``run`` and the stages in the order they run, with the functions the
-workers run for them. Beside it: ``config.py`` (the job's options), ``plan.py`` (inputs, dedup,
-split, shard plan), ``work_folder.py`` (job identity, stored chunk results, shard records),
-``manifest.py`` (the manifest and rejects report), ``ray_session.py`` (starting or joining Ray,
-tasks in flight).
+This file is the driver: ``run`` and the stages in the order they run, each one the task loop
+(``tasks.run_tasks``) over the work a rerun does not find stored. Beside it: ``config.py`` (the job's
+options), ``plan.py`` (inputs, dedup, split, shard plan), ``storage.py`` (the storage mode: the task
+each stage submits and who stores its answer, and the functions the workers run with shared
+storage), ``work_folder.py`` (job identity, stored chunk results, shard records), ``manifest.py``
+(the manifest and rejects report), ``ray_session.py`` (starting or joining Ray, tasks in flight).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
-import socket
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 
-from lfzh_ds import near_duplicates
-from lfzh_ds.atomic_files import TEMPORARY_GLOB, write_atomic, write_json_atomic
-from lfzh_ds.shards import MANIFEST_NAME, SPLITS, file_sha256, shard_name
+from lfzh_ds.atomic_files import TEMPORARY_GLOB, write_json_atomic
+from lfzh_ds.shards import MANIFEST_NAME, SPLITS, file_sha256
 
 from . import readers
 from .config import PipelineConfig
 from .manifest import REJECTS_NAME, RejectsReport, build_manifest
-from .pack import build_shard
-from .plan import Plan, documents_sha256, empty_validation_warning, input_files, input_formats, plan_shards
-from .process import DocumentOptions, process_chunk
-from .ray_session import RaySession, SharedStorageError, TaskWindow, remote
-from .work_folder import (WORK_DIR, cached_chunk, chunk_path, clear_output, finished_manifest, gather, load_chunk,
-                          output_folder, reopen_finished_output, shard_record_path, start_job, store_chunk_result,
-                          write_shard_record)
+from .plan import Plan, PlannedShard, empty_validation_warning, input_files, input_formats, plan_shards
+from .ray_session import RaySession, TaskWindow
+from .storage import StorageMode, storage_mode
+from .tasks import run_tasks
+from .work_folder import (WORK_DIR, chunk_path, clear_output, finished_manifest, load_chunk, output_folder,
+                          reopen_finished_output, shard_record_path, start_job)
 
 
 @dataclasses.dataclass
@@ -140,15 +137,19 @@ class _Job:
     progress: Progress
     result: RunResult
     ray: RaySession
+    storage: StorageMode | None = None  # SharedStorage or DriverStorage, chosen once, when Ray starts
 
-    def window(self) -> TaskWindow:
-        """A new window of Ray tasks (Ray is started or joined on the first one, which also settles
-        ``result.shared_storage``)."""
+    def run_tasks(self, todo, make_task, finish) -> None:
+        """``tasks.run_tasks`` on this job's Ray (``make_task`` may use ``self.storage``: it is set by then)."""
+        run_tasks(todo, self._window, make_task, finish)
+
+    def _window(self) -> TaskWindow:
+        """A window of Ray tasks for one stage. The first one starts (or joins) Ray and chooses the storage mode."""
         self.ray.ensure()
-        window = TaskWindow(self.ray.max_in_flight(), self.result)
-        if self.result.shared_storage is None:
-            self.result.shared_storage = self.ray.shared_storage()
-        return window
+        if self.storage is None:
+            self.storage = storage_mode(self.ray.shared_storage(), self.config, self.output, self.work, self.job_id)
+            self.result.shared_storage = self.storage.shared
+        return TaskWindow(self.ray.max_in_flight(), self.result)
 
 
 def run(config: PipelineConfig) -> RunResult:
@@ -205,67 +206,31 @@ def run(config: PipelineConfig) -> RunResult:
 
 def _process_all_chunks(job: _Job) -> list:
     """Stage 2 for every chunk not already stored; returns the chunk keys in input order."""
-    config, result, work = job.config, job.result, job.work
-    options = config.document_options()
+    config, result = job.config, job.result
     keys = []
-    window = None
     job.progress.show("segmenting", force=True)
 
-    def finish_one():
-        (key, path), out = window.wait_one()
-        counts = out if result.shared_storage else \
-            store_chunk_result(out, chunk_path(work, key), job.job_id, config.chunk_bytes, key, path)
+    def chunks_to_process():
+        for file_index, (path, fmt) in enumerate(zip(job.files, job.formats)):
+            if fmt == "empty":
+                continue
+            for k, chunk in enumerate(readers.iter_chunks(path, file_index, fmt, config.field, config.text_docs,
+                                                          config.chunk_bytes)):
+                key = (file_index, k)
+                keys.append(key)
+                if load_chunk(chunk_path(job.work, key), job.job_id, config.chunk_bytes) is not None:
+                    result.chunks_reused += 1
+                    continue
+                yield key, chunk
+
+    def finish(task_key, answer):
+        counts = job.storage.chunk_finished(task_key, answer)
         result.chunks_processed += 1
-        result.characters_processed += counts["chars"]
-        job.progress.add(counts["docs"], counts["chars"], counts["tokens"])
+        result.characters_processed += counts.characters
+        job.progress.add(counts.documents, counts.characters, counts.tokens)
 
-    for file_index, (path, fmt) in enumerate(zip(job.files, job.formats)):
-        if fmt == "empty":
-            continue
-        ranges_only = None  # with shared storage the workers read an uncompressed input's byte ranges themselves
-        for k, chunk in enumerate(readers.iter_chunks(path, file_index, fmt, config.field, config.text_docs,
-                                                      config.chunk_bytes)):
-            key = (file_index, k)
-            keys.append(key)
-            if load_chunk(chunk_path(work, key), job.job_id, config.chunk_bytes) is not None:
-                result.chunks_reused += 1
-                continue
-            if window is None:
-                window = job.window()
-            while window.full():
-                finish_one()
-            if not result.shared_storage:
-                window.submit(remote(process_chunk).remote(chunk, options), (key, path))
-                continue
-            if ranges_only is None:
-                ranges_only = not readers.is_compressed(path)
-            target = chunk_path(work.resolve(), key)
-            window.submit(remote(_process_and_store).remote(
-                dataclasses.replace(chunk, data=None) if ranges_only else chunk, options, str(target), job.job_id,
-                config.chunk_bytes, key), (key, path))
-    while window is not None and window.pending:
-        finish_one()
+    job.run_tasks(chunks_to_process(), lambda item: job.storage.chunk_task(*item), finish)
     return keys
-
-
-def _process_and_store(chunk: readers.Chunk, options: DocumentOptions, path: str, job_id: str, chunk_bytes: int,
-                       key) -> dict:
-    """Stage 2 on a worker that sees the inputs and the output: read the chunk's byte range (unless it
-    carries its bytes), process it, store the result where the driver will look for it."""
-    try:
-        if chunk.data is None:
-            chunk = readers.read_range(chunk)
-    except (OSError, readers.InputError) as err:
-        raise SharedStorageError(f"{chunk.path}: a worker on {socket.gethostname()} cannot read {chunk.source} "
-                                 f"({err}); with shared storage every node must see the inputs at the same path "
-                                 f"(or URI); pass --shared-storage off to send them from this machine") from None
-    out = process_chunk(chunk, options)
-    try:
-        return store_chunk_result(out, Path(path), job_id, chunk_bytes, key, chunk.path)
-    except OSError as err:
-        raise SharedStorageError(f"a worker on {socket.gethostname()} cannot write {path} ({err}); with shared "
-                                 f"storage every node must see the output folder at the same path; pass "
-                                 f"--shared-storage off to write it from this machine only") from None
 
 
 # ---------------------------------------------------------------- stage 3: near dedup on the workers
@@ -273,41 +238,21 @@ def _process_and_store(chunk: readers.Chunk, options: DocumentOptions, path: str
 def _pair_similarities_on_workers(job: _Job):
     """With shared storage (and Ray up), a ``similarities`` for ``plan_shards`` that spreads the candidate
     pairs' exact Jaccard over the workers in batches of consecutive pairs; otherwise None (the driver does it)."""
-    if not job.result.shared_storage or job.config.near_dedup_config() is None:
+    if job.storage is None or not job.storage.shared or job.config.near_dedup_config() is None:
         return None
 
     def similarities(refs, paths):
-        window, scores = job.window(), [None] * len(refs)
+        scores = [None] * len(refs)
+        step = max(256, -(-len(refs) // job.ray.max_in_flight()))
+        batches = ((start, refs[start:start + step]) for start in range(0, len(refs), step))
 
-        def finish_one():
-            start, batch = window.wait_one()
-            scores[start:start + len(batch)] = batch
+        def finish(start, batch_scores):
+            scores[start:start + len(batch_scores)] = batch_scores
 
-        step = max(256, -(-len(refs) // window.limit))
-        for start in range(0, len(refs), step):
-            batch = refs[start:start + step]
-            while window.full():
-                finish_one()
-            needed = {number: paths[number] for pair in batch for number, _ in pair}
-            window.submit(remote(_jaccard_of_pairs).remote(batch, needed), start)
-        while window.pending:
-            finish_one()
+        job.run_tasks(batches, lambda batch: job.storage.pairs_task(*batch, paths), finish)
         return scores
 
     return similarities
-
-
-def _jaccard_of_pairs(refs, paths) -> list[float]:
-    """Exact Jaccard of candidate pairs ``((chunk number, row), (chunk number, row))``, on a worker that
-    sees the stored chunk results (chunk ``number`` at ``paths[number]``)."""
-    cache, sets = OrderedDict(), {}
-
-    def shingle_set(ref):
-        if ref not in sets:
-            sets[ref] = near_duplicates.shingles(cached_chunk(cache, ref[0], paths, 64).text(ref[1]))
-        return sets[ref]
-
-    return [near_duplicates.jaccard(shingle_set(a), shingle_set(b)) for a, b in refs]
 
 
 # ---------------------------------------------------------------- stage 4: shards
@@ -315,77 +260,42 @@ def _jaccard_of_pairs(refs, paths) -> list[float]:
 def _build_all_shards(job: _Job, plan: Plan) -> dict:
     """Stage 4 for every shard that is missing or does not match what was recorded when it was written
     (its documents, its masking options and its sha256). Returns each split's manifest entries."""
-    output, work, result = job.output, job.work, job.result
     shard_config = job.config.shard_config()
     entries = {s: [None] * len(plan.shards[s]) for s in SPLITS}
-    window, cache = None, OrderedDict()
-    paths = [chunk_path(work.resolve(), key) for key in plan.keys]
+    chunk_paths = [chunk_path(job.work.resolve(), key) for key in plan.keys]
     job.progress.show("packing and masking", force=True)
 
-    def finish_one():
-        (split, index, docs_sha), built = window.wait_one()
-        if result.shared_storage:  # the worker wrote the shard and its record
-            entry = built
-        else:
-            data, stats = built
-            entry = write_shard_and_record(output, work, split, index, data, stats,
-                                           len(plan.shards[split][index]), docs_sha, shard_config)
-        entries[split][index] = entry
-        result.shards_built += 1
+    def shards_to_build():
+        for split in SPLITS:
+            for shard in plan.shards[split]:
+                recorded = _kept_shard(job, shard, shard_config)
+                if recorded is not None:
+                    entries[split][shard.index] = recorded
+                    job.result.shards_reused += 1
+                    continue
+                yield shard
 
-    for split in SPLITS:
-        for index, docs in enumerate(plan.shards[split]):
-            name = shard_name(split, index)
-            docs_sha = documents_sha256(docs)
-            recorded = None
-            record = shard_record_path(work, name)
-            if record.is_file():
-                recorded = json.loads(record.read_text(encoding="utf-8"))
-            if recorded and recorded.pop("shard_config", None) == shard_config \
-                    and recorded.get("documents_sha256") == docs_sha and (output / name).is_file() \
-                    and file_sha256(output / name) == recorded["sha256"]:
-                entries[split][index] = recorded
-                result.shards_reused += 1
-                continue
-            if window is None:
-                window = job.window()  # settles shared storage if every chunk result was reused
-            while window.full():
-                finish_one()
-            if result.shared_storage:  # the worker reads the documents from the stored chunk results
-                refs = [doc[:3] for doc in docs]
-                task = remote(_build_shard_file).remote(split, index, refs, {n: str(paths[n]) for n, *_ in refs},
-                                                        str(output.resolve()), str(work.resolve()), docs_sha,
-                                                        shard_config)
-            else:
-                task = remote(build_shard).remote(split, index, *gather(docs, paths, cache), shard_config)
-            window.submit(task, (split, index, docs_sha))
-    while window is not None and window.pending:
-        finish_one()
+    def finish(shard: PlannedShard, answer):
+        entries[shard.split][shard.index] = job.storage.shard_finished(shard, answer)
+        job.result.shards_built += 1
+
+    job.run_tasks(shards_to_build(), lambda shard: job.storage.shard_task(shard, chunk_paths), finish)
     # shards of an earlier, larger plan for the same job cannot exist (same job => same plan)
     return entries
 
 
-def write_shard_and_record(output: Path, work: Path, split: str, index: int, data: bytes, stats: dict,
-                           documents: int, docs_sha: str, shard_config: dict) -> dict:
-    """Write a shard, then the record a rerun checks before it keeps the shard (a shard without one is rebuilt).
-    Returns the shard's manifest entry."""
-    name = shard_name(split, index)
-    write_atomic(output / name, data)
-    entry = {"file": name, "rows": stats["rows"], "tokens": stats["tokens"], "documents": documents,
-             "predictions": stats["predictions"], "sha256": stats["sha256"], "documents_sha256": docs_sha}
-    write_shard_record(work, entry, shard_config)
-    return entry
-
-
-def _build_shard_file(split: str, index: int, docs, chunk_paths: dict, output: str, work: str, docs_sha: str,
-                      shard_config: dict) -> dict:
-    """Stage 4 on a worker that sees the output: gather the shard's documents from the stored chunk
-    results, pack and mask them, write the shard and its record (here, not on the driver: a job killed while
-    the driver waits on other tasks keeps every shard already written). Returns its manifest entry."""
-    tokens, starts, lengths = gather(docs, chunk_paths, OrderedDict())
-    data, stats = build_shard(split, index, tokens, starts, lengths, shard_config)
-    return write_shard_and_record(Path(output), Path(work), split, index, data, stats, len(docs), docs_sha,
-                                  shard_config)
+def _kept_shard(job: _Job, shard: PlannedShard, shard_config: dict) -> dict | None:
+    """The manifest entry of a shard file a rerun keeps: its record says it was built from these documents with
+    these options, and the file still has the sha256 recorded. None: the shard is (re)built."""
+    record = shard_record_path(job.work, shard.name)
+    if not record.is_file():
+        return None
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    if recorded.pop("shard_config", None) == shard_config and recorded.get("documents_sha256") == \
+            shard.documents_sha256 and (job.output / shard.name).is_file() \
+            and file_sha256(job.output / shard.name) == recorded["sha256"]:
+        return recorded
+    return None
 
 
 # ---------------------------------------------------------------- the report

@@ -11,11 +11,12 @@ import hashlib
 import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from lfzh_ds import near_duplicates
-from lfzh_ds.shards import SPLITS
+from lfzh_ds.shards import SPLITS, shard_name
 
 from . import readers
 from .config import PipelineConfig
@@ -23,10 +24,41 @@ from .manifest import RejectsReport, StageCounts
 from .work_folder import ChunkFile, cached_chunk, chunk_path
 
 
+class DocumentRef(NamedTuple):
+    """Where a document is stored: row ``row`` of the chunk result of chunk number ``chunk`` (``Plan.keys[chunk]``)."""
+    chunk: int
+    row: int
+
+
+class PlannedDocument(NamedTuple):
+    """A document of the plan (it survived exact dedup). ``work_folder.gather`` unpacks the first three fields."""
+    chunk: int  # chunk number: the chunk result of ``Plan.keys[chunk]``
+    row: int  # its row in that chunk result
+    tokens: int  # its length in tokens
+    content_hash: bytes
+    characters: int  # after cleaning
+
+    @property
+    def ref(self) -> DocumentRef:
+        return DocumentRef(self.chunk, self.row)
+
+
+class PlannedShard(NamedTuple):
+    """One shard of the plan: its documents, in input order, and the sha256 that identifies them."""
+    split: str
+    index: int
+    documents: list[PlannedDocument]
+    documents_sha256: str  # ``documents_sha256(documents)``, recorded in the manifest
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+
 @dataclasses.dataclass
 class Plan:
     keys: list  # the chunk keys (file index, chunk index) in input order: chunk number n is keys[n]
-    shards: dict  # per split, the shards, each a list of documents (chunk number, row, tokens, content hash)
+    shards: dict[str, list[PlannedShard]]  # per split, its shards in order
     totals: dict  # records, documents, characters, document_tokens
     stages: StageCounts
 
@@ -61,7 +93,7 @@ def plan_shards(config: PipelineConfig, keys, work: Path, rejects: RejectsReport
     ``keys`` stored in ``work``. ``similarities``, if given, computes the exact Jaccard of candidate
     pairs elsewhere (see ``_near_duplicates``)."""
     seen: dict[bytes, tuple] = {}
-    docs = []  # documents left after exact dedup, in input order: (chunk number, row, tokens, hash, characters)
+    docs: list[PlannedDocument] = []  # documents left after exact dedup, in input order
     bands = []
     stages = StageCounts(config.document_options().stages())
     exact = StageCounts(["exact_dedup"])
@@ -84,7 +116,7 @@ def plan_shards(config: PipelineConfig, keys, work: Path, rejects: RejectsReport
                 continue
             exact.leave("exact_dedup", int(chars[row]))
             seen[digest] = (chunk.meta["path"], int(lines[row]))
-            docs.append((number, row, int(lengths[row]), digest, int(chars[row])))
+            docs.append(PlannedDocument(number, row, int(lengths[row]), digest, int(chars[row])))
             rows.append(row)
         if config.near_dedup_config():
             bands.append(chunk.bands()[rows])
@@ -94,33 +126,35 @@ def plan_shards(config: PipelineConfig, keys, work: Path, rejects: RejectsReport
         bands = np.concatenate(bands) if bands else np.zeros((0, near_duplicates.NUM_BANDS), np.uint64)
         removed = _near_duplicates(config, keys, work, docs, bands, rejects, similarities)
         for index, doc in enumerate(docs):
-            near.enter("near_dedup", doc[4])
+            near.enter("near_dedup", doc.characters)
             if index not in removed:
-                near.leave("near_dedup", doc[4])
+                near.leave("near_dedup", doc.characters)
         docs = [doc for index, doc in enumerate(docs) if index not in removed]
         stages.merge(near)
 
-    split_docs = {s: [] for s in SPLITS}  # per split: (chunk number, row, tokens, hash)
+    split_docs = {s: [] for s in SPLITS}
     limit = validation_limit(config.val_fraction)
-    for number, row, length, digest, chars in docs:
-        split = "validation" if int.from_bytes(digest[:8], "big") < limit else "train"
-        split_docs[split].append((number, row, length, digest))
+    for doc in docs:
+        split = "validation" if int.from_bytes(doc.content_hash[:8], "big") < limit else "train"
+        split_docs[split].append(doc)
         totals["documents"] += 1
-        totals["characters"] += chars
-        totals["document_tokens"] += length
+        totals["characters"] += doc.characters
+        totals["document_tokens"] += doc.tokens
 
     target = config.rows_per_shard * (config.seq_len - 2)
     shards = {s: [] for s in SPLITS}
     for split, docs in split_docs.items():
         current, stream = [], 0
         for doc in docs:
-            stream += doc[2] + (1 if current else 0)
+            stream += doc.tokens + (1 if current else 0)
             current.append(doc)
             if stream >= target:
                 shards[split].append(current)
                 current, stream = [], 0
         if current:
             shards[split].append(current)
+    shards = {split: [PlannedShard(split, index, documents, documents_sha256(documents))
+                      for index, documents in enumerate(shards[split])] for split in SPLITS}
     return Plan(keys, shards, totals, stages)
 
 
@@ -143,20 +177,20 @@ def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport, si
 
     def shingle_set(index):
         if index not in shingles:
-            number, row = docs[index][:2]
-            shingles[index] = near_duplicates.shingles(cached_chunk(cache, number, paths, 64).text(row))
+            doc = docs[index]
+            shingles[index] = near_duplicates.shingles(cached_chunk(cache, doc.chunk, paths, 64).text(doc.row))
             while len(shingles) > 4096:
                 shingles.popitem(last=False)
         return shingles[index]
 
     def location(index):
-        number, row = docs[index][:2]
-        chunk = cached_chunk(cache, number, paths, 64)
-        return chunk, int(chunk.column("line")[row]), int(chunk.column("offset")[row])
+        doc = docs[index]
+        chunk = cached_chunk(cache, doc.chunk, paths, 64)
+        return chunk, int(chunk.column("line")[doc.row]), int(chunk.column("offset")[doc.row])
 
     pairs = near_duplicates.candidate_pairs(bands)
     if similarities is not None and len(pairs):
-        refs = [(docs[i][:2], docs[j][:2]) for i, j in pairs.tolist()]
+        refs = [(docs[i].ref, docs[j].ref) for i, j in pairs.tolist()]
         scores = dict(zip(map(tuple, pairs.tolist()), similarities(refs, [str(p.resolve()) for p in paths])))
         similarity = lambda i, j: scores[(i, j)]  # noqa: E731
     else:
@@ -170,13 +204,13 @@ def _near_duplicates(config, keys, work, docs, bands, rejects: RejectsReport, si
                     {"file": chunk.meta["path"], "line": line, "byte_offset": offset,
                      "detail": f"Jaccard {score:.3f} of character {near_duplicates.NGRAM}-grams with "
                                f"{original['file']} line {kept_line}",
-                     "snippet": chunk.text(int(docs[index][1]))[:60], "duplicate_of": original})
+                     "snippet": chunk.text(docs[index].row)[:60], "duplicate_of": original})
     return set(removed)
 
 
-def documents_sha256(docs) -> str:
+def documents_sha256(docs: list[PlannedDocument]) -> str:
     """The sha256 of a shard's documents' content hashes, in order (``documents_sha256`` in the manifest)."""
     h = hashlib.sha256()
     for doc in docs:
-        h.update(doc[3])
+        h.update(doc.content_hash)
     return h.hexdigest()

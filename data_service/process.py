@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from lfzh_ds.near_duplicates import NUM_BANDS, band_keys
 from .clean import CleanOptions, clean_document
 from .filters import FilterOptions, failed_filter
 from .manifest import RejectsReport, StageCounts
-from .readers import PROCESSING_ERROR, TOO_LONG, TOO_SHORT, Chunk, iter_records
+from .readers import PROCESSING_ERROR, TOO_LONG, TOO_SHORT, Chunk, Record, iter_records
 from .segment import WordTokenizer
 
 HASH_BYTES = 16
@@ -62,89 +63,123 @@ def snippet(chunk: Chunk, offset: int) -> str:
     return raw.decode("utf-8", errors="replace")[:SNIPPET_CHARS]
 
 
-def process_chunk(chunk: Chunk, options: DocumentOptions) -> dict:
-    """Documents of one chunk, ready for packing, plus its rejects and stage counts.
+class ChunkCounts(NamedTuple):
+    """A chunk's kept documents, their characters (after cleaning) and tokens: what the progress line adds up."""
+    documents: int
+    characters: int
+    tokens: int
 
-    Returns numpy arrays, one entry per kept document in input order: ``line``, ``offset``,
-    ``chars`` (after cleaning), ``token_lengths``, ``hashes`` ([n, 16] uint8 content hashes of
-    the cleaned text), the concatenated ``tokens`` (uint16) and ``word_starts`` (uint8), and with
-    ``options.near_dedup`` the ``bands`` ([n, NUM_BANDS] uint64 LSH keys) and ``texts`` (the
-    cleaned texts); ``rejects`` (a ``RejectsReport`` state), ``stages`` (a ``StageCounts`` state)
-    and ``records`` (records seen).
-    """
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """``process_chunk``'s answer for one chunk: one entry per kept document, in input order, then the chunk's
+    rejects and stage counts. ``work_folder.store_chunk_result`` stores it (``as_dict``), ``work_folder.ChunkFile``
+    reads it back."""
+
+    line: np.ndarray  # int64 line numbers
+    offset: np.ndarray  # int64 byte offsets
+    chars: np.ndarray  # int64 characters after cleaning
+    token_lengths: np.ndarray  # int64
+    hashes: np.ndarray  # [n, HASH_BYTES] uint8 content hashes of the cleaned texts
+    tokens: np.ndarray  # uint16: the documents' token ids, concatenated
+    word_starts: np.ndarray  # uint8: one per token, 1 where a jieba word starts
+    rejects: dict  # a RejectsReport state
+    stages: list  # a StageCounts state
+    records: int  # records seen
+    bands: np.ndarray | None = None  # with near dedup: [n, NUM_BANDS] uint64 MinHash LSH keys
+    texts: list[str] | None = None  # with near dedup: the cleaned texts (for the exact Jaccard check)
+
+    def counts(self) -> ChunkCounts:
+        return ChunkCounts(len(self.chars), int(self.chars.sum()), int(self.token_lengths.sum()))
+
+    def as_dict(self) -> dict:
+        """The mapping ``work_folder.store_chunk_result`` writes: every field, ``bands`` and ``texts`` only with
+        near dedup."""
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if self.bands is None:
+            del out["bands"], out["texts"]
+        return out
+
+
+class _Kept(NamedTuple):
+    text: str  # cleaned
+    content_hash: bytes
+    ids: np.ndarray
+    word_starts: np.ndarray
+    bands: np.ndarray | None
+
+
+class _Rejected(NamedTuple):
+    reason: str
+    detail: str
+    text: str | None = None  # the text a filter saw (the report's snippet); None: the record's raw bytes
+
+
+def process_chunk(chunk: Chunk, options: DocumentOptions) -> ChunkResult:
+    """The documents of one chunk, ready for packing, with its rejects and stage counts."""
     tokenizer = _word_tokenizer()
     rejects = RejectsReport()
     stages = StageCounts(options.stages())
-    lines, offsets, chars, lengths, hashes = [], [], [], [], []
-    tokens, starts, bands, texts = [], [], [], []
+    kept: list[tuple[Record, _Kept]] = []
     records = 0
-
-    def reject(reason, record, detail, text=None):
-        rejects.add(reason, (chunk.file_index, record.offset),
-                    {"file": chunk.path, "line": record.line, "byte_offset": record.offset, "detail": detail,
-                     "snippet": snippet(chunk, record.offset) if text is None else text[:SNIPPET_CHARS]})
-
     for record in iter_records(chunk):
         records += 1
-        raw_chars = len(record.text) if record.text is not None else 0  # a record that does not decode: 0
-        stages.enter("read", raw_chars)
-        if record.reject is not None:
-            reject(record.reject, record, record.detail)
+        outcome = _process_record(record, options, tokenizer, stages)
+        if isinstance(outcome, _Kept):
+            kept.append((record, outcome))
             continue
-        stages.leave("read", raw_chars)
-        stages.enter("max_length", raw_chars)
-        if raw_chars > options.max_chars:
-            reject(TOO_LONG, record, f"{raw_chars:,} characters, more than --max-chars {options.max_chars:,}")
-            continue
-        stages.leave("max_length", raw_chars)
-        stages.enter("clean", raw_chars)
-        try:
-            text = clean_document(record.text, options.clean)
-            stages.leave("clean", len(text))
-            stages.enter("min_length", len(text))
-            if len(text) < options.min_chars:
-                reject(TOO_SHORT, record, f"{len(text)} characters after cleaning, fewer than --min-chars {options.min_chars}")
-                continue
-            stages.leave("min_length", len(text))
-            failed = failed_filter(text, options.filters, stages)
-            if failed is not None:
-                reject(failed[0], record, failed[1], text)  # the snippet of the text the filter saw
-                continue
-            stages.enter("tokenize", len(text))
-            digest = content_hash(text)
-            ids, ws = tokenizer(text)
-            keys = band_keys(text) if options.near_dedup else None
-        except Exception as err:  # a document that breaks a library must not stop the job
-            reject(PROCESSING_ERROR, record, f"{type(err).__name__}: {err}")
-            continue
-        if ids.size == 0:
-            reject(TOO_SHORT, record, "no tokens after cleaning")
-            continue
-        stages.leave("tokenize", len(text))
-        lines.append(record.line)
-        offsets.append(record.offset)
-        chars.append(len(text))
-        lengths.append(ids.size)
-        hashes.append(digest)
-        tokens.append(ids)
-        starts.append(ws)
-        if options.near_dedup:
-            bands.append(keys)
-            texts.append(text)
+        snip = snippet(chunk, record.offset) if outcome.text is None else outcome.text[:SNIPPET_CHARS]
+        rejects.add(outcome.reason, (chunk.file_index, record.offset),
+                    {"file": chunk.path, "line": record.line, "byte_offset": record.offset, "detail": outcome.detail,
+                     "snippet": snip})
 
-    out = {
-        "line": np.array(lines, dtype=np.int64),
-        "offset": np.array(offsets, dtype=np.int64),
-        "chars": np.array(chars, dtype=np.int64),
-        "token_lengths": np.array(lengths, dtype=np.int64),
-        "hashes": np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, HASH_BYTES),
-        "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.uint16),
-        "word_starts": np.concatenate(starts) if starts else np.zeros(0, np.uint8),
-        "rejects": rejects.to_state(),
-        "stages": stages.to_state(),
-        "records": records,
-    }
+    docs = [doc for _, doc in kept]
+    near_dedup = {}
     if options.near_dedup:
-        out["bands"] = np.stack(bands) if bands else np.zeros((0, NUM_BANDS), np.uint64)
-        out["texts"] = texts
-    return out
+        near_dedup = {"bands": np.stack([d.bands for d in docs]) if docs else np.zeros((0, NUM_BANDS), np.uint64),
+                      "texts": [d.text for d in docs]}
+    return ChunkResult(
+        line=np.array([record.line for record, _ in kept], dtype=np.int64),
+        offset=np.array([record.offset for record, _ in kept], dtype=np.int64),
+        chars=np.array([len(d.text) for d in docs], dtype=np.int64),
+        token_lengths=np.array([d.ids.size for d in docs], dtype=np.int64),
+        hashes=np.frombuffer(b"".join(d.content_hash for d in docs), dtype=np.uint8).reshape(-1, HASH_BYTES),
+        tokens=np.concatenate([d.ids for d in docs]) if docs else np.zeros(0, np.uint16),
+        word_starts=np.concatenate([d.word_starts for d in docs]) if docs else np.zeros(0, np.uint8),
+        rejects=rejects.to_state(), stages=stages.to_state(), records=records, **near_dedup)
+
+
+def _process_record(record: Record, options: DocumentOptions, tokenizer: WordTokenizer,
+                    stages: StageCounts) -> _Kept | _Rejected:
+    """One record through the stages, counted entering and leaving each one it reaches."""
+    raw_chars = len(record.text) if record.text is not None else 0  # a record that does not decode: 0
+    stages.enter("read", raw_chars)
+    if record.reject is not None:
+        return _Rejected(record.reject, record.detail)
+    stages.leave("read", raw_chars)
+    stages.enter("max_length", raw_chars)
+    if raw_chars > options.max_chars:
+        return _Rejected(TOO_LONG, f"{raw_chars:,} characters, more than --max-chars {options.max_chars:,}")
+    stages.leave("max_length", raw_chars)
+    stages.enter("clean", raw_chars)
+    try:
+        text = clean_document(record.text, options.clean)
+        stages.leave("clean", len(text))
+        stages.enter("min_length", len(text))
+        if len(text) < options.min_chars:
+            return _Rejected(TOO_SHORT, f"{len(text)} characters after cleaning, fewer than --min-chars "
+                                        f"{options.min_chars}")
+        stages.leave("min_length", len(text))
+        failed = failed_filter(text, options.filters, stages)
+        if failed is not None:
+            return _Rejected(failed[0], failed[1], text)  # the snippet of the text the filter saw
+        stages.enter("tokenize", len(text))
+        digest = content_hash(text)
+        ids, word_starts = tokenizer(text)
+        keys = band_keys(text) if options.near_dedup else None
+    except Exception as err:  # a document that breaks a library must not stop the job
+        return _Rejected(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
+    if ids.size == 0:
+        return _Rejected(TOO_SHORT, "no tokens after cleaning")
+    stages.leave("tokenize", len(text))
+    return _Kept(text, digest, ids, word_starts, keys)

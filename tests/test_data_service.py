@@ -29,12 +29,13 @@ from data_service.config import PipelineConfig
 from data_service.corpora import inews_documents, write_inews_corpus
 from data_service.filters import FilterOptions, failed_filter
 from data_service.manifest import MAX_EXAMPLES, RejectsReport
-from data_service.pipeline import RunResult, _process_and_store, run
+from data_service.pipeline import RunResult, run
 from data_service.process import DocumentOptions, content_hash, process_chunk
 from data_service.ray_session import SharedStorageError, TaskWindow, remote
 from data_service.readers import (MISSING_FIELD, InputError, detect_format, document_text, expand_inputs, iter_chunks,
                                   iter_records, read_range)
 from data_service.segment import WordTokenizer
+from data_service.storage import _process_and_store
 from data_service.work_folder import JobConflict
 from launch.preprocess import main as preprocess_main
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
@@ -497,8 +498,8 @@ def test_min_and_max_chars_reject_only_shorter_and_longer_documents(tmp_path):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (chunk,) = iter_chunks(path, 0, "text", None, "lines", 1 << 20)
     out = process_chunk(chunk, DocumentOptions(min_chars=10, max_chars=20))
-    assert out["line"].tolist() == [1, 3, 5] and out["chars"].tolist() == [10, 20, 11]
-    report = RejectsReport.from_state(out["rejects"]).to_json()
+    assert out.line.tolist() == [1, 3, 5] and out.chars.tolist() == [10, 20, 11]
+    report = RejectsReport.from_state(out.rejects).to_json()
     assert {r: [e["line"] for e in v["examples"]] for r, v in report["reasons"].items()} == {
         "too_short": [2], "too_long": [4]}
 
