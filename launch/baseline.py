@@ -12,9 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python launch/baseline.py` runs this file as a script: this checkout's code first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from launch.cli import run_main
 from launch.finetune import add_task_arguments
 from lfzh_ds.classification.baseline import (DEFAULT_C_GRID, DEFAULT_MAX_FEATURES, DEFAULT_NGRAM_RANGE,

@@ -55,3 +55,11 @@ def evaluate() -> int:
 
 def finetune() -> int:
     exit_run(_script("finetune", "lfzh-finetune"))
+
+
+def pretrain() -> int:
+    # launch/pretrain.py reports its own failures (it knows the run's exit statuses: 2, 3, 4); one process, or one per
+    # device under `deepspeed --no_python lfzh-pretrain ...`.
+    from launch.pretrain import main
+
+    exit_run(main())

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python launch/convert.py` runs this file as a script: this checkout's code first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lfzh_ds.constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS
 

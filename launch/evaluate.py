@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python launch/evaluate.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.cli import run_main  # noqa: E402
+from launch.cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python launch/export.py` runs this file as a script: this checkout's code first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lfzh_ds.convert import export_to_hf_longformer
 from lfzh_ds.hf_layout import read_config_dict

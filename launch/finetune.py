@@ -21,11 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python launch/finetune.py` runs this file as a script: this checkout's code first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV, DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES  # noqa: E402
-from lfzh_ds.deepspeed_configs import deepspeed_config_path  # noqa: E402
+from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV, DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
+from lfzh_ds.deepspeed_configs import deepspeed_config_path
 
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 

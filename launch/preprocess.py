@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python launch/preprocess.py` runs this file as a script: this checkout's code first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_service.clean import CleanOptions
 from data_service.config import PipelineConfig

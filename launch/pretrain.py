@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `deepspeed launch/pretrain.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def build_parser() -> argparse.ArgumentParser:

