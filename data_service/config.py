@@ -6,6 +6,7 @@ import dataclasses
 
 from lfzh_ds import near_duplicates
 from lfzh_ds.constants import DEFAULT_SEQ_LEN
+from lfzh_ds.errors import ConfigError
 from lfzh_ds.shards import MAX_SEQ_LEN
 
 from . import readers
@@ -52,30 +53,30 @@ class PipelineConfig:
 
     def validate(self) -> None:
         if not self.inputs:
-            raise ValueError("no --input given")
+            raise ConfigError("no --input given")
         if not self.output:
-            raise ValueError("no --output given")
+            raise ConfigError("no --output given")
         if self.format not in readers.FORMATS:
-            raise ValueError(f"--format must be one of {readers.FORMATS}, got {self.format!r}")
+            raise ConfigError(f"--format must be one of {readers.FORMATS}, got {self.format!r}")
         if self.text_docs not in readers.TEXT_DOCS:
-            raise ValueError(f"--text-docs must be one of {readers.TEXT_DOCS}, got {self.text_docs!r}")
+            raise ConfigError(f"--text-docs must be one of {readers.TEXT_DOCS}, got {self.text_docs!r}")
         if not 8 <= self.seq_len <= MAX_SEQ_LEN:
-            raise ValueError(f"--seq-len must be between 8 and {MAX_SEQ_LEN} (ids are stored as uint16), got {self.seq_len}")
+            raise ConfigError(f"--seq-len must be between 8 and {MAX_SEQ_LEN} (ids are stored as uint16), got {self.seq_len}")
         if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
+            raise ConfigError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
         if self.max_predictions < 1 or self.dupe_factor < 1 or self.rows_per_shard < 1:
-            raise ValueError("--max-predictions, --dupe-factor and --rows-per-shard must be at least 1")
+            raise ConfigError("--max-predictions, --dupe-factor and --rows-per-shard must be at least 1")
         if self.wwm_max_word_len is not None and self.wwm_max_word_len < 1:
-            raise ValueError(f"--wwm-max-word-len must be at least 1, got {self.wwm_max_word_len}")
+            raise ConfigError(f"--wwm-max-word-len must be at least 1, got {self.wwm_max_word_len}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 < self.near_dedup_threshold <= 1.0:
-            raise ValueError(f"--near-dedup-threshold must be in (0, 1], got {self.near_dedup_threshold}")
+            raise ConfigError(f"--near-dedup-threshold must be in (0, 1], got {self.near_dedup_threshold}")
         for name, value in dataclasses.asdict(self.filters).items():
             if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
         if self.num_workers is not None and self.num_workers < 1:
-            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
+            raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
 
     def output_config(self) -> dict:
         """Every option that changes the output; this goes into the manifest."""

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from lfzh_ds.classification import INEWS_SPLITS, read_inews_package
+from lfzh_ds.errors import ConfigError
 
 _MIN_TITLE_CHARS_FOR_MATCH = 5
 
@@ -31,7 +32,7 @@ def inews_documents(split: str = "train") -> list[dict]:
     test, surrounding whitespace ignored.
     """
     if split not in INEWS_SPLITS:
-        raise ValueError(f"split must be one of {INEWS_SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {INEWS_SPLITS}, got {split!r}")
     package = read_inews_package()
     docs = [{"title": t, "content": c, "label": label} for t, c, label in package[split]]
     if split != "train":

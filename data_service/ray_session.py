@@ -12,12 +12,13 @@ import socket
 
 import ray
 
+from lfzh_ds.errors import InputError, UserError
+
 from .config import PipelineConfig
-from .readers import InputError
 
 
-class RayUnavailable(RuntimeError):
-    """No Ray cluster answers at ``--ray-address``."""
+class RayUnavailable(UserError):
+    """No Ray cluster answers at ``--ray-address``: the address is wrong or the cluster is down."""
 
 
 class SharedStorageError(InputError):

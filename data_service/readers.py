@@ -42,6 +42,8 @@ from typing import Iterator
 
 from pyarrow import fs
 
+from lfzh_ds.errors import InputError
+
 FORMATS = ("auto", "wiki2019zh", "news2016zh", "baike2018qa", "webtext2019zh", "text", "jsonl")
 TEXT_DOCS = ("lines", "blocks", "file")
 
@@ -64,10 +66,6 @@ _BODY_FIELD = {"wiki2019zh": "text", "news2016zh": "content", "webtext2019zh": "
 _MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
 # what reading a truncated or corrupt compressed file raises (gzip.BadGzipFile is an OSError)
 STREAM_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
-
-
-class InputError(ValueError):
-    """An input that cannot be planned at all (missing file, unknown layout); names the file."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pyarrow import fs
 
 from lfzh_ds import near_duplicates
 from lfzh_ds.atomic_files import TEMPORARY_GLOB, write_atomic, write_json_atomic
+from lfzh_ds.errors import ConfigError, UserError
 from lfzh_ds.shards import MANIFEST_NAME, SPLITS, file_sha256
 
 from . import readers
@@ -30,8 +31,8 @@ WORK_DIR = "_work"
 _CHUNK_META = b"lfzh_ds.chunk"
 
 
-class JobConflict(RuntimeError):
-    """The output folder holds a job with another configuration or other inputs."""
+class JobConflict(UserError):
+    """The output folder holds a job with another configuration or other inputs: give another --output."""
 
 
 # ---------------------------------------------------------------- the output folder
@@ -43,11 +44,11 @@ def output_folder(output: str) -> Path:
     try:
         filesystem, path = fs.FileSystem.from_uri(output)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--output {output}: pyarrow cannot open this URI ({err})") from None
+        raise ConfigError(f"--output {output}: pyarrow cannot open this URI ({err})") from None
     if not isinstance(filesystem, fs.LocalFileSystem):
-        raise ValueError(f"--output {output}: the output must be a folder on a mounted filesystem (a path or a "
-                         f"file:// URI): shards are renamed into place atomically and memory-mapped by training; "
-                         f"write it to a local or shared folder and copy it to {type(filesystem).__name__} after")
+        raise ConfigError(f"--output {output}: the output must be a folder on a mounted filesystem (a path or a "
+                          f"file:// URI): shards are renamed into place atomically and memory-mapped by training; "
+                          f"write it to a local or shared folder and copy it to {type(filesystem).__name__} after")
     return Path(path)
 
 

@@ -1,5 +1,6 @@
-"""What the command-line scripts share: a user's mistake (a missing file, a bad value, a corrupt shard) ends in
-one line naming it and exit status 2, not a traceback. ``main()`` functions raise as usual for callers in Python.
+"""What the command-line scripts share: a user's mistake (``lfzh_ds.errors.UserError``: a missing file, a bad value,
+a corrupt shard) ends in one line naming it and exit status 2, not a traceback; any other exception is a bug in the
+toolkit and keeps its traceback (exit status 1). ``main()`` functions raise as usual for callers in Python.
 
 The console scripts of ``pyproject.toml`` point at the functions below, which wrap each ``main`` the way
 ``python launch/x.py`` does under ``__main__``, so both ways of running a command keep that promise.
@@ -9,13 +10,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lfzh_ds.shards import ShardError
+from lfzh_ds.errors import UserError
 
 
 def run_main(main, prog: str) -> int:
     try:
         return main() or 0
-    except (OSError, ValueError, KeyError, ShardError) as err:  # ValueError covers ConfigError, InputError
+    except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return 2
 

@@ -17,6 +17,7 @@ import json
 import sys
 
 from launch.cli import run_main
+from lfzh_ds.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +171,7 @@ def run_fill_mask(args) -> None:
     from lfzh_ds.tokenization import load_tokenizer
 
     if args.text is not None and args.long_document is not None:
-        raise ValueError("--long-document goes with --corpus, not --text")
+        raise ConfigError("--long-document goes with --corpus, not --text")
     model, tokenizer = load_model(args.model, task="masked_lm"), load_tokenizer()
     if args.corpus:
         run_fill_long_document(args, model, tokenizer)

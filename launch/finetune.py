@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lfzh_ds.classification import CCF_LABEL_CSV, CCF_TRAIN_CSV, DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES
 from lfzh_ds.deepspeed_configs import deepspeed_config_path
+from lfzh_ds.errors import MissingFileError
 
 TASKS = ("ccf-sentiment", "jsonl", "csv")
 
@@ -108,7 +109,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int | None:
     args = parse_args(argv)
     if not args.model.is_dir():  # before the data is read and tokenised
-        raise FileNotFoundError(f"--model {args.model} does not exist or is not a directory")
+        raise MissingFileError(f"--model {args.model} does not exist or is not a directory")
     # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
     from lfzh_ds.classification.tasks import load_task
     from lfzh_ds.finetuning import FinetuneSettings, finetune

@@ -14,9 +14,9 @@ import sys
 from data_service.clean import CleanOptions
 from data_service.config import PipelineConfig
 from data_service.filters import FilterOptions
-from data_service.readers import FORMATS, TEXT_DOCS, InputError
-from data_service.work_folder import JobConflict
+from data_service.readers import FORMATS, TEXT_DOCS
 from lfzh_ds.constants import DEFAULT_SEQ_LEN
+from lfzh_ds.errors import UserError
 from lfzh_ds.near_duplicates import DEFAULT_THRESHOLD
 
 
@@ -109,11 +109,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # imported here, not above: they import Ray (about 0.7 s), which --help and argument errors do not need
     from data_service.pipeline import run, summary_table
-    from data_service.ray_session import RayUnavailable
 
     try:
         result = run(config_from_args(args))
-    except (InputError, JobConflict, RayUnavailable, ValueError) as err:
+    except UserError as err:  # a bad input, option, --ray-address or output folder; anything else is a bug: traceback
         print(f"lfzh-preprocess: error: {err}", file=sys.stderr)
         return 2
     print(summary_table(result))

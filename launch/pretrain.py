@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
     from lfzh_ds.training.distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOST_PEER, lost_a_peer,
                                               lost_peer_message, rank_and_world)
-    from lfzh_ds.training.ds_config import ConfigError
+    from lfzh_ds.errors import UserError
     from lfzh_ds.training.pretraining import run
     from lfzh_ds.training.trainer import TrainingDiverged
 
@@ -114,12 +114,12 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run(args)
-    except (ConfigError, TrainingDiverged) as err:
+    except (UserError, TrainingDiverged) as err:
         # Every process stops with the same error; rank 0 says it (under the launcher, ``leave`` below then ends
         # every process the same way).
         if rank_and_world()[0] == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_DIVERGED
+        return EXIT_BAD_INPUT if isinstance(err, UserError) else EXIT_DIVERGED
     except Exception as err:
         if not lost_a_peer(err):
             raise

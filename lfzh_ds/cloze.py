@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .constants import CLS_ID, MASK_ID, MASK_TOKEN, SEP_ID
+from .errors import ConfigError, InputError, MissingFileError
 from .shards import ShardDataset
 from .tokenization import _vocab_chars, load_tokenizer, normalize_text
 from .training.evaluation import token_counts
@@ -48,22 +49,33 @@ def is_chinese_character(ch: str) -> bool:
     return "\u4e00" <= ch <= "\u9fff"
 
 
+def numbered_lines(path, flag: str):
+    """``(number, line)`` of the UTF-8 text file ``path`` that the user gave as ``flag``; a missing file or one that
+    is not UTF-8 text is a one-line error naming it."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{flag} {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            yield from enumerate(f, 1)
+        except UnicodeDecodeError as err:
+            raise InputError(f"{flag} {path}: not UTF-8 text ({err})") from None
+
+
 def read_corpus_texts(paths, field: str = "content") -> list[str]:
     """The documents of ``paths``: JSON lines (their ``field``) or plain text, one document per line."""
     texts = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if not line.startswith("{"):
-                    texts.append(line)
-                    continue
-                try:
-                    texts.append(str(json.loads(line)[field]))
-                except (json.JSONDecodeError, KeyError):
-                    raise ValueError(f"{path}:{number}: not a JSON object with a {field!r} field (--field)") from None
+        for number, line in numbered_lines(path, "--corpus"):
+            line = line.strip()
+            if not line:
+                continue
+            if not line.startswith("{"):
+                texts.append(line)
+                continue
+            try:
+                texts.append(str(json.loads(line)[field]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{path}:{number}: not a JSON object with a {field!r} field (--field)") from None
     return texts
 
 
@@ -102,22 +114,21 @@ def make_blanks(texts, num_blanks: int, seed: int = 0) -> list[Blank]:
 def read_blanks(path) -> list[Blank]:
     """Blanks from a JSON-lines file of ``{"text": ..., "answer": ...}``; a bad line is an error naming it."""
     blanks = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text, answer = record["text"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with \"text\" and \"answer\"") from None
-            if not isinstance(text, str) or text.count(MASK_TOKEN) != 1:
-                raise ValueError(f"{path}:{number}: \"text\" must hold exactly one {MASK_TOKEN}")
-            if not isinstance(answer, str) or len(answer) != 1:
-                raise ValueError(f"{path}:{number}: \"answer\" must be one character, got {answer!r}")
-            blanks.append(Blank(text, answer))
+    for number, line in numbered_lines(path, "--blanks"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text, answer = record["text"], record["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}:{number}: expected a JSON object with \"text\" and \"answer\"") from None
+        if not isinstance(text, str) or text.count(MASK_TOKEN) != 1:
+            raise InputError(f"{path}:{number}: \"text\" must hold exactly one {MASK_TOKEN}")
+        if not isinstance(answer, str) or len(answer) != 1:
+            raise InputError(f"{path}:{number}: \"answer\" must be one character, got {answer!r}")
+        blanks.append(Blank(text, answer))
     if not blanks:
-        raise ValueError(f"{path} holds no blanks")
+        raise InputError(f"{path} holds no blanks")
     return blanks
 
 
@@ -158,7 +169,7 @@ def score_cloze(model, tokenizer, blanks: list[Blank], guess: list[str], top_k: 
                             token_type_ids=torch.zeros_like(ids).to(device)).last_hidden_state
         where = (ids == tokenizer.mask_token_id).nonzero()
         if len(where) != len(chunk):
-            raise ValueError("a blank lost its [MASK] to truncation: shorten the texts")
+            raise InputError("a blank lost its [MASK] to truncation: shorten the texts")
         logits = model.cls(hidden[where[:, 0].to(device), where[:, 1].to(device)]).float()
         ranked = logits.topk(top_k, dim=-1).indices.cpu().tolist()
         for blank, ids_ranked in zip(chunk, ranked):
@@ -184,7 +195,7 @@ def blanks_and_guess(blanks_file=None, corpus=None, field: str = "content", num_
     else:
         blanks = make_blanks(read_corpus_texts(corpus, field), num_blanks, seed)
         if not blanks:
-            raise ValueError(f"--corpus {' '.join(map(str, corpus))}: no sentence to make a blank from")
+            raise InputError(f"--corpus {' '.join(map(str, corpus))}: no sentence to make a blank from")
         if save_blanks:
             write_blanks(save_blanks, blanks)
     if frequencies_from:
@@ -224,18 +235,18 @@ def parse_bands(spec: str | None, seq_len: int) -> list[PositionBand]:
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
         if not match:
-            raise ValueError(f"--bands {text}: {part.strip()!r} is not START-END (inclusive token positions, e.g. "
-                             f"{DEFAULT_BANDS})")
+            raise ConfigError(f"--bands {text}: {part.strip()!r} is not START-END (inclusive token positions, e.g. "
+                              f"{DEFAULT_BANDS})")
         band = PositionBand(int(match[1]), int(match[2]))
         if band.start > band.end:
-            raise ValueError(f"--bands {text}: {band.name} ends before it starts")
+            raise ConfigError(f"--bands {text}: {band.name} ends before it starts")
         if bands and band.start <= bands[-1].end:
-            raise ValueError(f"--bands {text}: {band.name} overlaps or comes before {bands[-1].name}; give ascending, "
-                             "non-overlapping bands")
+            raise ConfigError(f"--bands {text}: {band.name} overlaps or comes before {bands[-1].name}; give ascending, "
+                              "non-overlapping bands")
         if band.end >= seq_len:
             if spec is not None:
-                raise ValueError(f"--bands {text}: {band.name} goes past position {seq_len - 1}, the last of "
-                                 f"--seq-len {seq_len}")
+                raise ConfigError(f"--bands {text}: {band.name} goes past position {seq_len - 1}, the last of "
+                                  f"--seq-len {seq_len}")
             if band.start >= seq_len:
                 break
             band = PositionBand(band.start, seq_len - 1)
@@ -251,10 +262,10 @@ def by_position_seq_len(model, seq_len: int | None) -> int:
     if seq_len is None:
         return min(positions, MAX_DEFAULT_SEQ_LEN)
     if seq_len > positions:
-        raise ValueError(f"--seq-len {seq_len}: the model has {positions} positions; give at most {positions} or "
-                         "lengthen the model (launch/convert.py --max-pos)")
+        raise ConfigError(f"--seq-len {seq_len}: the model has {positions} positions; give at most {positions} or "
+                          "lengthen the model (launch/convert.py --max-pos)")
     if seq_len < 3:
-        raise ValueError(f"--seq-len {seq_len}: an input needs [CLS], at least one token and [SEP]")
+        raise ConfigError(f"--seq-len {seq_len}: an input needs [CLS], at least one token and [SEP]")
     return seq_len
 
 
@@ -316,9 +327,9 @@ def position_band_blanks(texts, tokenizer, seq_len: int, num_blanks: int, blank_
     ``num_blanks`` blanks are chosen (``choose_blank_positions``; the last input keeps a seeded subset, not its first
     ones, so no band is favoured), fewer only when the documents run out. Deterministic from ``seed``."""
     if num_blanks < 1:
-        raise ValueError(f"--num-blanks {num_blanks}: score at least 1 blank")
+        raise ConfigError(f"--num-blanks {num_blanks}: score at least 1 blank")
     if blank_every < 2:
-        raise ValueError(f"--blank-every {blank_every}: at least 2, so blanks never neighbour")
+        raise ConfigError(f"--blank-every {blank_every}: at least 2, so blanks never neighbour")
     blankable = chinese_character_ids(tokenizer)
     rng = np.random.default_rng(seed)
     inputs, total = [], 0
@@ -332,7 +343,7 @@ def position_band_blanks(texts, tokenizer, seq_len: int, num_blanks: int, blank_
         if total == num_blanks:
             break
     if not inputs:
-        raise ValueError(f"--corpus: the documents make no input of --seq-len {seq_len} tokens with a Chinese "
+        raise InputError(f"--corpus: the documents make no input of --seq-len {seq_len} tokens with a Chinese "
                          "character to blank; give more (or longer) documents")
     return inputs
 
@@ -351,7 +362,7 @@ def score_position_blanks(model, inputs: list[BlankedInput], batch_size: int = 2
     """Every blank of ``inputs`` scored with all blanks of its input masked at once and the whole input read in one
     forward: no padding (the inputs are equally long), no global attention (the masked LM marks none)."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: at least 1")
+        raise ConfigError(f"--batch-size {batch_size}: at least 1")
     model.eval()
     device = next(model.parameters()).device
     positions, answers, top1, hits = [], [], [], []
@@ -437,7 +448,7 @@ def long_document_blank(texts, min_chars: int = 2000) -> LongDocumentBlank:
         earlier = [c for c in candidates if c[2] is not None]
         position, word, first = (far_back or earlier or candidates)[0]
         return LongDocumentBlank(index, text, position, word, first)
-    raise ValueError(f"--corpus: no document longer than {min_chars:,} characters with a Chinese word past character "
+    raise InputError(f"--corpus: no document longer than {min_chars:,} characters with a Chinese word past character "
                      f"{min_chars:,} (the longest has {longest:,}); give longer documents or a smaller --long-document")
 
 
@@ -452,9 +463,9 @@ def fill_long_document(model, tokenizer, texts, min_chars: int = 2000, top_k: in
     ids = tokenizer(text)["input_ids"]
     positions = model.config.max_position_embeddings
     if len(ids) > positions:
-        raise ValueError(f"document {blank.document} ({len(blank.text):,} characters) is {len(ids):,} tokens with "
-                         f"[CLS] and [SEP]; the model has {positions:,} positions and would not read it whole: give a "
-                         "longer model (launch/convert.py --max-pos) or a smaller --long-document")
+        raise ConfigError(f"document {blank.document} ({len(blank.text):,} characters) is {len(ids):,} tokens with "
+                          f"[CLS] and [SEP]; the model has {positions:,} positions and would not read it whole: give a "
+                          "longer model (launch/convert.py --max-pos) or a smaller --long-document")
     candidates = fill_mask(model, tokenizer, text, top_k=top_k)[0]
     top = [c["token"] for c in candidates]
     answer = blank.text[blank.position]

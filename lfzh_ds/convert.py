@@ -30,6 +30,7 @@ from transformers import BertConfig, LongformerForMaskedLM, LongformerForSequenc
 
 from .configuration import LongformerZhConfig
 from .constants import DEFAULT_ATTENTION_WINDOW, DEFAULT_MAX_POSITIONS, VOCAB_MD5, VOCAB_SIZE
+from .errors import ConfigError, ModelFolderError
 from .hf_layout import hf_longformer_config, hf_longformer_state_dict, read_config_dict, read_state_dict
 from .loading import config_of, load_model, save_model_folder
 from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
@@ -103,7 +104,7 @@ def convert_bert_to_longformer(
     short_dir = Path(short_dir)
     raw_config = read_config_dict(short_dir)  # a missing directory is an error here, not a hub lookup
     if raw_config.get("model_type") in ("longformer_zh", "longformer") or "attention_window" in raw_config:
-        raise ValueError(
+        raise ModelFolderError(
             f"{short_dir} is already a long model (its config.json has model_type={raw_config.get('model_type')!r}, "
             f"attention_window={raw_config.get('attention_window')!r}); conversion takes a short BERT/roberta_zh "
             "checkpoint. Lengthen this one with lengthen_longformer (launch/convert.py does), load it with "
@@ -112,7 +113,7 @@ def convert_bert_to_longformer(
     short_config = BertConfig.from_pretrained(short_dir)
     warnings = []
     if short_config.vocab_size != VOCAB_SIZE:
-        raise ValueError(
+        raise ModelFolderError(
             f"{short_dir}/config.json has vocab_size={short_config.vocab_size}, but this toolkit's Chinese tokenizer "
             f"has {VOCAB_SIZE} entries; convert a Chinese BERT/roberta_zh checkpoint built on the same vocab"
         )
@@ -140,7 +141,7 @@ def convert_bert_to_longformer(
 
     position_key = "bert.embeddings.position_embeddings.weight"
     if position_key not in state:
-        raise KeyError(f"{short_dir}: no {position_key} in the weights; is this a BERT checkpoint?")
+        raise ModelFolderError(f"{short_dir}: no {position_key} in the weights; is this a BERT checkpoint?")
     short_positions = state[position_key].shape[0]
     state[position_key] = tile_positions(state[position_key], max_pos)
 
@@ -148,6 +149,9 @@ def convert_bert_to_longformer(
         prefix = f"bert.encoder.layer.{i}.attention.self."
         for name in ("query", "key", "value"):
             for part in ("weight", "bias"):
+                if f"{prefix}{name}.{part}" not in state:
+                    raise ModelFolderError(f"{short_dir}: weights do not fit a BERT of its own config: no "
+                                           f"{prefix}{name}.{part} (config.json says {config.num_hidden_layers} layers)")
                 state[f"{prefix}{name}_global.{part}"] = state[f"{prefix}{name}.{part}"].clone()
 
     head_kept = any(k.startswith("cls.predictions.") for k in state)
@@ -158,7 +162,7 @@ def convert_bert_to_longformer(
     allowed_missing = [] if head_kept else [k for k in missing if k.startswith("cls.")]
     missing = [k for k in missing if k not in allowed_missing]
     if missing or unexpected:
-        raise KeyError(f"{short_dir}: weights do not fit a BERT of its own config: missing {missing}, unexpected {unexpected}")
+        raise ModelFolderError(f"{short_dir}: weights do not fit a BERT of its own config: missing {missing}, unexpected {unexpected}")
     if not head_kept:
         warnings.append("no MLM head in the short checkpoint (BertModel weights): cls.predictions.* is freshly initialised")
     model.tie_weights()
@@ -203,17 +207,17 @@ def lengthen_longformer(source, target=None, max_pos: int = DEFAULT_MAX_POSITION
     config = model.config
     old_positions, old_window = config.max_position_embeddings, config.attention_window
     if max_pos <= old_positions:
-        raise ValueError(f"--max-pos {max_pos}: {source} already has {old_positions} positions; lengthening needs "
-                         "more (to use fewer, give inputs of that length)")
+        raise ConfigError(f"--max-pos {max_pos}: {source} already has {old_positions} positions; lengthening needs "
+                          "more (to use fewer, give inputs of that length)")
     if attention_window is not None:
         config.attention_window = attention_window
     config.max_position_embeddings = max_pos
     try:  # what the windows allow: e.g. the block layout needs whole blocks of positions
         config.validate_longformer()
     except ValueError as err:
-        raise ValueError(f"{source} with --max-pos {max_pos}"
-                         + (f" and --attention-window {attention_window}" if attention_window is not None else "")
-                         + f": {err}") from None
+        raise ConfigError(f"{source} with --max-pos {max_pos}"
+                          + (f" and --attention-window {attention_window}" if attention_window is not None else "")
+                          + f": {err}") from None
     state = model.state_dict()
     position_key = f"{model.base_model_prefix}.embeddings.position_embeddings.weight"
     state[position_key] = tile_positions(state[position_key], max_pos)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import MissingFileError
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -18,10 +20,10 @@ def deepspeed_configs_dir() -> Path:
 
 def deepspeed_config_path(name: str) -> Path:
     """The shipped DeepSpeed config ``name`` (e.g. ``"cpu.json"``, ``"zero2.json"``); a name that does not ship
-    is a FileNotFoundError listing the ones that do."""
+    is a MissingFileError (a FileNotFoundError) listing the ones that do."""
     folder = deepspeed_configs_dir()
     path = folder / name
     if not path.is_file():
         shipped = ", ".join(sorted(p.name for p in folder.glob("*.json"))) or "none"
-        raise FileNotFoundError(f"no DeepSpeed config {name!r} ships with the toolkit (in {folder}: {shipped})")
+        raise MissingFileError(f"no DeepSpeed config {name!r} ships with the toolkit (in {folder}: {shipped})")
     return path

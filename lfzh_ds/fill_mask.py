@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
 from .tokenization import normalize_text
 
 
@@ -18,10 +19,10 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[dict]]:
     input_ids = encoded["input_ids"]
     mask_positions = (input_ids[0] == tokenizer.mask_token_id).nonzero().flatten()
     if len(mask_positions) == 0:
-        raise ValueError(f"no {tokenizer.mask_token} in the text {text!r}: mark each slot to fill with {tokenizer.mask_token}")
+        raise InputError(f"no {tokenizer.mask_token} in the text {text!r}: mark each slot to fill with {tokenizer.mask_token}")
     max_len = model.config.max_position_embeddings
     if input_ids.shape[1] > max_len:
-        raise ValueError(f"the text is {input_ids.shape[1]} tokens long; the model takes at most {max_len}")
+        raise InputError(f"the text is {input_ids.shape[1]} tokens long; the model takes at most {max_len}")
 
     was_training = model.training
     model.eval()

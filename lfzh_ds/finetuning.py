@@ -35,6 +35,7 @@ from .classification import (
     write_predictions,
 )
 from .constants import PAD_ID
+from .errors import InputError
 from .loading import load_model, quiet_transformers
 from .tokenization import load_tokenizer
 from .training.checkpoint import CheckpointManager, TrainingState
@@ -84,11 +85,11 @@ def class_weights(labels: list[int], num_classes: int, mode: str = "balanced") -
     if mode == "none":
         return None
     if mode != "balanced":
-        raise ValueError(f"class weight {mode!r}: expected one of {', '.join(CLASS_WEIGHT_MODES)}")
+        raise ConfigError(f"class weight {mode!r}: expected one of {', '.join(CLASS_WEIGHT_MODES)}")
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).double()
     if (counts == 0).any():
         missing = [c for c in range(num_classes) if counts[c] == 0]
-        raise ValueError(f"class weight balanced: class(es) {missing} have no training document")
+        raise InputError(f"class weight balanced: class(es) {missing} have no training document")
     return (len(labels) / (num_classes * counts)).float()
 
 
@@ -223,7 +224,7 @@ def finetuning_overrides(file_config: dict, settings: FinetuneSettings, world_si
     notes = []
     per_step = settings.micro_batch_size * world_size
     if settings.batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size {settings.batch_size} must be a multiple of --micro-batch-size {settings.micro_batch_size} "
             f"x {world_size} processes = {per_step}"
         )
@@ -382,7 +383,7 @@ def check_resumed_settings(checkpoints: CheckpointManager, kept: dict) -> None:
 def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
     if not task.train or not task.dev:
-        raise ValueError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
+        raise InputError(f"task {task.name}: fine-tuning needs train and dev documents (train {len(task.train)}, dev {len(task.dev)})")
     started = time.perf_counter()
     output_dir = Path(settings.output_dir)
     best_dir = output_dir / BEST_CHECKPOINT_DIR
@@ -413,7 +414,7 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
 
     model, info = load_model(settings.model_dir, label_names=task.label_names, output_loading_info=True)
     if settings.max_len > model.config.max_position_embeddings:
-        raise ValueError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
+        raise ConfigError(f"--max-len {settings.max_len} exceeds the model's {model.config.max_position_embeddings} positions ({settings.model_dir})")
     if info["missing_keys"]:
         say(f"model {settings.model_dir}: new (randomly initialised) weights: {', '.join(sorted(info['missing_keys']))}")
 

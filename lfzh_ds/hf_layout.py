@@ -29,6 +29,7 @@ from safetensors.torch import load_file as load_safetensors
 from transformers import LongformerConfig
 
 from .configuration import LongformerZhConfig, check_windows_nest
+from .errors import ConfigError, MissingFileError, ModelFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,24 @@ _SHARED_CONFIG_FIELDS = (
 def read_config_dict(model_dir) -> dict:
     """The ``config.json`` of a local model directory, as a dict (one-line errors for a missing folder or file)."""
     if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"{model_dir} does not exist or is not a directory: give a local model directory "
-                                "(config.json + weights; the hub is never searched)")
+        raise MissingFileError(f"{model_dir} does not exist or is not a directory: give a local model directory "
+                               "(config.json + weights; the hub is never searched)")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a model directory needs a config.json (HF format)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise MissingFileError(f"{path} not found: a model directory needs a config.json (HF format)")
+    return load_config_json(path)
+
+
+def load_config_json(path) -> dict:
+    """A model's ``config.json`` as a dict; a file that is not a JSON object is the user's to fix, not a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{path} is not valid JSON ({err}): save or copy the model folder again") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config")
+    return config
 
 
 def is_classifier_config(config: dict) -> bool:
@@ -104,7 +116,7 @@ def read_state_dict(model_dir) -> dict[str, torch.Tensor]:
         return load_safetensors(model_dir / "model.safetensors")
     if (model_dir / "pytorch_model.bin").is_file():
         return _load_bin(model_dir / "pytorch_model.bin")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no weights in {model_dir}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
     )
 
@@ -142,7 +154,7 @@ def load_hf_longformer(model_dir, model_class, **kwargs):
     model_dir = Path(model_dir)
     hf = read_config_dict(model_dir)
     if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(
+        raise ConfigError(
             f"{model_dir}/config.json: hidden_act={hf['hidden_act']!r}; transformers' Longformer LM head always uses "
             "gelu, so only hidden_act='gelu' maps onto the BERT head exactly"
         )
@@ -207,15 +219,15 @@ def load_hf_longformer(model_dir, model_class, **kwargs):
 def hf_longformer_config(config: LongformerZhConfig, architecture: str = "LongformerForMaskedLM"):
     """The stock ``LongformerConfig`` describing the same network (``architecture``: the stock class)."""
     if architecture == "LongformerForMaskedLM" and config.hidden_act != "gelu":
-        raise ValueError(
+        raise ConfigError(
             f"hidden_act={config.hidden_act!r}: transformers' Longformer LM head always uses gelu, so only "
             "hidden_act='gelu' exports exactly"
         )
     windows = [config.layer_attention_window(i) for i in range(config.num_hidden_layers)]
     check_windows_nest(windows)  # stock Longformer pads to the largest window too (a block_sparse model may not nest)
     if min(windows) < 4:
-        raise ValueError(f"attention_window {min(windows)}: transformers' Longformer cannot compute a window under 4 "
-                         "(its chunks of one token each side come out empty); train with 4 or more to export")
+        raise ConfigError(f"attention_window {min(windows)}: transformers' Longformer cannot compute a window under 4 "
+                          "(its chunks of one token each side come out empty); train with 4 or more to export")
     fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
     return LongformerConfig(
         **fields,

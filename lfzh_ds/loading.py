@@ -10,12 +10,12 @@ builds: a classifier when ``label_names`` are given (a new head on a masked-LM c
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from .hf_layout import is_classifier_config
+from .errors import MissingFileError, ModelFolderError
+from .hf_layout import is_classifier_config, load_config_json
 from .modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, masked_lm_from_checkpoint
 from .run_folder import WHAT_TO_GIVE, is_training_checkpoint, resolve_checkpoint
 from .tokenization import load_tokenizer
@@ -30,16 +30,15 @@ def config_of(path: Path) -> dict:
         path = ckpt_dir / tag
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: give {WHAT_TO_GIVE}")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
+        raise MissingFileError(f"{path} has no config.json: give {WHAT_TO_GIVE}")
+    return load_config_json(config_file)
 
 
 def check_is_longformer(path: Path, config: dict) -> None:
     model_type = config.get("model_type")
     if model_type in ("longformer_zh", "longformer") or (model_type == "bert" and "attention_window" in config):
         return
-    raise ValueError(
+    raise ModelFolderError(
         f"{path}/config.json has model_type {model_type!r}"
         + (" and no attention_window: a short BERT, convert it first (launch/convert.py)" if model_type == "bert" else "")
         + "; expected 'longformer_zh', 'longformer' (an export) or the released 'bert' layout with attention_window")
@@ -58,7 +57,7 @@ def load_model(path, *, task: str = "auto", label_names: list[str] | None = None
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give {WHAT_TO_GIVE}")
+        raise MissingFileError(f"{path} does not exist; give {WHAT_TO_GIVE}")
     config = config_of(path)
     check_is_longformer(path, config)
     classifier = task == "classification" or (task == "auto" and (label_names is not None or is_classifier_config(config)))
@@ -66,8 +65,8 @@ def load_model(path, *, task: str = "auto", label_names: list[str] | None = None
     if classifier and label_names is not None:
         num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
         if is_classifier_config(config) and num_labels != len(label_names):
-            raise ValueError(f"{path} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
-                             "start from the pretrained (masked LM) checkpoint instead")
+            raise ModelFolderError(f"{path} is a classifier with {num_labels} classes but the task has {len(label_names)}; "
+                                   "start from the pretrained (masked LM) checkpoint instead")
         kwargs = {"id2label": dict(enumerate(label_names)), "label2id": {name: i for i, name in enumerate(label_names)}}
     if not classifier and is_training_checkpoint(path):  # the weights as they are: no from_pretrained round trip
         model = masked_lm_from_checkpoint(path)
@@ -75,11 +74,14 @@ def load_model(path, *, task: str = "auto", label_names: list[str] | None = None
         return (model, info) if output_loading_info else model
     model_class = LongformerZhForSequenceClassification if classifier else LongformerZhForMaskedLM
     with quiet_transformers():
-        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        try:
+            model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        except OSError as err:  # transformers' answer for a folder without weights ("Error no file named ...")
+            raise MissingFileError(f"{path}: {err}; give {WHAT_TO_GIVE}") from None
     if info["missing_keys"] and not (classifier and label_names is not None):
-        raise ValueError(f"{path}: its config.json says architectures={config.get('architectures')}, but the weights "
-                         f"lack {', '.join(sorted(info['missing_keys']))} of {model_class.__name__}; using it would "
-                         "mean random weights")
+        raise ModelFolderError(f"{path}: its config.json says architectures={config.get('architectures')}, but the weights "
+                               f"lack {', '.join(sorted(info['missing_keys']))} of {model_class.__name__}; using it would "
+                               "mean random weights")
     model.eval()
     return (model, info) if output_loading_info else model
 

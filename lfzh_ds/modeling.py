@@ -40,6 +40,7 @@ from transformers.models.bert.modeling_bert import (
 from .attention import build_self_attention
 from .configuration import LongformerZhConfig
 from .constants import IGNORE_INDEX
+from .errors import ModelFolderError
 from .hf_layout import is_hf_longformer_dir, load_hf_longformer
 from .run_folder import checkpoint_weights, is_training_checkpoint
 
@@ -385,7 +386,7 @@ def masked_lm_from_checkpoint(path) -> LongformerZhForMaskedLM:
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
     if missing or unexpected:
-        raise KeyError(f"{path} does not match {config_file}: missing {missing}, unexpected {unexpected}")
+        raise ModelFolderError(f"{path} does not match {config_file}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()
 

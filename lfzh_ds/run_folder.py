@@ -16,6 +16,8 @@ import io
 import re
 from pathlib import Path
 
+from .errors import MissingFileError
+
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
 MODEL_CONFIG_FILENAME = "config.json"
@@ -61,18 +63,18 @@ def resolve_checkpoint(path) -> tuple[Path, str]:
     """(checkpoints folder, tag) for a run folder, a checkpoints folder or one tag folder."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give a run folder (with checkpoints/latest) or one "
-                                "checkpoint folder such as RUN_DIR/checkpoints/step_3000")
+        raise MissingFileError(f"{path} does not exist; give a run folder (with checkpoints/latest) or one "
+                               "checkpoint folder such as RUN_DIR/checkpoints/step_3000")
     for ckpt_dir in (path / CHECKPOINTS_DIRNAME, path):
         tag = read_latest_tag(ckpt_dir)
         if tag is not None:
             if not (ckpt_dir / tag).is_dir():
-                raise FileNotFoundError(f"{ckpt_dir / LATEST_FILENAME} names {tag!r}, which does not exist")
+                raise MissingFileError(f"{ckpt_dir / LATEST_FILENAME} names {tag!r}, which does not exist")
             return ckpt_dir, tag
     if any(path.glob("*model_states.pt")):
         return path.parent, path.name
-    raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: expected checkpoints/latest, latest, "
-                            "or *model_states.pt files")
+    raise MissingFileError(f"{path} holds no DeepSpeed checkpoint: expected checkpoints/latest, latest, "
+                           "or *model_states.pt files")
 
 
 def checkpoint_weights(path) -> tuple[Path, dict]:
@@ -85,7 +87,7 @@ def checkpoint_weights(path) -> tuple[Path, dict]:
     ckpt_dir, tag = resolve_checkpoint(path)
     config_file = ckpt_dir / tag / MODEL_CONFIG_FILENAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: the checkpoint does not say which model it holds")
+        raise MissingFileError(f"{config_file} is missing: the checkpoint does not say which model it holds")
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step on stdout
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return config_file, state_dict

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from .constants import SCHEMA_VERSION, VOCAB_MD5
+from .errors import ConfigError, ShardError
 from .masking import apply_mask, mask_rng, whole_word_mask
 
 MANIFEST_NAME = "manifest.json"
@@ -40,10 +41,6 @@ MAX_SEQ_LEN = np.iinfo(np.uint16).max
 # characters alone never a word masked whole (what the upstream's validation masks are); measured in the README.
 MASK_UNITS = ("word", "character", "mixed")
 MIXED_CHARACTER_SHARE = 0.5
-
-
-class ShardError(RuntimeError):
-    """A shard or manifest that is missing, corrupt or from another schema."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -183,16 +180,16 @@ class ShardDataset:
                  verify: bool = True, mask_prob: float | None = None, max_predictions: int | None = None,
                  mask_unit: str | None = None):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         if masking not in ("static", "dynamic"):
-            raise ValueError(f"masking must be 'static' or 'dynamic', got {masking!r}")
+            raise ConfigError(f"masking must be 'static' or 'dynamic', got {masking!r}")
         if (mask_prob is not None or max_predictions is not None or mask_unit is not None) and masking != "dynamic":
-            raise ValueError("mask_prob, max_predictions and mask_unit choose the masks at training time: they need "
-                             "masking='dynamic' (static masks were fixed by the data service)")
+            raise ConfigError("mask_prob, max_predictions and mask_unit choose the masks at training time: they need "
+                              "masking='dynamic' (static masks were fixed by the data service)")
         if mask_unit not in (None, *MASK_UNITS):
-            raise ValueError(f"mask_unit must be one of {', '.join(MASK_UNITS)}, got {mask_unit!r}")
+            raise ConfigError(f"mask_unit must be one of {', '.join(MASK_UNITS)}, got {mask_unit!r}")
         if mask_prob is not None and not 0.0 < mask_prob < 1.0:
-            raise ValueError(f"mask_prob must be between 0 and 1, got {mask_prob}")
+            raise ConfigError(f"mask_prob must be between 0 and 1, got {mask_prob}")
         self.data_dir = Path(data_dir)
         self.split, self.masking, self.seed, self.epoch = split, masking, int(seed), 0
         self.manifest = read_manifest(self.data_dir)

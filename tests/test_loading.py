@@ -9,6 +9,7 @@ from transformers import AutoModelForMaskedLM, LongformerForMaskedLM, pipeline
 
 from launch.export import main as export_main
 from lfzh_ds.configuration import LongformerZhConfig
+from lfzh_ds.errors import MissingFileError, ModelFolderError
 from lfzh_ds.loading import load_model, save_model_folder
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
 from test_pretrain_phases import in_process, pretrain, setup  # noqa: F401 (fixtures)
@@ -53,6 +54,18 @@ def test_paths_that_hold_no_model_are_explained(tmp_path):
     (tmp_path / "short" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="a short BERT, convert it first"):
         load_model(tmp_path / "short")
+
+
+def test_a_model_folder_without_weights_or_with_a_broken_config_is_the_users_to_fix(tmp_path):
+    """Each is a UserError (the command lines' one line and status 2), not transformers' OSError or a JSON traceback."""
+    LongformerZhConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "no_weights")
+    with pytest.raises(MissingFileError, match=r"no_weights: Error no file named model\.safetensors.*give a model folder"):
+        load_model(tmp_path / "no_weights")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "longformer_zh",')
+    with pytest.raises(ModelFolderError, match=r"broken/config\.json is not valid JSON"):
+        load_model(tmp_path / "broken")
 
 
 def test_saved_and_exported_tokenizers_carry_the_models_length_and_stock_fill_mask_truncates(tmp_path):

@@ -1,6 +1,7 @@
 """Plausible user mistakes from walking through README.md: each must stop with a message naming the file or key
 (and nothing may be silently ignored), and the pretraining summary line must read right. All in-process, fast."""
 import json
+import logging
 import subprocess
 import sys
 from argparse import Namespace
@@ -64,6 +65,49 @@ def test_a_misspelt_model_config_key_is_refused_not_ignored(tmp_path):
         read_config(bad)
 
 
+def test_block_mode_keys_without_a_window_mode_mean_block_mode_by_hand_and_saved_alike(tmp_path, caplog):
+    """One rule for a block_sparse config that sets num_sliding_window_blocks / global_block_indices and names no
+    sparse_window_mode: block mode, with a warning, whether it is a hand-written --model-config or a saved
+    config.json (as every block-sparse config.json saved before window modes existed is)."""
+    fields = {**SMALL, "max_position_embeddings": 64, "attention_window": 16, "attention_backend": "block_sparse",
+              "sparse_block_size": 8, "num_sliding_window_blocks": 3, "global_block_indices": [0]}
+    hand = tmp_path / "model.json"
+    hand.write_text(json.dumps(fields))
+    notice = 'num_sliding_window_blocks, global_block_indices without sparse_window_mode: read as sparse_window_mode "block"'
+    with caplog.at_level(logging.WARNING, logger="lfzh_ds.configuration"):
+        by_hand = read_config(hand)
+    assert (by_hand.sparse_window_mode, by_hand.layer_block_size(0), by_hand.layer_sliding_window_blocks(0)) == ("block", 8, 3)
+    assert notice in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lfzh_ds.configuration"):
+        assert LongformerZhConfig.from_json_file(hand).sparse_window_mode == "block"
+    assert f"{hand}: {notice}" in caplog.text
+
+    saved_dir = tmp_path / "saved"
+    LongformerZhForMaskedLM(by_hand).save_pretrained(saved_dir)
+    saved = json.loads((saved_dir / "config.json").read_text())
+    del saved["sparse_window_mode"]
+    (saved_dir / "config.json").write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lfzh_ds.configuration"):
+        loaded = LongformerZhConfig.from_pretrained(saved_dir)
+    assert f"{saved_dir / 'config.json'}: {notice}" in caplog.text
+    same = ("attention_backend", "sparse_window_mode", "sparse_block_size", "num_sliding_window_blocks",
+            "global_block_indices", "attention_window", "max_position_embeddings")
+    assert {k: getattr(loaded, k) for k in same} == {k: getattr(by_hand, k) for k in same}
+
+    # a config that says token mode keeps it, and a block-mode key beside it is still refused; no key: token mode
+    hand.write_text(json.dumps({**fields, "sparse_window_mode": "token"}))
+    with pytest.raises(ConfigError, match="num_sliding_window_blocks=3 is a block-mode setting"):
+        read_config(hand)
+    plain = {k: v for k, v in fields.items() if k not in ("num_sliding_window_blocks", "global_block_indices")}
+    hand.write_text(json.dumps(plain))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lfzh_ds.configuration"):
+        assert read_config(hand).sparse_window_mode == "token"
+    assert "sparse_window_mode" not in caplog.text
+
+
 def summary(first, last):
     return pretraining.RunSummary(run_dir="runs/x", final_step=6, first_val_bpc=first, last_val_bpc=last,
                                   last_checkpoint="step_6", curves=None)
@@ -103,3 +147,52 @@ def test_command_line_mistakes_end_in_one_line_and_status_2(tmp_path, script, ar
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert f"{script}: error: " in done.stderr and str(missing) in done.stderr
+
+
+def test_a_library_bug_is_not_reported_as_the_users_mistake(tmp_path, monkeypatch, capsys):
+    """run_main reports a UserError alone as the user's mistake: a KeyError raised inside the library (a bug) goes on
+    up with its traceback, through the same commands that answer a missing folder in one line and status 2."""
+    from launch import evaluate as evaluate_cli
+    from launch.cli import run_main
+    from lfzh_ds import loading
+
+    def bug(path):
+        raise KeyError("x")
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    monkeypatch.setattr(loading, "config_of", bug)  # what load_model calls once the folder exists
+    with pytest.raises(KeyError, match="x"):
+        run_main(lambda: export_cli.main(["--from", str(model_dir), "--to", str(tmp_path / "out")]), "export.py")
+    with pytest.raises(KeyError, match="x"):
+        evaluate_cli.main(["fill-mask", "--model", str(model_dir), "--text", "北京是中国的[MASK]都"])
+    capsys.readouterr()
+
+    missing = tmp_path / "nope"
+    assert run_main(lambda: export_cli.main(["--from", str(missing), "--to", str(tmp_path / "out")]), "export.py") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export.py: error: ") and str(missing) in err and err.count("\n") == 1, err
+    assert evaluate_cli.main(["fill-mask", "--model", str(missing), "--text", "北京是中国的[MASK]都"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and str(missing) in err and err.count("\n") == 1, err
+
+
+def test_a_library_bug_in_a_console_command_ends_in_its_traceback_and_status_1(tmp_path):
+    """The same in a process of its own: lfzh-preprocess's entry point (launch.cli.preprocess), once with the
+    library's config check replaced by one that raises KeyError (a bug), once with a missing input (a mistake)."""
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text(json.dumps({"content": "北京是中国的首都。" * 20}, ensure_ascii=False) + "\n")
+    fault = "from data_service.config import PipelineConfig\ndef bug(self):\n    raise KeyError('x')\nPipelineConfig.validate = bug\n"
+    entry = "import sys\nfrom launch import cli\nsys.exit(cli.preprocess())\n"
+
+    def preprocess(inputs, injected=""):
+        return subprocess.run([sys.executable, "-c", injected + entry, "--input", str(inputs), "--output",
+                               str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    bug = preprocess(corpus, fault)
+    assert bug.returncode == 1, bug.stderr
+    assert "Traceback (most recent call last)" in bug.stderr and bug.stderr.rstrip().endswith("KeyError: 'x'")
+    assert "error: " not in bug.stderr
+    mistake = preprocess(tmp_path / "missing.jsonl")
+    assert mistake.returncode == 2, mistake.stderr
+    assert mistake.stderr.splitlines() == [f"lfzh-preprocess: error: --input {tmp_path / 'missing.jsonl'}: no such file or folder"]

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .band_kernel import block_sparse_attention, masked_value
 from .flex import flex_block_sparse_attention, flex_supported
 
@@ -71,11 +72,11 @@ class BlockSparseSelfAttention(nn.Module):
         dropout_applies = self.training and self.dropout > 0.0
         if self.kernel == "flex":
             if dropout_applies:
-                raise ValueError("kernel='flex' has no attention dropout; use eval mode, dropout 0 or kernel='torch' "
-                                 "(block_sparse_kernel in the config)")
+                raise ConfigError("kernel='flex' has no attention dropout; use eval mode, dropout 0 or kernel='torch' "
+                                  "(block_sparse_kernel in the config)")
             if not flex_supported(q.device, needs_backward=torch.is_grad_enabled()):
-                raise ValueError(f"FlexAttention does not run on {q.device} here; use kernel='torch' "
-                                 "(block_sparse_kernel in the config)")
+                raise ConfigError(f"FlexAttention does not run on {q.device} here; use kernel='torch' "
+                                  "(block_sparse_kernel in the config)")
             return True
         return q.is_cuda and not dropout_applies and flex_supported(q.device)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..constants import SEP_ID
+from ..errors import ConfigError
 from ..tokenization import normalize_text
 from .tasks import Example
 
@@ -25,11 +26,11 @@ def truncate_ids(ids: list[int], max_len: int, strategy: str = "head", head_frac
     beginning and the rest from the end (the end of a news article often carries its verdict).
     """
     if strategy not in TRUNCATION_STRATEGIES:
-        raise ValueError(f"truncation {strategy!r}: choose one of {TRUNCATION_STRATEGIES}")
+        raise ConfigError(f"truncation {strategy!r}: choose one of {TRUNCATION_STRATEGIES}")
     if max_len < 3:
-        raise ValueError(f"max_len={max_len} leaves no room for text between [CLS] and [SEP]")
+        raise ConfigError(f"max_len={max_len} leaves no room for text between [CLS] and [SEP]")
     if not 0 <= head_fraction <= 1:
-        raise ValueError(f"head_fraction (--head-fraction) {head_fraction} is not between 0 and 1 (the share of the budget kept from the start)")
+        raise ConfigError(f"head_fraction (--head-fraction) {head_fraction} is not between 0 and 1 (the share of the budget kept from the start)")
     if len(ids) <= max_len:
         return list(ids)
     body = ids[1:-1]

@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError, InputError, MissingFieldError, MissingFileError
 from ..near_duplicates import DEFAULT_THRESHOLD as NEAR_DUPLICATE_THRESHOLD
 from ..near_duplicates import near_duplicates_of
 
@@ -103,7 +104,7 @@ def clean_ccf_text(text) -> str:
 def make_ccf_example(example_id: str, title, content, label) -> Example:
     label = int(label)
     if not 0 <= label < len(CCF_LABEL_NAMES):
-        raise ValueError(f"CCF document {example_id}: label {label!r} is not one of 0, 1, 2 (positive, neutral, negative)")
+        raise InputError(f"CCF document {example_id}: label {label!r} is not one of 0, 1, 2 (positive, neutral, negative)")
     return Example(id=str(example_id), title=clean_ccf_text(title), text=clean_ccf_text(content), label=label)
 
 
@@ -134,13 +135,13 @@ def load_ccf_package() -> dict[str, list[Example]]:
 def _read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     csv.field_size_limit(1 << 30)
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
+            raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
         return list(reader)
 
 
@@ -157,11 +158,11 @@ def load_ccf_csv(data_csv, label_csv) -> tuple[list[Example], dict]:
         try:
             labels[row["id"]] = int(float(value))
         except ValueError:
-            raise ValueError(f"{label_csv} line {n} (id {row['id']}): label {value!r} is not a number 0, 1 or 2") from None
+            raise InputError(f"{label_csv} line {n} (id {row['id']}): label {value!r} is not a number 0, 1 or 2") from None
     examples, unlabelled, seen = [], 0, set()
     for row in rows:
         if row["id"] in seen:
-            raise ValueError(f"{data_csv}: id {row['id']!r} appears twice; ids must be unique")
+            raise InputError(f"{data_csv}: id {row['id']!r} appears twice; ids must be unique")
         seen.add(row["id"])
         if row["id"] not in labels:
             unlabelled += 1
@@ -173,7 +174,7 @@ def load_ccf_csv(data_csv, label_csv) -> tuple[list[Example], dict]:
 def split_examples(examples: list[Example], held_out_fraction: float, seed: int) -> tuple[list, list, list]:
     """Stratified, seeded split into train/dev/test, with ``held_out_fraction`` of each class in dev and in test."""
     if not 0 < held_out_fraction < 0.5:
-        raise ValueError(f"held_out_fraction={held_out_fraction} must be in (0, 0.5)")
+        raise ConfigError(f"held_out_fraction={held_out_fraction} must be in (0, 0.5)")
     by_label = defaultdict(list)
     for e in examples:
         by_label[e.label].append(e)
@@ -195,7 +196,14 @@ def _read_records(path: Path, file_format: str | None = None) -> list[dict]:
     """Records of a JSON lines (``jsonl``) or CSV/TSV (``csv``) file; the format defaults to the file's suffix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
+    try:
+        return _parse_records(path, file_format)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _parse_records(path: Path, file_format: str | None) -> list[dict]:
     suffix = path.suffix.lower()
     if file_format == "jsonl" or (file_format is None and suffix in (".jsonl", ".json", ".ndjson")):
         records = []
@@ -206,13 +214,13 @@ def _read_records(path: Path, file_format: str | None = None) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
+                    raise InputError(f"{path} line {n}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
         return records
     if file_format == "csv" or (file_format is None and suffix in (".csv", ".tsv")):
         csv.field_size_limit(1 << 30)
         with open(path, encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(f"{path}: unknown file type {suffix!r}; use .jsonl (JSON lines) or .csv/.tsv, or name the format")
+    raise InputError(f"{path}: unknown file type {suffix!r}; use .jsonl (JSON lines) or .csv/.tsv, or name the format")
 
 
 def _label_order(values) -> list[str]:
@@ -230,15 +238,18 @@ def load_records(
     """(id, title, text, raw label as str) from a JSON lines or CSV file; errors name the file and record."""
     out = []
     for n, rec in enumerate(_read_records(path, file_format), start=1):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path} record {n}: a JSON {type(rec).__name__}, expected an object with the fields "
+                             "--text-field and --label-field name")
         for key in (text_field, label_field) + ((title_field,) if title_field else ()):
             if key not in rec:
-                raise KeyError(f"{path} record {n}: no field {key!r} (fields: {sorted(rec)}); set --text-field/--label-field")
+                raise MissingFieldError(f"{path} record {n}: no field {key!r} (fields: {sorted(rec)}); set --text-field/--label-field")
         text = rec[text_field]
         if not isinstance(text, str):
-            raise ValueError(f"{path} record {n}: field {text_field!r} is {type(text).__name__}, expected text")
+            raise InputError(f"{path} record {n}: field {text_field!r} is {type(text).__name__}, expected text")
         label = rec[label_field]
         if label is None or str(label).strip() == "":
-            raise ValueError(f"{path} record {n}: empty label in field {label_field!r}")
+            raise InputError(f"{path} record {n}: empty label in field {label_field!r}")
         title = rec[title_field] if title_field else ""
         example_id = str(rec[id_field]) if id_field and id_field in rec else f"{Path(path).stem}-{n - 1}"
         out.append((example_id, title if isinstance(title, str) else "", text, str(label).strip()))
@@ -257,14 +268,14 @@ def load_generic_task(
     paths = {"train": train, "dev": dev, "test": test}
     label_names = _label_order(r[3] for r in raw["train"])
     if len(label_names) < 2:
-        raise ValueError(f"{train}: only {len(label_names)} distinct label(s) {label_names}; classification needs two or more")
+        raise InputError(f"{train}: only {len(label_names)} distinct label(s) {label_names}; classification needs two or more")
     index = {name: i for i, name in enumerate(label_names)}
     splits = {}
     for split, records in raw.items():
         examples = []
         for n, (example_id, title, text, label) in enumerate(records, start=1):
             if label not in index:
-                raise ValueError(f"{paths[split]} record {n}: label {label!r} does not occur in the train file {train} ({label_names})")
+                raise InputError(f"{paths[split]} record {n}: label {label!r} does not occur in the train file {train} ({label_names})")
             examples.append(Example(id=example_id, title=title.strip(), text=text.strip(), label=index[label]))
         splits[split] = examples
     task = TaskData(name=name, label_names=label_names, report={"source": f"train {train}, dev {dev}, test {test}"}, **splits)
@@ -356,7 +367,7 @@ def load_task(args) -> TaskData:
         task = load_ccf_task(csv_dir=args.ccf_csv_dir, seed=args.seed, dedup=not args.no_dedup)
     else:
         if args.train is None or args.dev is None:
-            raise ValueError(f"--task {args.task} needs --train and --dev files (and optionally --test)")
+            raise ConfigError(f"--task {args.task} needs --train and --dev files (and optionally --test)")
         task = load_generic_task(args.train, args.dev, args.test, text_field=args.text_field,
                                  label_field=args.label_field, title_field=args.title_field, id_field=args.id_field,
                                  file_format=args.task, dedup=not args.no_dedup, name=f"{args.task}:{args.train.stem}")

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 from ..atomic_files import write_atomic
+from ..errors import MissingFileError, ModelFolderError
 from ..run_folder import (LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX, checkpoints_dir, read_latest_tag,
                           step_of_tag, tag_for_step)
 from .distributed import barrier, gather_objects, rank_and_world, say
 from .ds_config import ConfigError, ResolvedConfig
 from .metrics import METRICS_FILENAME, truncate_after
+from .schedule import ScheduleAfterRestore, describe_knots, schedule_after_restore, schedule_change_note
 
 STATE_FILENAME = "training_state.json"
 CLIENT_STATE_KEY = "lfzh_ds"
@@ -71,7 +73,7 @@ class TrainingState:
 def read_training_state(tag_dir) -> TrainingState:
     path = Path(tag_dir) / STATE_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {tag_dir} is not a complete checkpoint of launch/pretrain.py")
+        raise MissingFileError(f"{path} is missing: {tag_dir} is not a complete checkpoint of launch/pretrain.py")
     return TrainingState.from_dict(json.loads(path.read_text()))
 
 
@@ -184,7 +186,7 @@ def find_resume_point(run_dir) -> ResumePoint | None:
         return None
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        raise FileNotFoundError(f"{ckpt_dir / LATEST_FILENAME} names {tag!r}, but {tag_dir} does not exist; "
+        raise MissingFileError(f"{ckpt_dir / LATEST_FILENAME} names {tag!r}, but {tag_dir} does not exist; "
                                 "point `latest` at an existing step_N folder")
     return ResumePoint(tag=tag, state=read_training_state(tag_dir))
 
@@ -233,7 +235,7 @@ def restore_loss_scaler(engine, client_state: dict) -> None:
 
 def client_training_state(client_state: dict | None, where: str) -> tuple[TrainingState, list[dict]]:
     if not client_state or CLIENT_STATE_KEY not in client_state:
-        raise KeyError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
+        raise ModelFolderError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
     data = client_state[CLIENT_STATE_KEY]
     return TrainingState.from_dict(data), data.get("rng", [])
 
@@ -263,71 +265,11 @@ def continue_checkpoint_settings(args, resume: ResumePoint, resolved: ResolvedCo
         raise ConfigError(f"--mask-prob {given} differs from the run being resumed ({where}: {kept}): a resumed run "
                           "continues with its own masking. Drop --mask-prob, or start a new run in another --output-dir")
     args.mask_prob = saved.mask_prob
-    if saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps:
-        if getattr(args, "stretch_schedule", False):
-            how = "the learning rate follows the new schedule (--stretch-schedule)"
-        elif getattr(args, "rewarm_steps", 0):
-            how = (f"the learning rate climbs back to its peak over {args.rewarm_steps} steps (--rewarm-steps), then "
-                   f"decays to 0 at step {resolved.total_num_steps}")
-        else:
-            how = (f"the learning rate decays on from where it was to 0 at step {resolved.total_num_steps} "
-                   "(--rewarm-steps N climbs back to the peak first)")
-        say(f"note: the learning-rate schedule's total_num_steps changes from {saved.total_num_steps} (the "
-            f"checkpoint's) to {resolved.total_num_steps} ({resolved.source} with --max-steps {args.max_steps}): "
-            f"from step {saved.step + 1} on {how}")
-
-
-@dataclass
-class ScheduleAfterRestore:
-    """How a restored run's learning rate goes on when its schedule's end changed (launch/pretrain.py's flags)."""
-
-    max_steps: int
-    rewarm_steps: int = 0
-    stretch_schedule: bool = False
-
-
-def rate_at(knots: list, step: int) -> float:
-    """The learning rate of optimizer step ``step`` on the piecewise-linear schedule through ``knots``."""
-    return float(np.interp(step, [k[0] for k in knots], [k[1] for k in knots]))
-
-
-def continued_schedule(last_rate: float, last_step: int, total_steps: int, rewarm_steps: int = 0,
-                       peak: float | None = None) -> list:
-    """Knots of the schedule of a run continued after ``last_step`` (which ran at ``last_rate``) towards a new end
-    ``total_steps``: linear from that rate down to 0 after ``total_steps`` (continuing a finished run never makes
-    the rate jump up), or with ``rewarm_steps`` first linearly back up to ``peak`` over that many steps."""
-    knots = [[last_step, last_rate]]
-    if rewarm_steps:
-        knots.append([last_step + rewarm_steps, peak])
-    knots.append([total_steps + 1, 0.0])
-    return knots
-
-
-def peak_learning_rate(resolved: ResolvedConfig) -> float:
-    scheduler = resolved.config.get("scheduler", {}).get("params", {})
-    return float(scheduler.get("warmup_max_lr", resolved.config.get("optimizer", {}).get("params", {}).get("lr", 0)))
-
-
-def set_learning_rate(engine, rate: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = rate
-
-
-def schedule_after_restore(engine, saved: TrainingState, resolved: ResolvedConfig, how: ScheduleAfterRestore):
-    """The learning-rate knots of a run restored from ``saved`` (None: the config's schedule, via DeepSpeed's
-    scheduler). Called right after ``engine.load_checkpoint``."""
-    # a checkpoint from before the rate was recorded: the restored optimizer's rate, the old schedule's next one
-    last_rate = float(engine.get_lr()[0]) if saved.learning_rate is None else saved.learning_rate
-    changed = saved.total_num_steps is not None and saved.total_num_steps != resolved.total_num_steps
-    if how.stretch_schedule or not (changed or how.rewarm_steps):
-        scheduler = engine.lr_scheduler
-        if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
-            # DeepSpeed's schedulers restore only their counter and the optimizer keeps the rate it saved, which is
-            # the old schedule's when total_num_steps changed: set the rate of this schedule at this point.
-            scheduler.step(scheduler.last_batch_iteration)
-        return None if how.stretch_schedule else saved.lr_knots
-    return continued_schedule(last_rate, saved.step, resolved.total_num_steps or how.max_steps,
-                              how.rewarm_steps, peak_learning_rate(resolved))
+    note = schedule_change_note(saved, resolved, ScheduleAfterRestore(
+        max_steps=args.max_steps, rewarm_steps=getattr(args, "rewarm_steps", 0),
+        stretch_schedule=getattr(args, "stretch_schedule", False)))
+    if note:
+        say(note)
 
 
 # ---------------------------------------------------------------------------------------------- the manager
@@ -440,8 +382,7 @@ class CheckpointManager:
             state.lr_knots = schedule_after_restore(engine, saved, resolved, schedule)
             state.step, state.tokens_seen, state.elapsed_seconds = saved.step, saved.tokens_seen, saved.elapsed_seconds
             if state.lr_knots is not None:
-                say(f"learning rate: {rate_at(state.lr_knots, state.step + 1):.3g} at step {state.step + 1}, linear "
-                    f"through {', '.join(f'{r:.3g} at step {s}' for s, r in state.lr_knots[1:])}")
+                say(describe_knots(state.lr_knots, state.step + 1))
         return state
 
     def save(self, engine, state: TrainingState, model_config) -> str:

@@ -42,6 +42,8 @@ from deepspeed.runtime.swap_tensor.constants import AIO
 from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
 from deepspeed.utils.config import TIMERS
 
+from ..errors import ConfigError
+
 
 # Top-level keys DeepSpeed reads under a literal name rather than a constant (deepspeed/runtime/config.py,
 # deepspeed/monitor/config.py, deepspeed/runtime/tensor_parallel/config.py).
@@ -71,10 +73,6 @@ AUTO = "auto"
 # Opt-in for tests: DeepSpeed's real fp16 path (fp16 weights, ZeRO's fp16 optimizer, dynamic loss scaling) on the CPU
 # accelerator, which is slower than fp32 there. Only the accelerator's fp16 capability answer is overridden.
 REHEARSE_FP16_ENV = "LFZH_REHEARSE_FP16_ON_CPU"
-
-
-class ConfigError(ValueError):
-    """A DeepSpeed config that cannot run here; the message names the file, the key and the fix."""
 
 
 def did_you_mean(name: str, candidates, cutoff: float = 0.6) -> str:

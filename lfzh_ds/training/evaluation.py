@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..constants import IGNORE_INDEX, VOCAB_SIZE
+from ..errors import ConfigError, ShardError
 from ..shards import ShardDataset
 
 
@@ -156,10 +157,10 @@ def bpc_on_shards(model, data_dir, split: str = "validation", batch_size: int = 
     """``launch/evaluate.py bpc``: the model's BPC on a shards folder's split with the data service's fixed masks,
     its 95% bootstrap interval, and the character-frequency baseline of the same masks (NaN without a train split)."""
     if max_sequences is not None and max_sequences <= 0:
-        raise ValueError(f"--max-sequences {max_sequences}: evaluate at least 1 sequence (leave it out for all)")
+        raise ConfigError(f"--max-sequences {max_sequences}: evaluate at least 1 sequence (leave it out for all)")
     data = ShardDataset(data_dir, split=split, masking="static")
     if not data.num_rows:
-        raise ValueError(f"--data {data_dir}: the {split} split is empty (its manifest.json lists no "
+        raise ShardError(f"--data {data_dir}: the {split} split is empty (its manifest.json lists no "
                          f"{split} sequences; preprocessed with --val-fraction 0?)")
     with torch.no_grad():
         result = evaluate_model_bpc(model, data, batch_size=batch_size, max_sequences=max_sequences)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..atomic_files import write_atomic
 from ..constants import IGNORE_INDEX
+from ..errors import InputError, MissingFileError
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
@@ -94,7 +95,7 @@ def read_metrics(path) -> tuple[list[dict], list[dict]]:
     if path.is_dir():
         path = path / METRICS_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is this the --output-dir of launch/pretrain.py?")
+        raise MissingFileError(f"{path} does not exist: is this the --output-dir of launch/pretrain.py?")
     train, val = {}, {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -102,7 +103,7 @@ def read_metrics(path) -> tuple[list[dict], list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number} is not a JSON line") from None
+            raise InputError(f"{path}:{number} is not a JSON line") from None
         (val if record.get("kind") == "val" else train)[record["step"]] = record
     return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
 

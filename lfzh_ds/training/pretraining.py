@@ -37,6 +37,7 @@ from .evaluation import (BpcResult, all_reduce_result, collate, frequency_baseli
 from .initialization import init_output_bias_to_unigram, init_word_embeddings_from_cooccurrence
 from .metrics import CURVES_FILENAME, ModelFlops, format_step, peak_tflops_of, read_metrics
 from .sampler import ResumableDistributedSampler
+from .schedule import ScheduleAfterRestore
 from .trainer import FaultInjection, Objective, train
 
 PRETRAINING_DEFAULT_BACKEND = "block_sparse"
@@ -72,7 +73,7 @@ def read_model_config(args: Namespace):
     if backend:
         data["attention_backend"] = backend
     try:
-        return LongformerZhConfig(**data)
+        return LongformerZhConfig.from_dict(data, config_source=f"--model-config {path}")
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--model-config {path}: {err}") from None
 
@@ -393,7 +394,7 @@ def run(args: Namespace) -> RunSummary:
                                zero_stage=resolved.zero_stage, masking=args.masking,
                                total_num_steps=resolved.total_num_steps, mask_prob=args.mask_prob,
                                mask_unit=args.mask_unit, output_vocab=args.output_vocab)
-    state = checkpoints.restore(engine, state, resolved, ckpt.ScheduleAfterRestore(
+    state = checkpoints.restore(engine, state, resolved, ScheduleAfterRestore(
         max_steps=args.max_steps, rewarm_steps=args.rewarm_steps, stretch_schedule=args.stretch_schedule))
     if checkpoints.source is not None:
         source_dir, source_tag, saved = checkpoints.source

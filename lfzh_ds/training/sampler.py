@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError, ShardError
+
 
 @dataclass(frozen=True)
 class SamplePosition:
@@ -30,10 +32,10 @@ class ResumableDistributedSampler:
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, *, rank: int,
                  world_size: int, seed: int):
         if num_samples <= 0:
-            raise ValueError("the training split is empty: preprocess more text or lower --val-fraction")
+            raise ShardError("the training split is empty: preprocess more text or lower --val-fraction")
         if global_batch_size % (micro_batch_size * world_size):
-            raise ValueError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size} "
-                             f"x {world_size} processes")
+            raise ConfigError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size} "
+                              f"x {world_size} processes")
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointManager, TrainingState, rate_at, set_learning_rate
+from .checkpoint import CheckpointManager, TrainingState
 from .distributed import barrier, rank_and_world, say
 from .metrics import MetricsLogger, Throughput, plot_curves
+from .schedule import rate_at, set_learning_rate
 
 
 class TrainingDiverged(RuntimeError):
