@@ -118,8 +118,9 @@ def build(name: str, L: int, size: str = "small", tokens_per_step: int = 4096, d
 
 
 def _accepts_attn_impl() -> bool:
-    from transformers import BertForMaskedLM
     import inspect
+
+    from transformers import BertForMaskedLM
 
     return "attn_implementation" in inspect.signature(BertForMaskedLM.__init__).parameters
 

@@ -75,9 +75,9 @@ def cpu_and_wall(fn, *args, **kwargs):
 def stage_rates(texts: list[str], seq_len: int) -> dict:
     from data_service.clean import _jionlp, clean_document
     from data_service.filters import FilterOptions, failed_filter
-    from lfzh_ds.near_duplicates import band_keys
     from data_service.pack import build_shard
     from data_service.segment import WordTokenizer, _jieba
+    from lfzh_ds.near_duplicates import band_keys
     from lfzh_ds.tokenization import load_tokenizer, normalize_text
 
     chars = sum(map(len, texts))
@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
+    from data_service.config import PipelineConfig
     from data_service.corpora import inews_documents
     from data_service.filters import FilterOptions
-    from data_service.config import PipelineConfig
     from data_service.pipeline import run
     from data_service.segment import _jieba
 

@@ -45,10 +45,14 @@ from lfzh_ds.configuration import LongformerZhConfig  # noqa: E402
 from lfzh_ds.modeling import LongformerZhForMaskedLM  # noqa: E402
 from lfzh_ds.shards import ShardDataset  # noqa: E402
 from lfzh_ds.tokenization import load_tokenizer  # noqa: E402
-from lfzh_ds.training.evaluation import (collate, frequency_baseline_bpc,  # noqa: E402
-                                         masked_lm_cross_entropy, token_counts, validation_indices)
-from lfzh_ds.training.initialization import (init_output_bias_to_unigram,  # noqa: E402
-                                             init_word_embeddings_from_cooccurrence)
+from lfzh_ds.training.evaluation import (  # noqa: E402
+    collate,
+    frequency_baseline_bpc,
+    masked_lm_cross_entropy,
+    token_counts,
+    validation_indices,
+)
+from lfzh_ds.training.initialization import init_output_bias_to_unigram, init_word_embeddings_from_cooccurrence  # noqa: E402
 
 BASE = {"mask": None, "lr": 2e-3, "warmup": 30, "batch": 16, "hidden": 128, "layers": 2, "heads": 4, "ffn": 512,
         "window": 128, "static": 0, "data2": None, "switch": 0, "bias": 0, "steps": 0, "dropout": 0.1, "wordlen": 0, "vocab": 0, "cooc": 0.0, "coocwindow": 2,

@@ -74,11 +74,11 @@ def long_pretraining(args, quickstart: Path, work: Path) -> Path:
 
 
 def random_model(quickstart: Path, work: Path, seed: int) -> Path:
+    import torch
+
     from lfzh_ds.configuration import LongformerZhConfig
     from lfzh_ds.modeling import LongformerZhForMaskedLM
     from lfzh_ds.tokenization import load_tokenizer
-
-    import torch
 
     out = work / "random_model"
     if not (out / "config.json").is_file():

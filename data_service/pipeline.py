@@ -67,8 +67,17 @@ from .plan import Plan, PlannedShard, empty_validation_warning, input_files, inp
 from .ray_session import RaySession, TaskWindow
 from .storage import StorageMode, storage_mode
 from .tasks import run_tasks
-from .work_folder import (WORK_DIR, chunk_path, clear_output, finished_manifest, load_chunk, output_folder,
-                          reopen_finished_output, shard_record_path, start_job)
+from .work_folder import (
+    WORK_DIR,
+    chunk_path,
+    clear_output,
+    finished_manifest,
+    load_chunk,
+    output_folder,
+    reopen_finished_output,
+    shard_record_path,
+    start_job,
+)
 
 
 @dataclasses.dataclass

@@ -14,8 +14,13 @@ from pathlib import Path
 
 from launch.cli import run_main
 from launch.finetune import add_task_arguments
-from lfzh_ds.classification.baseline import (DEFAULT_C_GRID, DEFAULT_MAX_FEATURES, DEFAULT_NGRAM_RANGE,
-                                             describe_baseline_run, run_tfidf_baseline)
+from lfzh_ds.classification.baseline import (
+    DEFAULT_C_GRID,
+    DEFAULT_MAX_FEATURES,
+    DEFAULT_NGRAM_RANGE,
+    describe_baseline_run,
+    run_tfidf_baseline,
+)
 from lfzh_ds.classification.tasks import load_task
 
 

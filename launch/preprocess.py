@@ -19,7 +19,6 @@ from lfzh_ds.constants import DEFAULT_SEQ_LEN
 from lfzh_ds.errors import UserError
 from lfzh_ds.near_duplicates import DEFAULT_THRESHOLD
 
-
 _FILTER_FLAGS = (  # defaults: data_service.filters.FilterOptions (README: "Quality filters")
     ("min-cjk-share", "drop documents whose share of CJK characters (whitespace aside) is below this"),
     ("max-symbol-share", "drop documents whose share of digits, punctuation and symbols is above this"),

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then runs the suite (about 18 minutes on 2 cores).
+# The test command: installs what the tests need, checks the code with ruff (pyproject.toml: pyflakes rules and
+# import order), then runs the suite (about 18 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
 PY="${PYTHON:-python3}"
+"$PY" -m ruff check .
 set +e
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"
 rc=$?

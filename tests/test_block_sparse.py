@@ -16,7 +16,13 @@ from transformers import LongformerConfig
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
 from lfzh_ds.attention import band_kernel, build_self_attention
-from lfzh_ds.attention.band_kernel import _SCRATCH, _dropout_keep_mask, _ScratchPool, block_sparse_attention, empty_cache
+from lfzh_ds.attention.band_kernel import (
+    _SCRATCH,
+    _dropout_keep_mask,
+    _ScratchPool,
+    block_sparse_attention,
+    empty_cache,
+)
 from lfzh_ds.attention.block_sparse import BlockSparseSelfAttention
 from lfzh_ds.attention.flex import FlexBlockSparse, _compiled_flex, flex_block_sparse_attention, flex_supported
 from lfzh_ds.attention.layout import block_sparse_layout, dense_mask_from_layout

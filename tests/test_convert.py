@@ -9,6 +9,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from model_helpers import max_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForMaskedLM,
@@ -30,7 +31,6 @@ from lfzh_ds.constants import VOCAB_SIZE
 from lfzh_ds.convert import convert_bert_to_longformer, export_to_hf_longformer
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.tokenization import load_tokenizer
-from model_helpers import max_diff
 
 TOL = 1e-5
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

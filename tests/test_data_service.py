@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import pytest
 import ray
+from test_data_service_quality import brute_force_near_duplicates, near_copies
 
 from data_service.clean import clean_document
 from data_service.config import PipelineConfig
@@ -32,8 +33,16 @@ from data_service.manifest import MAX_EXAMPLES, RejectsReport
 from data_service.pipeline import RunResult, run
 from data_service.process import DocumentOptions, content_hash, process_chunk
 from data_service.ray_session import SharedStorageError, TaskWindow, remote
-from data_service.readers import (MISSING_FIELD, InputError, detect_format, document_text, expand_inputs, iter_chunks,
-                                  iter_records, read_range)
+from data_service.readers import (
+    MISSING_FIELD,
+    InputError,
+    detect_format,
+    document_text,
+    expand_inputs,
+    iter_chunks,
+    iter_records,
+    read_range,
+)
 from data_service.segment import WordTokenizer
 from data_service.storage import _process_and_store
 from data_service.work_folder import JobConflict
@@ -41,7 +50,6 @@ from launch.preprocess import main as preprocess_main
 from lfzh_ds.constants import CLS_ID, PAD_ID, SEP_ID
 from lfzh_ds.shards import ShardDataset, file_sha256, read_manifest
 from lfzh_ds.tokenization import load_tokenizer
-from test_data_service_quality import brute_force_near_duplicates, near_copies
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from ray.cluster_utils import Cluster
+from test_data_service_quality import near_copies
 
 from data_service.config import PipelineConfig
 from data_service.corpora import write_inews_corpus
 from data_service.pipeline import run
-from test_data_service_quality import near_copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,14 @@ import pytest
 
 from data_service.clean import clean_document
 from data_service.corpora import inews_documents, write_inews_corpus
-from data_service.filters import (FILTERS, FilterOptions, boilerplate_share, failed_filter, repeated_line_share,
-                                  repeated_ngram_share)
+from data_service.filters import (
+    FILTERS,
+    FilterOptions,
+    boilerplate_share,
+    failed_filter,
+    repeated_line_share,
+    repeated_ngram_share,
+)
 from lfzh_ds import near_duplicates as nd
 
 FOOTER = ("免责声明：本文来源于网络，仅供读者参考，不代表本站观点。\n文章版权归原作者所有，如有侵权请联系我们删除。\n"

@@ -9,8 +9,8 @@ import ray
 
 from data_service.config import PipelineConfig
 from data_service.pipeline import RunResult
-from data_service.readers import iter_chunks
 from data_service.ray_session import TaskWindow
+from data_service.readers import iter_chunks
 from data_service.storage import DriverStorage, SharedStorage, storage_mode
 from data_service.tasks import Task, run_tasks
 

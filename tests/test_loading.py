@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_pretrain_phases import in_process, pretrain, setup  # noqa: F401 (fixtures)
 from transformers import AutoModelForMaskedLM, LongformerForMaskedLM, pipeline
 
 from launch.export import main as export_main
@@ -12,7 +13,6 @@ from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.errors import MissingFileError, ModelFolderError
 from lfzh_ds.loading import load_model, save_model_folder
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
-from test_pretrain_phases import in_process, pretrain, setup  # noqa: F401 (fixtures)
 
 
 @pytest.fixture

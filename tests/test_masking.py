@@ -2,8 +2,17 @@
 import numpy as np
 import pytest
 
-from lfzh_ds.constants import (CLS_ID, FIRST_REAL_TOKEN_ID, IGNORE_INDEX, MASK_ID, PAD_ID, SEP_ID, SPECIAL_IDS, UNK_ID,
-                                VOCAB_SIZE)
+from lfzh_ds.constants import (
+    CLS_ID,
+    FIRST_REAL_TOKEN_ID,
+    IGNORE_INDEX,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_IDS,
+    UNK_ID,
+    VOCAB_SIZE,
+)
 from lfzh_ds.masking import apply_mask, mask_rng, whole_word_mask, whole_word_spans
 
 

@@ -6,11 +6,11 @@ tokens), so the two backends must agree there; with a narrow window they must no
 """
 import pytest
 import torch
+from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification, LongformerZhModel
 from lfzh_ds.training.engine import enable_activation_checkpointing
-from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 
 TOL = 1e-5
 VOCAB = 300

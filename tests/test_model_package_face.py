@@ -91,8 +91,14 @@ def test_the_model_classes_import_from_the_package_itself():
     import lfzh_ds
     from lfzh_ds import (
         LongformerZhConfig as Config,
+    )
+    from lfzh_ds import (
         LongformerZhForMaskedLM as MaskedLM,
+    )
+    from lfzh_ds import (
         LongformerZhForSequenceClassification as Classifier,
+    )
+    from lfzh_ds import (
         LongformerZhModel as Model,
     )
     from lfzh_ds.modeling import LongformerZhModel

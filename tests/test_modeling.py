@@ -6,6 +6,7 @@ position_ids here (the shifted-table export is tested in test_convert.py).
 """
 import pytest
 import torch
+from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -25,7 +26,6 @@ from lfzh_ds.modeling import (
     LongformerZhModel,
 )
 from lfzh_ds.training.engine import enable_activation_checkpointing
-from model_helpers import loss_and_gradients, max_diff, padded_batch_with_globals
 
 TOL = 1e-5
 VOCAB = 300  # the heads' cost grows with the vocab; the geometry under test does not depend on it

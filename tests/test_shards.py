@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_service.corpora import write_inews_corpus
 from data_service.config import PipelineConfig
+from data_service.corpora import write_inews_corpus
 from data_service.pipeline import run
 from lfzh_ds.constants import IGNORE_INDEX, MASK_ID, PAD_ID, SPECIAL_IDS
 from lfzh_ds.shards import ShardDataset, ShardError

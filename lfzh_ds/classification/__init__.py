@@ -9,7 +9,14 @@
 
 This module is the package's face: ``from lfzh_ds.classification import load_ccf_task, encode_examples``.
 """
-from .encoding import DEFAULT_HEAD_FRACTION, TRUNCATION_STRATEGIES, EncodedSplit, encode_examples, segment_ids, truncate_ids
+from .encoding import (
+    DEFAULT_HEAD_FRACTION,
+    TRUNCATION_STRATEGIES,
+    EncodedSplit,
+    encode_examples,
+    segment_ids,
+    truncate_ids,
+)
 from .metrics import classification_metrics, read_predictions, write_metrics, write_predictions
 from .tasks import (
     CCF_HELD_OUT_FRACTION,
