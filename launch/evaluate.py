@@ -209,9 +209,10 @@ def run_fill_long_document(args, model, tokenizer) -> None:
 
 
 def run_curves(args) -> None:
-    from lfzh_ds.training.metrics import plot_curves
+    from lfzh_ds.training.curves import OBJECTIVE_CURVES, plot_curves
 
-    print(f"wrote {plot_curves(args.run, args.out)}")
+    # the curves of the objective whose validation number the run's lines hold (pretraining's without any)
+    print(f"wrote {plot_curves(args.run, args.out, curves=OBJECTIVE_CURVES)}")
 
 
 COMMANDS = {"bpc": run_bpc, "fill-mask": run_fill_mask, "curves": run_curves, "cloze": run_cloze,

@@ -93,27 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # lazily: --help and a mistake in the arguments answer without importing torch and DeepSpeed
-    from lfzh_ds.training.distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOST_PEER, lost_a_peer,
-                                              lost_peer_message, rank_and_world)
     from lfzh_ds.errors import UserError
-    from lfzh_ds.training.pretraining import run
+    from lfzh_ds.training import pretraining
+    from lfzh_ds.training.distributed import (
+        EXIT_BAD_INPUT,
+        EXIT_DIVERGED,
+        EXIT_LOST_PEER,
+        lost_a_peer,
+        lost_peer_message,
+        rank_and_world,
+    )
     from lfzh_ds.training.trainer import TrainingDiverged
 
-    if args.start_step and not args.init_from:
-        print("error: --start-step continues the schedule of a model given with --init-from", file=sys.stderr)
-        return 2
-    if args.rewarm_steps and args.stretch_schedule:
-        print("error: --rewarm-steps and --stretch-schedule are two different schedules after a resume: pick one",
-              file=sys.stderr)
-        return 2
-    if args.rewarm_steps < 0 or (args.mask_prob is not None and not 0 < args.mask_prob < 1):
-        print("error: --rewarm-steps must be >= 0 and --mask-prob between 0 and 1", file=sys.stderr)
-        return 2
-    if args.start_step >= args.max_steps > 0 and args.start_step:
-        print(f"error: --start-step {args.start_step} is not below --max-steps {args.max_steps}", file=sys.stderr)
-        return 2
     try:
-        summary = run(args)
+        settings = pretraining.PretrainSettings.from_args(args)  # every check between the flags
+        summary = pretraining.run(settings)
     except (UserError, TrainingDiverged) as err:
         # Every process stops with the same error; rank 0 says it (under the launcher, ``leave`` below then ends
         # every process the same way).

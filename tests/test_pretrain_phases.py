@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from lfzh_ds.loading import load_model
 from lfzh_ds.masking import whole_word_spans
 from lfzh_ds.shards import ShardDataset
-from lfzh_ds.loading import load_model
 from lfzh_ds.training.metrics import read_metrics
 
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,

@@ -139,19 +139,22 @@ def test_a_finished_universal_copy_is_reused_and_a_half_written_one_is_redone(tm
 # ---------------------------------------------------------------------------------------------- resumed settings
 
 def resume_settings(tmp_path, saved: dict, seed=None, masking=None, total_num_steps=10, **flags):
-    from argparse import Namespace
-
-    from lfzh_ds.training.checkpoint import ResumePoint, TrainingState
+    from lfzh_ds.training.checkpoint import CheckpointManager
     from lfzh_ds.training.ds_config import ResolvedConfig
-    from lfzh_ds.training.checkpoint import continue_checkpoint_settings
+    from lfzh_ds.training.pretraining import PretrainSettings, resumed_settings
 
-    args = Namespace(seed=seed, masking=masking, max_steps=total_num_steps, **flags)
+    settings = PretrainSettings(deepspeed_config="ds.json", data="shards", output_dir=str(tmp_path / "run"),
+                                model_config="tiny.json", max_steps=total_num_steps, seed=seed, masking=masking,
+                                **flags)
     resolved = ResolvedConfig(source="ds.json", config={"scheduler": {"params": {"total_num_steps": total_num_steps}}},
                               world_size=1)
+    ckpt = tmp_path / "run" / "checkpoints"
+    if not ckpt.is_dir():
+        make_run(tmp_path, [4], latest=4)
+    write_state(ckpt, 4, **saved)
+    checkpoints = CheckpointManager(tmp_path / "run", keep=0, resume=True)
     said = []
-    continue_checkpoint_settings(args, ResumePoint("step_4", TrainingState(step=4, **saved)), resolved,
-                                 tmp_path / "run", said.append)
-    return args, said
+    return resumed_settings(settings, checkpoints, resolved, said.append), said
 
 
 def test_a_resumed_run_takes_its_checkpoints_seed_and_masking_and_refuses_other_ones(tmp_path):
@@ -184,3 +187,88 @@ def test_a_resumed_run_says_when_its_schedule_now_ends_at_another_step(tmp_path)
     assert "climbs back to its peak over 30 steps (--rewarm-steps), then decays to 0 at step 20" in said[0]
     _, said = resume_settings(tmp_path, dict(seed=1, masking="static", total_num_steps=None), total_num_steps=20)
     assert said == []  # an older checkpoint did not record its schedule
+
+
+# ---------------------------------------------------------------------------------------------- one resume mechanism
+
+# The one message a resumed run gives for a kept setting given another value, pretraining's and fine-tuning's alike.
+REFUSAL = (r"^(?P<setting>\S+) (?P<given>.+) differs from the (?P<recorded>.+ of the )?(?P<what>run|fine-tuning) being "
+           r"resumed \((?P<where>.*step_4/training_state\.json)(?P<after>: .+)?\): a resumed run continues with its own "
+           r"settings\. .+, or start a new run in another --output-dir$")
+
+
+def test_pretraining_and_finetuning_refuse_a_changed_kept_setting_by_one_rule_and_one_message(tmp_path):
+    """Each objective declares what a resume keeps (``kept_settings``) and how its checkpoints record it
+    (``recorded_settings``); the checkpoint manager compares them the same way for both."""
+    import re
+    from types import SimpleNamespace
+
+    from lfzh_ds.finetuning import RESUMED_SETTINGS, Classification, FinetuneSettings
+    from lfzh_ds.training.checkpoint import CheckpointManager
+    from lfzh_ds.training.ds_config import ConfigError
+    from lfzh_ds.training.pretraining import MaskedLM, PretrainSettings
+
+    def manager(run, **saved):
+        make_run(run, [4], latest=4)
+        write_state(run / "run" / "checkpoints", 4, **saved)
+        return CheckpointManager(run / "run", keep=0, resume=True)
+
+    def refusal(checkpoints, declared, recorded_of, what):
+        with pytest.raises(ConfigError) as err:
+            checkpoints.keep_settings(declared, recorded_of, what=what)
+        match = re.match(REFUSAL, str(err.value))
+        assert match, str(err.value)
+        return match.groupdict()
+
+    pretraining = manager(tmp_path / "pre", seed=7, masking="dynamic", mask_prob=0.3, mask_unit="word",
+                          output_vocab="all")
+    flags = dict(deepspeed_config="ds.json", data="shards", output_dir="run", model_config="m.json", max_steps=9)
+    kept = pretraining.keep_settings(MaskedLM.kept_settings(PretrainSettings(**flags)), MaskedLM.recorded_settings,
+                                     what="run")
+    assert kept == {"seed": 7, "masking": "dynamic", "mask_unit": "word", "output_vocab": "all", "mask_prob": 0.3}
+    seed = refusal(pretraining, MaskedLM.kept_settings(PretrainSettings(**flags, seed=8)), MaskedLM.recorded_settings,
+                   "run")
+    assert (seed["setting"], seed["given"], seed["recorded"], seed["what"]) == ("--seed", "8", "--seed 7 of the ", "run")
+    rate = refusal(pretraining, MaskedLM.kept_settings(PretrainSettings(**flags, mask_prob=0.2)),
+                   MaskedLM.recorded_settings, "run")
+    assert (rate["setting"], rate["given"], rate["recorded"], rate["after"]) == ("--mask-prob", "0.2", None, ": 0.3")
+
+    settings = FinetuneSettings(model_dir="model", output_dir="ft", deepspeed_config="ds.json", learning_rate=1e-3)
+    task = SimpleNamespace(train=[0] * 5, dev=[0] * 2)
+    recorded = {**{name: getattr(settings, name) for name in RESUMED_SETTINGS}, "documents": {"train": 5, "dev": 2}}
+    finetuning = manager(tmp_path / "ft", seed=0, objective={"settings": recorded, "best": None, "history": []})
+    assert finetuning.keep_settings(Classification.kept_settings(settings, task), Classification.recorded_settings,
+                                    what="fine-tuning") == recorded
+    changed = FinetuneSettings(**{**settings.__dict__, "learning_rate": 2e-3})
+    lr = refusal(finetuning, Classification.kept_settings(changed, task), Classification.recorded_settings,
+                 "fine-tuning")
+    assert (lr["setting"], lr["given"], lr["recorded"], lr["what"]) == ("learning_rate", "0.002", "0.001 of the ",
+                                                                         "fine-tuning")
+    documents = refusal(finetuning, Classification.kept_settings(settings, SimpleNamespace(train=[0] * 6, dev=[0] * 2)),
+                        Classification.recorded_settings, "fine-tuning")
+    assert documents["setting"] == "documents" and "'train': 5" in documents["recorded"]
+
+
+def test_a_training_state_of_the_former_layout_loads_and_is_saved_in_the_same_layout():
+    """Checkpoints written before pretraining's kept settings left TrainingState's own fields hold them at the top
+    level of training_state.json and of the client state (with the RNG states and the loss scaler): they load,
+    pretraining reads its settings from them, and a state is saved in that layout still."""
+    from lfzh_ds.training.checkpoint import TrainingState, client_training_state
+    from lfzh_ds.training.pretraining import MaskedLM
+
+    old = {"step": 4, "samples_consumed": 32, "tokens_seen": 4096, "global_batch_size": 8, "world_size": 2, "seed": 7,
+           "skipped_steps": 0, "elapsed_seconds": 1.5, "zero_stage": 2, "masking": "dynamic", "total_num_steps": 10,
+           "learning_rate": 2e-5, "mask_prob": 0.3, "lr_knots": None, "mask_unit": "character",
+           "output_vocab": "training", "objective": None}
+    state, rng = client_training_state({"lfzh_ds": {**old, "rng": [{"python": 1}], "loss_scaler": None}}, "here")
+    assert (state.step, state.samples_consumed, state.tokens_seen, state.world_size, state.learning_rate) == \
+        (4, 32, 4096, 2, 2e-5)
+    assert rng == [{"python": 1}] and state.masking == "dynamic"
+    assert state.settings == {"masking": "dynamic", "mask_prob": 0.3, "mask_unit": "character",
+                              "output_vocab": "training"}
+    assert MaskedLM.recorded_settings(state) == {"seed": 7, "masking": "dynamic", "mask_prob": 0.3,
+                                                 "mask_unit": "character", "output_vocab": "training"}
+    assert state.to_dict() == old  # the same keys and values
+    # older still: no masking recorded; a state of a newer version: an unknown key is carried along, not refused
+    older = TrainingState.from_dict({"step": 2, "seed": 1})
+    assert older.masking is None and MaskedLM.recorded_settings(older)["masking"] is None

@@ -4,7 +4,8 @@ import torch
 
 from lfzh_ds.configuration import LongformerZhConfig
 from lfzh_ds.constants import IGNORE_INDEX
-from lfzh_ds.training.metrics import ModelFlops, attention_pairs, format_step, peak_tflops_of
+from lfzh_ds.training.flops import ModelFlops, attention_pairs, peak_tflops_of
+from lfzh_ds.training.pretraining import format_step
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=128, attention_window=64, sparse_block_size=32)

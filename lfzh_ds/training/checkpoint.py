@@ -3,9 +3,12 @@
 ``CheckpointManager`` owns a run's checkpoints: saving (``latest`` moved last, keep-N), finding the point to resume
 from, removing an interrupted save, converting to DeepSpeed's universal format for another world size, loading
 the engine state, putting back what DeepSpeed does not save (counters, data position, every process's RNG states,
-the dynamic loss scale), the settings a resumed run keeps from its checkpoint, its learning-rate schedule, and
-dropping the ``metrics.jsonl`` lines the interrupted run wrote past the checkpoint. Pretraining and fine-tuning
-both use it through ``training.trainer``.
+the dynamic loss scale), its learning-rate schedule, and dropping the ``metrics.jsonl`` lines the interrupted run
+wrote past the checkpoint. Pretraining and fine-tuning both use it through ``training.trainer``.
+
+The settings a resumed run must keep (pretraining's seed and masking, fine-tuning's options) are declared by each
+objective (``Objective.kept_settings``, ``Objective.recorded_settings``) and compared here, for both, by one rule
+with one message (``keep_settings``).
 
 The layout of a run folder is described (and read without an engine) in ``lfzh_ds.run_folder``.
 
@@ -21,7 +24,7 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +32,37 @@ import torch
 
 from ..atomic_files import write_atomic
 from ..errors import MissingFileError, ModelFolderError
-from ..run_folder import (LATEST_FILENAME, MODEL_CONFIG_FILENAME, UNIVERSAL_SUFFIX, checkpoints_dir, read_latest_tag,
-                          step_of_tag, tag_for_step)
+from ..run_folder import (
+    LATEST_FILENAME,
+    METRICS_FILENAME,
+    MODEL_CONFIG_FILENAME,
+    STATE_FILENAME,
+    UNIVERSAL_SUFFIX,
+    checkpoints_dir,
+    read_latest_tag,
+    step_of_tag,
+    tag_for_step,
+)
 from .distributed import barrier, gather_objects, rank_and_world, say
 from .ds_config import ConfigError, ResolvedConfig
-from .metrics import METRICS_FILENAME, truncate_after
-from .schedule import ScheduleAfterRestore, describe_knots, schedule_after_restore, schedule_change_note
+from .metrics import truncate_after
+from .schedule import ScheduleAfterRestore, describe_knots, schedule_after_restore
 
-STATE_FILENAME = "training_state.json"
 CLIENT_STATE_KEY = "lfzh_ds"
+# What the client state holds beside the training state's own fields.
+_CLIENT_STATE_EXTRAS = ("rng", "loss_scaler")
 
 
 @dataclass
 class TrainingState:
-    """Counters of a run, saved with every checkpoint; the sampler's position is ``samples_consumed``."""
+    """Counters of a run, saved with every checkpoint; the sampler's position is ``samples_consumed``.
+
+    ``settings`` holds what the objective declares a resume must keep (``Objective.kept_settings``) beyond these
+    counters: pretraining's masking, mask_prob, mask_unit and output_vocab. They are saved at the top level of
+    ``training_state.json`` and of the client state, beside the counters (where checkpoints have always had them), and
+    every key of a saved state that is not a counter is read back into ``settings``: a checkpoint of any version
+    loads. (Fine-tuning's settings travel in ``objective``, its own state, as they always have.)
+    """
 
     step: int = 0
     samples_consumed: int = 0
@@ -53,21 +73,34 @@ class TrainingState:
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
     zero_stage: int = 0
-    masking: str | None = None  # None: a checkpoint from before these were recorded
     total_num_steps: int | None = None  # the learning-rate schedule's, after "auto" was resolved
     learning_rate: float | None = None  # the rate the checkpoint's step ran at
-    mask_prob: float | None = None  # dynamic masking's rate chosen at training time; None: the shards'
     # [[step, rate], ...]: the learning rate, linear between these steps, replacing the config's schedule once a
-    # continued run's schedule changed end (see pretraining.continued_schedule); None: the config's schedule
+    # continued run's schedule changed end (see schedule.schedule_after_restore); None: the config's schedule
     lr_knots: list | None = None
-    mask_unit: str | None = None  # dynamic masking's unit: "word", "character" or "mixed"; None: recorded before
-    output_vocab: str | None = None  # the training softmax's tokens: "all" or "training"; None: recorded before
     objective: dict | None = None  # what the objective carries across a resume (fine-tuning: settings, best, history)
+    settings: dict = field(default_factory=dict)  # the objective's kept settings (see above)
+
+    @property
+    def masking(self) -> str | None:
+        """Pretraining's masking as recorded (None: a checkpoint from before it was), under its former field name."""
+        return self.settings.get("masking")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        settings = data.pop("settings")
+        clash = sorted(set(settings) & set(data) | set(settings) & set(_CLIENT_STATE_EXTRAS))
+        if clash:
+            raise ValueError(f"kept settings {clash} have the names of training state fields")
+        objective = data.pop("objective")
+        return {**data, **settings, "objective": objective}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingState":
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        names = {f.name for f in fields(cls)} - {"settings"}
+        known = {k: data[k] for k in names if k in data}
+        settings = {k: v for k, v in data.items() if k not in names and k not in _CLIENT_STATE_EXTRAS}
+        return cls(**known, settings=settings)
 
 
 def read_training_state(tag_dir) -> TrainingState:
@@ -115,13 +148,13 @@ def save_checkpoint(engine, run_dir, state: TrainingState, model_config, keep: i
     """
     ckpt_dir = checkpoints_dir(run_dir)
     tag = tag_for_step(state.step)
-    client_state = {CLIENT_STATE_KEY: {**asdict(state), "rng": gather_rng_states(),
+    client_state = {CLIENT_STATE_KEY: {**state.to_dict(), "rng": gather_rng_states(),
                                        "loss_scaler": loss_scaler_state(engine)}}
     # save_latest=False: DeepSpeed would write `latest` from rank 0 before the other ranks' ZeRO shards are done.
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = ckpt_dir / tag
     if engine.global_rank == 0:
-        write_atomic(tag_dir / STATE_FILENAME, json.dumps(asdict(state), indent=2) + "\n")
+        write_atomic(tag_dir / STATE_FILENAME, json.dumps(state.to_dict(), indent=2) + "\n")
         write_atomic(tag_dir / MODEL_CONFIG_FILENAME, model_config.to_json_string())
     barrier()
     if before_latest is not None:
@@ -233,43 +266,81 @@ def restore_loss_scaler(engine, client_state: dict) -> None:
             setattr(scaler, name, value)
 
 
+class MissingClientStateError(ModelFolderError, KeyError):
+    """A DeepSpeed checkpoint without our client state (not written by launch/pretrain.py or finetune.py); a
+    ``KeyError`` too, as the missing key it is, for callers that caught that before."""
+
+    __str__ = ModelFolderError.__str__  # the message as given, not KeyError's quoted repr
+
+
 def client_training_state(client_state: dict | None, where: str) -> tuple[TrainingState, list[dict]]:
     if not client_state or CLIENT_STATE_KEY not in client_state:
-        raise ModelFolderError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
+        raise MissingClientStateError(f"{where} has no {CLIENT_STATE_KEY!r} client state: it was not written by launch/pretrain.py")
     data = client_state[CLIENT_STATE_KEY]
     return TrainingState.from_dict(data), data.get("rng", [])
 
 
-# ---------------------------------------------------------------------------------------------- settings and schedule
+# ---------------------------------------------------------------------------------------------- kept settings
 
-def continue_checkpoint_settings(args, resume: ResumePoint, resolved: ResolvedConfig, run_dir, say) -> None:
-    """A resumed pretraining run keeps its checkpoint's --seed, --masking, --mask-unit and --output-vocab (a flag that
-    disagrees is refused) and says so when its learning-rate schedule now ends at another step (total_num_steps
-    "auto" follows --max-steps)."""
-    saved = resume.state
-    where = checkpoints_dir(run_dir) / resume.tag / STATE_FILENAME
-    for flag, name in (("--seed", "seed"), ("--masking", "masking"), ("--mask-unit", "mask_unit"),
-                       ("--output-vocab", "output_vocab")):
-        kept = getattr(saved, name)
-        given = getattr(args, name, None)
-        if kept is None:  # a checkpoint from before masking was recorded
+@dataclass(frozen=True)
+class KeptSetting:
+    """A setting a resumed run continues with from its checkpoint, as its objective declares it.
+
+    ``value`` is the one given now; None (a flag left out) takes the checkpoint's. ``flag`` is how the user gives it
+    (``--seed``; the message then names it, else ``name``). A recorded None means the checkpoint predates the setting
+    (the given value goes on), unless ``none_means`` says what a recorded None stands for ("the shards' rate"), which
+    is then a value like any other.
+    """
+
+    name: str
+    value: object = None
+    flag: str | None = None
+    none_means: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.flag or self.name
+
+    def shown(self, value) -> str:
+        return self.none_means if value is None and self.none_means else str(value)
+
+
+_NOT_RECORDED = object()
+
+
+def keep_settings(declared, recorded: dict, *, what: str, where) -> dict:
+    """The values a resumed run goes on with, by one rule for every objective: the checkpoint's value of each
+    declared setting (``recorded``: the objective's reading of its checkpoint), the given one where the checkpoint
+    predates the setting; a given value that differs from the recorded one is refused (``what``: "run",
+    "fine-tuning"; ``where``: the checkpoint's state file)."""
+    values = {}
+    for setting in declared:
+        saved = recorded.get(setting.name, _NOT_RECORDED)
+        if saved is None and setting.none_means is None:
+            saved = _NOT_RECORDED
+        if saved is _NOT_RECORDED:
+            values[setting.name] = setting.value
             continue
-        if given is not None and given != kept:
-            raise ConfigError(f"{flag} {given} differs from the {flag} {kept} of the run being resumed ({where}): "
-                              f"a resumed run continues with its own {name}. Drop {flag} (or pass {kept}), or "
-                              "start a new run in another --output-dir")
-        setattr(args, name, kept)
-    given = getattr(args, "mask_prob", None)
-    if given is not None and given != saved.mask_prob:
-        kept = "the shards' rate" if saved.mask_prob is None else saved.mask_prob
-        raise ConfigError(f"--mask-prob {given} differs from the run being resumed ({where}: {kept}): a resumed run "
-                          "continues with its own masking. Drop --mask-prob, or start a new run in another --output-dir")
-    args.mask_prob = saved.mask_prob
-    note = schedule_change_note(saved, resolved, ScheduleAfterRestore(
-        max_steps=args.max_steps, rewarm_steps=getattr(args, "rewarm_steps", 0),
-        stretch_schedule=getattr(args, "stretch_schedule", False)))
-    if note:
-        say(note)
+        if setting.value is not None and setting.value != saved:
+            raise ConfigError(resume_refusal(setting, saved, what, where))
+        values[setting.name] = saved
+    return values
+
+
+def resume_refusal(setting: KeptSetting, saved, what: str, where) -> str:
+    """The one message of a kept setting given another value on resume. The recorded value is named beside the setting
+    (``--seed 7``, or the value alone for a setting without a flag), or after the file where None has a meaning of its
+    own (the shards' rate)."""
+    recorded = setting.shown(saved)
+    named = "" if setting.none_means else (f"{setting.flag} {recorded}" if setting.flag else recorded) + " of the "
+    after = f": {recorded}" if setting.none_means else ""
+    if setting.flag:
+        remedy = f"Drop {setting.flag}" + (f" (or pass {saved})" if saved is not None and not setting.none_means else "")
+    else:
+        remedy = "Pass the same options"
+    return (f"{setting.label} {setting.shown(setting.value)} differs from the {named}{what} being resumed "
+            f"({where}{after}): a resumed run continues with its own settings. {remedy}, or start a new run in "
+            "another --output-dir")
 
 
 # ---------------------------------------------------------------------------------------------- the manager
@@ -307,6 +378,15 @@ class CheckpointManager:
     @property
     def resumed(self) -> bool:
         return self.point is not None
+
+    def keep_settings(self, declared, recorded_of, what: str) -> dict:
+        """The values of the ``declared`` settings (``KeptSetting``) to run with: on resume the checkpoint's
+        (``recorded_of(saved TrainingState)``: the objective's reading of it), refusing a different given value
+        (``keep_settings``); in a new run the given ones."""
+        if self.point is None:
+            return {setting.name: setting.value for setting in declared}
+        return keep_settings(declared, recorded_of(self.point.state), what=what,
+                             where=self.dir / self.point.tag / STATE_FILENAME)
 
     def continue_from(self, ckpt_dir, tag: str, state: TrainingState) -> None:
         """A new phase of another run: its weights, optimizer state and schedule position (ignored when resuming
@@ -367,8 +447,8 @@ class CheckpointManager:
             if saved.global_batch_size != resolved.global_batch_size:
                 say(f"note: the global batch changes from {saved.global_batch_size} to {resolved.global_batch_size} "
                     "sequences; the data stream continues at the same sample")
-            state = TrainingState(**{**asdict(state), **{name: getattr(saved, name) for name in _RESUMED_FIELDS},
-                                     "lr_knots": schedule_after_restore(engine, saved, resolved, schedule)})
+            state = replace(state, **{name: getattr(saved, name) for name in _RESUMED_FIELDS},
+                            lr_knots=schedule_after_restore(engine, saved, resolved, schedule))
             say(f"resumed from {load_path} at step {state.step} ({state.samples_consumed:,} samples consumed)")
             if rank == 0:
                 dropped = truncate_after(self.run_dir / METRICS_FILENAME, state.step)

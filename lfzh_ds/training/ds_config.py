@@ -43,7 +43,7 @@ from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
 from deepspeed.utils.config import TIMERS
 
 from ..errors import ConfigError
-
+from ..run_folder import TENSORBOARD_DIRNAME
 
 # Top-level keys DeepSpeed reads under a literal name rather than a constant (deepspeed/runtime/config.py,
 # deepspeed/monitor/config.py, deepspeed/runtime/tensor_parallel/config.py).
@@ -386,7 +386,7 @@ def place_outputs(config: dict, run_dir: Path | None) -> None:
     board = config.get("tensorboard")
     if board and board.get("enabled") and run_dir is not None:
         if not board.get("output_path"):
-            board["output_path"] = str(Path(run_dir) / "tensorboard")
+            board["output_path"] = str(Path(run_dir) / TENSORBOARD_DIRNAME)
         board.setdefault("job_name", "pretrain")
 
 

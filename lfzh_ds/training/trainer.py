@@ -4,7 +4,8 @@ As in nanoGPT and torchtitan there is one loop and the objective supplies what d
 (and with them the data position), the loss of a micro-batch, the evaluation and when it runs. The loop does the
 rest the same way for both: the learning rate, dropout seeded per (seed, step, micro-batch), backward and optimizer
 step through DeepSpeed, one ``metrics.jsonl`` line and TensorBoard events per step, the console line, the NaN guard,
-checkpoints (``checkpoint.CheckpointManager``: keep-N, resumable exactly) and the curves PNG at the end.
+checkpoints (``checkpoint.CheckpointManager``: keep-N, resumable exactly) and the curves PNG at the end (the
+objective's ``curves``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import CheckpointManager, TrainingState
+from .curves import OBJECTIVE_CURVES, CurveSpec, plot_curves
 from .distributed import barrier, rank_and_world, say
-from .metrics import MetricsLogger, Throughput, plot_curves
+from .metrics import MetricsLogger, Throughput
 from .schedule import rate_at, set_learning_rate
 
 
@@ -78,11 +80,27 @@ class FaultInjection:
 class Objective:
     """What one kind of training supplies to ``train``; subclasses fill in the hooks.
 
-    ``name`` labels the progress bar. ``model_config`` goes into every checkpoint (its ``config.json``).
+    ``name`` labels the progress bar. ``model_config`` goes into every checkpoint (its ``config.json``). ``curves``
+    says what the run's curves PNG draws (None: the curves of the objective whose number the validation lines hold).
+
+    What a resume must keep is the objective's to declare, before any compute (so these two are class methods):
+    ``kept_settings`` lists the run's settings (``checkpoint.KeptSetting``) and ``recorded_settings`` reads them out
+    of a checkpoint's state; ``CheckpointManager.keep_settings`` compares them, by one rule for every objective.
     """
 
     name = "train"
     model_config = None
+    curves: CurveSpec | None = None
+
+    @classmethod
+    def kept_settings(cls, settings, *context) -> list:
+        """The settings a resumed run must share with its checkpoint, with their values now."""
+        return []
+
+    @classmethod
+    def recorded_settings(cls, state: TrainingState) -> dict:
+        """The kept settings as a checkpoint's state recorded them (a name missing: not recorded)."""
+        return {}
 
     def micro_batches(self, state: TrainingState):
         """This process's micro-batches of the optimizer step after ``state`` (whose counters say where the data
@@ -223,6 +241,6 @@ def train(engine, objective: Objective, checkpoints: CheckpointManager, state: T
     if progress is not None:
         progress.close()
     if main and metrics.path.is_file() and metrics.path.stat().st_size:
-        say(f"curves: {plot_curves(run_dir)}")
+        say(f"curves: {plot_curves(run_dir, curves=objective.curves or OBJECTIVE_CURVES)}")
     barrier()
     return state
