@@ -278,6 +278,29 @@ def test_the_docs_exist_and_are_found():
             "performance.md", "recipe.md", "troubleshooting.md"} <= names
 
 
+def test_troubleshooting_names_every_kind_of_user_error_and_every_exit_status():
+    """docs/troubleshooting.md lists every UserError class the package defines and every exit status of the training
+    commands: a new kind of mistake or status must be documented."""
+    import data_service.pipeline  # noqa: F401 (these import every module that defines an error class)
+    import lfzh_ds.finetuning  # noqa: F401
+    from lfzh_ds.errors import UserError
+    from lfzh_ds.training import distributed
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    text = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    kinds = {c.__name__ for c in subclasses(UserError) if c.__module__.startswith(("lfzh_ds", "data_service"))}
+    assert {"ConfigError", "ShardError", "JobConflict", "RayUnavailable"} <= kinds
+    assert not [k for k in sorted(kinds) if f"`{k}`" not in text], "docs/troubleshooting.md does not name these"
+    statuses = {v for k, v in vars(distributed).items() if k.startswith("EXIT_")}
+    assert statuses == {0, 2, 3, 4}
+    table = [line for line in text.splitlines() if re.match(r"\| \d \|", line)]
+    assert {int(line[2]) for line in table} >= statuses | {1}, "docs/troubleshooting.md: the exit-status table"
+
+
 def test_every_flag_the_docs_write_is_an_option_of_its_script():
     problems, checked = [], 0
     for doc in DOCS:
