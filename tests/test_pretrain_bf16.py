@@ -80,8 +80,8 @@ def test_bf16_run_exports_and_evaluates_in_fp32(reference, shards, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- two nodes
 
-def start_node(rank: int, port: int, shards, files, run_dir, *extra, log) -> subprocess.Popen:
-    """One "node": the README's multi-node command with this node's --node_rank."""
+def start_node(rank: int, port: int, shards, files, run_dir, *extra, log, fault=None) -> subprocess.Popen:
+    """One "node": the README's multi-node command with this node's --node_rank (``fault``: its LFZH_FAULT)."""
     hostfile = files / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: --no_ssh starts nothing remote
     command = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
@@ -91,6 +91,8 @@ def start_node(rank: int, port: int, shards, files, run_dir, *extra, log) -> sub
                "--eval-interval", "0", "--log-interval", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LFZH_FAULT", None)
+    if fault:
+        env["LFZH_FAULT"] = fault
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -104,12 +106,14 @@ def stop(nodes) -> None:
 
 @pytest.fixture(scope="module")
 def node_1_killed(shards, files, tmp_path_factory):
-    """Two nodes train until the step-2 checkpoint is complete; then node 1 (its launcher and its process) is
-    SIGKILLed. Returns the run folder, node 0's output, exit status and seconds from the kill to its exit."""
+    """Two nodes train until the step-2 checkpoint is complete, node 1 holding at the start of step 3 (steps of this
+    tiny model take less than the poll below, so without the hold the run could finish between two polls); then
+    node 1 (its launcher and its process) is SIGKILLed. Returns the run folder, node 0's output, exit status and seconds from the kill to its exit."""
     folder = tmp_path_factory.mktemp("two_nodes")
     run_dir, port = folder / "run", free_port()
     logs = [open(folder / f"node{rank}.log", "w+") for rank in (0, 1)]
-    nodes = [start_node(rank, port, shards, files, run_dir, log=logs[rank]) for rank in (0, 1)]
+    nodes = [start_node(rank, port, shards, files, run_dir, log=logs[rank], fault="hold_at_step=3" if rank else None)
+             for rank in (0, 1)]
     try:
         deadline = time.monotonic() + 300
         while read_latest_tag(run_dir / "checkpoints") != "step_2":

@@ -37,19 +37,21 @@ class FaultInjection:
     ``kill_in_save=N``: rank 0 SIGKILLs itself after every file of step N's checkpoint is written but before
     ``latest`` moves (a crash during a save); ``nan_from_step=N``: the loss is multiplied by NaN from step N on;
     ``inf_grad_at_step=N`` (or ``N+M+...``): in those steps rank 0's gradients become infinite (the loss's gradient
-    is multiplied by inf in the backward pass; the loss itself stays finite), an fp16 overflow.
+    is multiplied by inf in the backward pass; the loss itself stays finite), an fp16 overflow;
+    ``hold_at_step=N``: every process but rank 0 stops (sleeps) when step N starts, a node that hangs: rank 0 waits
+    in step N's first collective, so a test can kill that node at a known point, however fast the steps are.
     """
 
     def __init__(self, spec: str | None, rank: int):
         self.rank = rank
-        self.kill_at_step = self.kill_in_save = self.nan_from_step = None
+        self.kill_at_step = self.kill_in_save = self.nan_from_step = self.hold_at_step = None
         self.inf_grad_at_step: set[int] = set()
         for item in filter(None, (spec or "").split(",")):
             name, _, value = item.partition("=")
             if name == "inf_grad_at_step":
                 self.inf_grad_at_step = {int(v) for v in value.split("+")}
                 continue
-            if name not in ("kill_at_step", "kill_in_save", "nan_from_step"):
+            if name not in ("kill_at_step", "kill_in_save", "nan_from_step", "hold_at_step"):
                 raise ValueError(f"LFZH_FAULT: unknown fault {name!r}")
             setattr(self, name, int(value))
 
@@ -64,6 +66,9 @@ class FaultInjection:
     def at_step_start(self, step: int) -> None:
         if self.kill_at_step == step:
             self._kill()
+        if self.hold_at_step == step and self.rank != 0:
+            while True:
+                time.sleep(60)
 
     def before_latest(self, step: int) -> None:
         if self.kill_in_save == step:
