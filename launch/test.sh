@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, checks the code with ruff (pyproject.toml: pyflakes rules and
-# import order), then runs the suite (about 18 minutes on 2 cores).
+# import order), then runs the suite (14 min from a fresh virtualenv on an idle 2-core machine, 2026-12-07).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
