@@ -70,6 +70,13 @@ def fenced_blocks(doc: Path) -> list[Block]:
     return blocks
 
 
+def every_line():
+    """(doc, line number, text) of every line of every doc, fenced blocks included."""
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            yield doc, number, line
+
+
 def prose_lines(doc: Path) -> list[tuple[int, str]]:
     """(line number, text) of every line outside fenced blocks."""
     out, inside = [], False
@@ -324,15 +331,14 @@ def test_every_deepspeed_config_table_gives_the_files_numbers():
 
 def test_every_repository_path_and_link_in_the_docs_exists():
     problems = []
-    for doc in DOCS:
-        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
-            for path in REPO_PATH.findall(line):
-                path = path.rstrip(".,:;")
-                if not glob.glob(str(REPO / path)):
-                    problems.append(f"{where(doc, number)}: {path} does not exist")
-            for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", line):
-                if not re.match(r"\w+://", target) and not (doc.parent / target).exists():
-                    problems.append(f"{where(doc, number)}: the link to {target} leads nowhere")
+    for doc, number, line in every_line():
+        for path in REPO_PATH.findall(line):
+            path = path.rstrip(".,:;")
+            if not glob.glob(str(REPO / path)):
+                problems.append(f"{where(doc, number)}: {path} does not exist")
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", line):
+            if not re.match(r"\w+://", target) and not (doc.parent / target).exists():
+                problems.append(f"{where(doc, number)}: the link to {target} leads nowhere")
     assert not problems, "\n".join(problems)
 
 
@@ -354,12 +360,11 @@ def resolves(name: str) -> bool:
 
 def test_every_dotted_name_in_the_docs_imports():
     problems = []
-    for doc in DOCS:
-        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
-            for name in DOTTED_NAME.findall(line):
-                name = name.rstrip(".")
-                if name.endswith(".py") or not resolves(name):
-                    problems.append(f"{where(doc, number)}: {name} does not import")
+    for doc, number, line in every_line():
+        for name in DOTTED_NAME.findall(line):
+            name = name.rstrip(".")
+            if name.endswith(".py") or not resolves(name):
+                problems.append(f"{where(doc, number)}: {name} does not import")
     assert not problems, "\n".join(problems)
 
 
